@@ -1,0 +1,171 @@
+"""Greedy generation in one process: the whole model, the edge alone, or edge and cloud.
+
+Modes:
+- `cloud`: the whole model, unsplit (the baseline).
+- `standalone`: the edge alone; earlier exits decide above the threshold, the last exit always.
+- `collab`: an exit decides when its top-1 probability reaches the threshold; otherwise the
+  cloud partition decides from the uploaded hidden states. Threshold 1.0 disables exits.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from cecollm.cloud.partition import CloudPartition
+from cecollm.edge.heads import HeadSet
+from cecollm.edge.partition import EdgePartition
+from cecollm.errors import UserError
+from cecollm.layers import DecoderRunner, top1
+from cecollm.prompting import eos_ids
+from cecollm.split import Split
+
+MODES = ("cloud", "standalone", "collab")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to generate; the CLI's defaults come from here."""
+
+    mode: str = "collab"  # cloud | standalone | collab
+    threshold: float = 0.8  # an exit decides when its top-1 probability reaches this; 1.0 disables exits
+    max_new_tokens: int = 64  # stop after this many generated tokens (or at EOS)
+    fp16: bool = True  # the edge uploads float16 hidden states (the paper); False sends float32
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UserError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise UserError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.max_new_tokens < 1:
+            raise UserError(f"max-new-tokens must be at least 1, got {self.max_new_tokens}")
+
+    @property
+    def wire_dtype(self) -> torch.dtype:
+        return torch.float16 if self.fp16 else torch.float32
+
+
+@dataclass
+class TokenRecord:
+    position: int  # position of the generated token in the whole sequence
+    token_id: int
+    decided_by: int | str  # the exit's layer count, or "cloud"
+    confidence: float  # top-1 probability where it was decided
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    edge_tokens: int = 0  # tokens decided by an exit
+    cloud_tokens: int = 0  # tokens decided by the cloud partition (or the whole model)
+    edge_seconds: float = 0.0  # compute in the edge partition
+    cloud_seconds: float = 0.0  # compute in the cloud partition (or the whole model)
+    upload_bytes: int = 0  # bytes the cloud would receive: hidden states on the wire
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    tokens: list[TokenRecord]
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    def to_dict(self, text: str | None = None) -> dict:
+        out = {"token_ids": self.token_ids}
+        if text is not None:
+            out["text"] = text
+        out["tokens"] = [asdict(t) for t in self.tokens]
+        out["stats"] = asdict(self.stats)
+        return out
+
+
+class SplitEngine:
+    """One model, split by `split`, generating greedily in this process."""
+
+    def __init__(self, model: torch.nn.Module, split: Split, heads: HeadSet) -> None:
+        self.model = model
+        self.split = split
+        self.heads = heads
+        self.runner = DecoderRunner(model)
+        self.eos = eos_ids(model)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_ids: list[int],
+        config: GenerationConfig,
+        on_token: Callable[[TokenRecord], None] | None = None,
+    ) -> GenerationResult:
+        if not prompt_ids:
+            raise UserError("the prompt is empty")
+        step = self._whole_model_steps() if config.mode == "cloud" else self._split_steps(config)
+        next(step)
+        result = GenerationResult([], [], GenerationStats(prompt_tokens=len(prompt_ids)))
+        inputs = list(prompt_ids)
+        position = len(prompt_ids)
+        for _ in range(config.max_new_tokens):
+            token, decided_by, conf = step.send((inputs, result.stats))
+            record = TokenRecord(position, token, decided_by, conf)
+            result.token_ids.append(token)
+            result.tokens.append(record)
+            if on_token:
+                on_token(record)
+            if token in self.eos:
+                break
+            inputs = [token]
+            position += 1
+        step.close()
+        return result
+
+    def _whole_model_steps(self):
+        """Coroutine: receives (input ids, stats), yields (token, "cloud", confidence)."""
+        runner = self.runner
+        cache = runner.new_cache(0, runner.n_layers)
+        length = 0
+        reply = None
+        while True:
+            ids, stats = yield reply
+            t0 = time.perf_counter()
+            x = runner.embed(torch.tensor([ids]))  # [1, T, hidden]
+            rope = runner.rope(length, length + len(ids), x)
+            for index in range(runner.n_layers):
+                x = runner.run_layer(index, x, length, cache, rope)
+            length += len(ids)
+            token, conf = top1(runner.logits(x[:, -1:])[0, -1])
+            stats.cloud_seconds += time.perf_counter() - t0
+            stats.cloud_tokens += 1
+            stats.upload_bytes += 4 * len(ids)  # the cloud-based deployment receives token ids
+            reply = (token, "cloud", conf)
+
+    def _split_steps(self, config: GenerationConfig):
+        """Coroutine for `standalone` and `collab`: the edge decides or asks the cloud."""
+        standalone = config.mode == "standalone"
+        edge = EdgePartition(self.runner, self.split, self.heads, config.threshold, standalone)
+        cloud = None if standalone else CloudPartition(self.runner, self.split)
+        reply = None
+        while True:
+            ids, stats = yield reply
+            t0 = time.perf_counter()
+            out = edge.step(ids)
+            stats.edge_seconds += time.perf_counter() - t0
+            if out.token is not None:
+                stats.edge_tokens += 1
+                reply = (out.token, out.exit, out.confidence)
+                if cloud is not None:
+                    self._upload(cloud, out.uploads, config, stats)
+                continue
+            t0 = time.perf_counter()
+            self._upload(cloud, out.uploads, config, stats)
+            token, conf = cloud.decide(out.position)
+            stats.cloud_seconds += time.perf_counter() - t0
+            stats.cloud_tokens += 1
+            reply = (token, "cloud", conf)
+
+    @staticmethod
+    def _upload(cloud: CloudPartition, uploads, config: GenerationConfig, stats: GenerationStats) -> None:
+        for up in uploads:
+            wire = up.hidden.to(config.wire_dtype)  # what crosses the network
+            stats.upload_bytes += wire.numel() * wire.element_size()
+            cloud.receive(up.start, wire)

@@ -1,0 +1,43 @@
+"""Tiny random Llama models built from a config: fast, nothing downloaded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+TINY_CONFIGS = {
+    # multi-head attention, untied embeddings
+    "mha": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                num_key_value_heads=4, vocab_size=512, tie_word_embeddings=False),
+    # grouped-query attention (3 query heads per kv head), tied embeddings like SmolLM2
+    "gqa": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=8, num_attention_heads=6,
+                num_key_value_heads=2, vocab_size=640, tie_word_embeddings=True, rope_theta=100000.0),
+}
+
+
+def make_tiny_model(name: str, seed: int = 0, eos: int | None = None) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(max_position_embeddings=512, eos_token_id=eos, bos_token_id=None,
+                         pad_token_id=None, attn_implementation="sdpa", **TINY_CONFIGS[name])
+    model = LlamaForCausalLM(config)
+    # Larger-than-default weights give peakier, more varied next-token distributions.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = eos
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def tiny_model(request):
+    return make_tiny_model(request.param)
+
+
+def hf_greedy(model, prompt_ids, max_new_tokens):
+    """transformers' own greedy generation: the reference."""
+    out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                         do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=0)
+    return out[0, len(prompt_ids):].tolist()
