@@ -70,5 +70,9 @@ def generate(model, prompt, mode, threshold, exits, upload_layer, heads, max_new
     )
 
 
+from cecollm.linkem.cli import linkem  # noqa: E402
+cli.add_command(linkem)
+
+
 def main() -> None:
     cli(prog_name="cecollm")
