@@ -41,3 +41,39 @@ def hf_greedy(model, prompt_ids, max_new_tokens):
     out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
                          do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=0)
     return out[0, len(prompt_ids):].tolist()
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tiny_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer trained in milliseconds on a few sentences, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["The capital of France is Paris.", "Tell me a story about a cat and a dog.",
+            "Edge devices run the first layers; the cloud runs the rest."] * 20
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token=None,
+                                   unk_token=None, pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny GQA model with a tokenizer, saved as a transformers directory (what --model takes)."""
+    model = make_tiny_model("gqa", eos=2)
+    tokenizer = make_tiny_tokenizer(model.config.vocab_size)
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

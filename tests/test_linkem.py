@@ -24,7 +24,7 @@ import zmq
 from click.testing import CliRunner
 
 from cecollm.errors import UserError
-from cecollm.linkem import (PRESETS, DelayLine, Endpoint, Forward, LinkEmulator, LinkProfile, PathProfile,
+from cecollm.linkem import (PRESETS, DelayLine, DirectionStats, Endpoint, Forward, LinkEmulator, LinkProfile, PathProfile,
                             ProbeServer, measure_link, parse_endpoint, parse_forward, resolve_profile)
 from cecollm.linkem.delayline import DirectionCounters
 from cecollm.linkem.probe import download, ping, upload
@@ -424,3 +424,16 @@ def test_cli_relays_until_a_signal_then_stops_cleanly(sig, tmp_path):
     header = 9  # the probe's command and length, sent up only
     assert stats["profile"] == "wifi" and stats["up"]["bytes_out"] == stats["down"]["bytes_out"] + 2 * header > 2 * header
     assert [f["accepted"] for f in stats["forwards"]] == [1, 1]
+
+
+def test_reset_stats_counts_from_zero():
+    with ProbeServer() as server, link_to(server.endpoint, resolve_profile(latency_ms=(1.0, 1.0))) as link:
+        ping(link.listening[0], samples=3, size=100)
+        assert link.stats().up.bytes_out == 9 + 4 * 100
+        link.reset_stats()
+        assert link.stats().up == link.stats().down == DirectionStats()
+        assert link.stats().forwards[0].accepted == 0
+        ping(link.listening[0], samples=1, size=50)
+        stats = link.stats()
+    assert stats.up.bytes_out == stats.up.bytes_in == 9 + 2 * 50 and stats.down.bytes_out == 2 * 50
+    assert stats.forwards[0].accepted == 1 and 2 <= stats.up.packets <= 3  # the header may ride with a ping

@@ -74,6 +74,16 @@ class EdgePartition:
             return True
         return self.threshold < 1.0
 
+    def _hold(self, start: int, depth: int, hidden: torch.Tensor) -> None:
+        """Keep rows [start, ...) that stopped after `depth` layers until a later step carries them."""
+        last = self._pending[-1] if self._pending else None
+        if last is not None and last.depth == depth:
+            # [1, n_last + n, hidden]: one group per depth keeps depths strictly falling
+            self._pending[-1] = _Pending(last.start, depth, torch.cat([last.hidden, hidden], dim=1))
+        else:
+            assert last is None or last.depth > depth, "pending depths must fall with position"
+            self._pending.append(_Pending(start, depth, hidden))
+
     def step(self, token_ids: list[int]) -> EdgeStep:
         """Feed the next input tokens (the prompt, then one token a step)."""
         first = self.length
@@ -98,7 +108,7 @@ class EdgePartition:
                 token, conf = self.heads.heads[depth].top1(x[:, -1:], self.runner.lm_head)
                 if self.standalone and depth == self.split.last_exit or conf >= self.threshold:
                     if depth < self.split.last_exit:
-                        self._pending.append(_Pending(start, depth, x))
+                        self._hold(start, depth, x)
                     self.length = end
                     return EdgeStep(end - 1, uploads, token, depth, conf)
         assert not self._pending, "every pending row reaches the last exit when no exit decides"

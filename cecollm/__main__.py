@@ -1,0 +1,3 @@
+from cecollm.cli import main
+
+main()

@@ -1,0 +1,92 @@
+"""`cecollm generate`: JSON output, and one-line errors with exit code 2 for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from cecollm.cli import cli
+
+
+def run(args):
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+def test_generate_json(tiny_model_dir):
+    res = run(["generate", "--model", str(tiny_model_dir), "--prompt", "The cat", "--exits", "2,4",
+               "--max-new-tokens", "6", "--threshold", "1.0", "--json", "--no-fp16"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert set(out) == {"token_ids", "text", "tokens", "stats"}
+    assert 1 <= len(out["token_ids"]) <= 6
+    assert [t["token_id"] for t in out["tokens"]] == out["token_ids"]
+    assert all(t["decided_by"] == "cloud" for t in out["tokens"])
+    positions = [t["position"] for t in out["tokens"]]
+    assert positions == list(range(positions[0], positions[0] + len(positions)))
+    stats = out["stats"]
+    assert stats["cloud_tokens"] == len(out["token_ids"]) and stats["edge_tokens"] == 0
+    assert stats["upload_bytes"] > 0 and stats["cloud_seconds"] > 0
+
+
+def test_generate_standalone_text(tiny_model_dir):
+    res = run(["generate", "--model", str(tiny_model_dir), "--prompt", "hello", "--mode", "standalone",
+               "--exits", "3", "--max-new-tokens", "4", "--raw"])
+    assert res.exit_code == 0, res.output
+    assert "0 cloud" in res.stderr
+
+
+@pytest.fixture
+def gpt2_dir(tmp_path):
+    path = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(path)
+    return path
+
+
+BAD_INPUTS = {
+    "missing model": (["--model", "/nonexistent/model"], "model not found"),
+    "exit beyond layers": (["--exits", "2,8"], "out of range"),
+    "exits out of order": (["--exits", "4,2"], "strictly increasing"),
+    "exits not numbers": (["--exits", "a,b"], "--exits"),
+    "threshold above 1": (["--threshold", "1.5"], "threshold"),
+    "threshold below 0": (["--threshold", "-0.2"], "threshold"),
+    "empty prompt": (["--prompt", "  "], "prompt is empty"),
+    "zero tokens": (["--max-new-tokens", "0"], "max-new-tokens"),
+    "bad heads file": (["--heads", "/nonexistent/heads.safetensors"], "heads file not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2(tiny_model_dir, case):
+    extra, message = BAD_INPUTS[case]
+    args = ["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--max-new-tokens", "2"]
+    res = run(args + extra)
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
+    assert "Traceback" not in res.output
+
+
+def test_unsupported_architecture(gpt2_dir):
+    res = run(["generate", "--model", str(gpt2_dir), "--prompt", "hi"])
+    assert res.exit_code == 2
+    assert "GPT2LMHeadModel is not supported; supported: LlamaForCausalLM" in res.stderr
+
+
+def test_real_process_prints_no_traceback(tmp_path):
+    """The installed entry point, as a user runs it: one line on stderr, exit code 2."""
+    proc = subprocess.run([sys.executable, "-m", "cecollm", "generate", "--model", str(tmp_path / "nope"),
+                           "--prompt", "hi"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: model not found: {tmp_path / 'nope'} (a directory, a .gguf file, or SmolLM2-135M-Instruct)"
+
+
+def test_help_explains():
+    res = run(["generate", "--help"])
+    assert res.exit_code == 0
+    for word in ("--threshold", "--exits", "--mode", "standalone", "--no-fp16", "--heads"):
+        assert word in res.output

