@@ -437,3 +437,14 @@ def test_reset_stats_counts_from_zero():
         stats = link.stats()
     assert stats.up.bytes_out == stats.up.bytes_in == 9 + 2 * 50 and stats.down.bytes_out == 2 * 50
     assert stats.forwards[0].accepted == 1 and 2 <= stats.up.packets <= 3  # the header may ride with a ping
+
+
+def test_cli_measure_prints_the_profile_next_to_its_settings():
+    from cecollm.linkem.cli import linkem
+
+    result = CliRunner().invoke(linkem, ["--measure", "--latency-ms", "3:7", "--bandwidth-mbit", "50"])
+    assert result.exit_code == 0, result.output
+    assert "custom: RTT 10 ms (up 3 ms, 50 Mbit/s; down 7 ms, 50 Mbit/s)" in result.output
+    rtt = float(re.search(r"RTT +expected 10\.000 ms, measured ([\d.]+) ms", result.output).group(1))
+    up = float(re.search(r"up +expected 50 Mbit/s, measured ([\d.]+) Mbit/s", result.output).group(1))
+    assert 9.0 <= rtt < 10.0 + 1e3 * SLACK_S and 25.0 <= up <= 55.0

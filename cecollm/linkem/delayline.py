@@ -66,6 +66,10 @@ class DirectionCounters:
                 else:
                     self._sums[name] += value
 
+    def reset(self) -> None:
+        with self._lock:
+            self._sums = DirectionStats().to_dict()
+
     def snapshot(self) -> DirectionStats:
         with self._lock:
             return DirectionStats(**self._sums)

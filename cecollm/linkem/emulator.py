@@ -69,6 +69,7 @@ class _ForwardState:
     forward: Forward
     listening: Endpoint | None = None
     server: asyncio.base_events.Server | None = None
+    connections: int = 0  # connections ever accepted: numbers them (and seeds their jitter)
     accepted: int = 0
     active: int = 0
     refused: int = 0
@@ -140,11 +141,31 @@ class LinkEmulator:
             ForwardStats(str(fw), s.accepted, s.active, s.refused, s.up.snapshot(), s.down.snapshot())
             for fw, s in zip(self.forwards, self._forwards)))
 
+    def reset_stats(self) -> None:
+        """Start the byte and delay counts (and accepted/refused) from zero, e.g. between benchmark runs."""
+        if self._thread is not None and self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._reset(), self._loop).result(START_TIMEOUT_S)
+        else:
+            self._reset_now()
+
+    async def _reset(self) -> None:
+        self._reset_now()
+
+    def _reset_now(self) -> None:
+        for state in self._forwards:
+            state.up.reset()
+            state.down.reset()
+            state.accepted = state.refused = 0
+
     def describe(self) -> str:
         """One line: the forwards and the profile."""
         return f"linkem {', '.join(map(str, self.forwards))} | {self.profile.describe()}"
 
     # -- the loop's thread --------------------------------------------------------------------
+
+    def _rng(self, state: _ForwardState, number: int, side: str) -> random.Random:
+        """Jitter draws of one direction of one connection: the same seed gives the same draws."""
+        return random.Random(f"{self.profile.seed}/{state.index}/{number}/{side}")
 
     def _run(self) -> None:
         _reduce_timer_slack()
@@ -188,8 +209,9 @@ class LinkEmulator:
                 await state.server.wait_closed()
 
     def _accept(self, state: _ForwardState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        state.connections += 1
         state.accepted += 1
-        task = asyncio.get_running_loop().create_task(self._relay(state, state.accepted, reader, writer))
+        task = asyncio.get_running_loop().create_task(self._relay(state, state.connections, reader, writer))
         self._relays.add(task)
         task.add_done_callback(self._relays.discard)
 
@@ -205,11 +227,13 @@ class LinkEmulator:
                         target, getattr(exc, "strerror", None) or type(exc).__name__)
             client_writer.transport.abort()
             return
+        except asyncio.CancelledError:  # stopped while connecting
+            client_writer.transport.abort()
+            raise
         state.active += 1
         loop = asyncio.get_running_loop()
         p = self.profile
-        lines = [DelayLine(path, p.packet_bytes, p.queue_bytes, random.Random(f"{p.seed}/{state.index}/{number}/{side}"),
-                           counters, loop.time)
+        lines = [DelayLine(path, p.packet_bytes, p.queue_bytes, self._rng(state, number, side), counters, loop.time)
                  for side, path, counters in (("up", p.up, state.up), ("down", p.down, state.down))]
         pumps = [lines[0].feed(client_reader), lines[0].deliver(target_writer),
                  lines[1].feed(target_reader), lines[1].deliver(client_writer)]

@@ -172,6 +172,7 @@ class LinkMeasurement:
     direct_rtt_ms: float  # median loopback RTT without the emulator
     linked_rtt_ms: float  # median loopback RTT through the emulator
     excess_rtt_ms: float  # linked - expected - direct: what the emulator adds to a round trip
+    late_ms: float  # of that, the mean lateness of the emulator's deliveries while pinging (timer wake-ups)
     bulk_bytes: int  # size of each bulk transfer
     expected_up_mbit: float  # the profile's up rate (0 = unlimited)
     up_mbit: float  # bulk upload rate through the emulator, one RTT taken off the time
@@ -188,7 +189,8 @@ class LinkMeasurement:
             return f"{expected:g}" if expected else "unlimited"
         return (f"{self.profile}\n"
                 f"  RTT     expected {self.expected_rtt_ms:.3f} ms, measured {self.linked_rtt_ms:.3f} ms "
-                f"(direct loopback {self.direct_rtt_ms:.3f} ms; emulator adds {self.excess_rtt_ms:+.3f} ms)\n"
+                f"(direct loopback {self.direct_rtt_ms:.3f} ms; emulator adds {self.excess_rtt_ms:+.3f} ms, "
+                f"{self.late_ms:.3f} ms of it per delivery in waking late)\n"
                 f"  up      expected {rate(self.expected_up_mbit)} Mbit/s, measured {self.up_mbit:.1f} Mbit/s "
                 f"(direct {self.direct_up_mbit:.0f})\n"
                 f"  down    expected {rate(self.expected_down_mbit)} Mbit/s, measured {self.down_mbit:.1f} Mbit/s "
@@ -216,12 +218,15 @@ def measure_link(profile: LinkProfile = LinkProfile(), samples: int = 30, bulk_b
         with LinkEmulator([Forward(Endpoint("127.0.0.1", 0), server.endpoint)], profile) as link:
             via = link.listening[0]
             rtt = statistics.median(ping(via, samples))
+            pinged = link.stats()
             up = statistics.median(upload(via, nbytes) for _ in range(3))
             down = statistics.median(download(via, nbytes) for _ in range(3))
     expected = profile.rtt_ms
     return LinkMeasurement(
         profile=profile.describe(), expected_rtt_ms=expected, direct_rtt_ms=1e3 * direct_rtt,
-        linked_rtt_ms=1e3 * rtt, excess_rtt_ms=1e3 * (rtt - direct_rtt) - expected, bulk_bytes=nbytes,
+        linked_rtt_ms=1e3 * rtt, excess_rtt_ms=1e3 * (rtt - direct_rtt) - expected,
+        late_ms=1e3 * (pinged.up.late_s + pinged.down.late_s) / max(1, pinged.up.writes + pinged.down.writes),
+        bulk_bytes=nbytes,
         expected_up_mbit=profile.up.bandwidth_mbit, up_mbit=_rate_mbit(nbytes, up - rtt),
         expected_down_mbit=profile.down.bandwidth_mbit, down_mbit=_rate_mbit(nbytes, down - rtt),
         direct_up_mbit=_rate_mbit(nbytes, direct_up - direct_rtt),
