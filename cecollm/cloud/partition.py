@@ -32,6 +32,15 @@ class CloudPartition:
         self._received: list[torch.Tensor] = []  # rows [folded, received), each [1, n, hidden]
         self.received = 0  # positions received so far
 
+    @classmethod
+    def resume(cls, runner: DecoderRunner, split: Split, cache: KVCache, folded: int) -> "CloudPartition":
+        """A partition over state held elsewhere: `cache` (e.g. over shared memory) already holds
+        positions [0, folded) at every layer; rows from `folded` on come through receive()."""
+        part = cls(runner, split, cache)
+        cache.lengths = [folded] * cache.n_layers
+        part.folded = part.received = folded
+        return part
+
     def receive(self, start: int, hidden: torch.Tensor) -> None:
         """Take upload-layer rows [start, start+n) (any float dtype, hidden [1, n, hidden_size])."""
         if start != self.received:

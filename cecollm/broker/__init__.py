@@ -1,0 +1,1 @@
+"""The cloud side over ZeroMQ: broker, content manager (device state in shared memory), workers."""

@@ -1,0 +1,330 @@
+"""The content manager: the one process that owns every device's state.
+
+Per device session it keeps a shared-memory segment (cloud KV cache and the received
+upload-layer rows, see shm.py) and a record of what it holds. Edges push rows straight to
+its upload PULL socket; workers ask on its state ROUTER socket for a lease on a device, then
+compute in the segment and commit how many positions are now folded into the KV cache. Rows
+that are folded are dropped (their pages given back). A session ends when the edge says so,
+after an idle TTL, or when a byte budget needs room (least recently used idle device first).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from multiprocessing.shared_memory import SharedMemory
+
+import numpy as np
+import zmq
+
+from cecollm.broker import edge_protocol as ep
+from cecollm.broker import shm
+from cecollm.broker import state_protocol as sp
+from cecollm.broker.wire import DTYPES, ErrorCode, ProtocolError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ContentManagerConfig:
+    """How the content manager runs (built by the broker)."""
+
+    upload_address: str  # PULL socket edges push rows and END to (bound here)
+    state_address: str  # ROUTER socket workers lease device state on (bound here)
+    cloud_layers: int  # decoder layers the cloud runs (KV cache depth)
+    n_kv_heads: int  # the model's key/value heads
+    head_dim: int  # the model's head size
+    hidden: int  # the model's hidden size (row width)
+    kv_itemsize: int = 4  # bytes per KV element (float32 models)
+    capacity: int = 1024  # positions per device session (prompt + generated tokens)
+    budget_bytes: int = 1 << 30  # all sessions' segments together stay under this
+    idle_ttl: float = 600.0  # seconds without any message before a session is released
+    wait_seconds: float = 2.0  # how long a lease waits for rows still in flight
+    lease_seconds: float = 120.0  # a lease not committed within this lapses
+    segment_prefix: str = "cecollm-0-"  # segment names start with this (shm.segment_prefix)
+
+
+class BudgetExceeded(Exception):
+    """No room for a new session even after evicting every idle one."""
+
+
+@dataclass
+class _Waiter:
+    peer: bytes  # the worker's routing id
+    lease: sp.Lease
+    deadline: float
+
+
+@dataclass
+class DeviceState:
+    """What the manager holds for one device's current session."""
+
+    device_id: int
+    session: int
+    wire_code: int
+    layout: shm.StateLayout
+    segment: SharedMemory
+    received: int = 0  # rows received: positions [0, received)
+    folded: int = 0  # positions in the KV cache; their rows are dropped
+    upload_seq: int = 0  # the next upload's expected seq
+    lease_token: int = 0  # 0: no lease
+    lease_seq: int = 0  # the edge request the lease serves
+    lease_expires: float = 0.0
+    last_used: float = field(default_factory=time.monotonic)
+    broken: str | None = None  # why an upload was refused (the session cannot go on)
+    waiters: list[_Waiter] = field(default_factory=list)
+
+    def leased(self, now: float) -> bool:
+        return self.lease_token != 0 and now < self.lease_expires
+
+
+class ContentManager:
+    """The serving loop and the device records."""
+
+    def __init__(self, config: ContentManagerConfig, context: zmq.Context | None = None) -> None:
+        self.config = config
+        self.context = context or zmq.Context.instance()
+        self.devices: OrderedDict[int, DeviceState] = OrderedDict()  # least recently used first
+        self.ended: OrderedDict[int, str] = OrderedDict()  # device -> why its last session went away
+        self.used_bytes = 0
+        self._counter = random.randrange(1 << 30)
+        self.running = True
+
+    # ---- the loop ----------------------------------------------------------------------
+    def serve(self) -> None:
+        upload = self.context.socket(zmq.PULL)
+        state = self.context.socket(zmq.ROUTER)
+        for sock in (upload, state):
+            sock.setsockopt(zmq.LINGER, 0)
+        for endpoint in self.config.upload_address.split(","):
+            upload.bind(endpoint)
+        state.bind(self.config.state_address)
+        poller = zmq.Poller()
+        poller.register(upload, zmq.POLLIN)
+        poller.register(state, zmq.POLLIN)
+        self.state = state
+        try:
+            while self.running:
+                ready = dict(poller.poll(50))
+                if upload in ready:
+                    self._drain(upload, self.on_upload)
+                if state in ready:
+                    self._drain(state, self.on_control)
+                self.housekeeping(time.monotonic())
+        finally:
+            self.release_all()
+            upload.close()
+            state.close()
+
+    @staticmethod
+    def _drain(sock: zmq.Socket, handler, limit: int = 256) -> None:
+        for _ in range(limit):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            handler(frames)
+
+    def housekeeping(self, now: float) -> None:
+        for dev in list(self.devices.values()):
+            if dev.waiters:
+                self._serve_waiters(dev, now)
+            if not dev.leased(now) and not dev.waiters and now - dev.last_used > self.config.idle_ttl:
+                self.release(dev, f"idle for more than {self.config.idle_ttl:g} s")
+
+    # ---- uploads (no replies) ----------------------------------------------------------
+    def on_upload(self, frames) -> None:
+        try:
+            msg = ep.parse(frames, ep.UPLOADS)
+            dev = self.devices.get(msg.device_id)
+            if dev is None or dev.session != msg.session:
+                raise ProtocolError(f"device {msg.device_id} session {msg.session} is not open")
+            dev.last_used = time.monotonic()
+            self.devices.move_to_end(dev.device_id)
+            if isinstance(msg, ep.End):
+                self.release(dev, "the generation ended")
+                return
+            count = msg.rows.shape[0] if isinstance(msg, ep.Upload) else msg.count
+            self._check_upload(dev, msg.seq, msg.start, count)
+            if isinstance(msg, ep.Upload):
+                self._store_rows(dev, msg)
+            dev.upload_seq += 1
+            dev.received += count
+            self._serve_waiters(dev, time.monotonic())
+        except ProtocolError as exc:
+            log.warning("upload refused: %s", exc)
+
+    def _check_upload(self, dev: DeviceState, seq: int, start: int, count: int) -> None:
+        problem = None
+        if dev.broken:
+            problem = f"session already broken ({dev.broken})"
+        elif seq != dev.upload_seq:
+            problem = f"upload seq {seq}, expected {dev.upload_seq}"
+        elif start != dev.received:
+            problem = f"upload starts at position {start}, expected {dev.received}"
+        elif start + count > dev.layout.capacity:
+            problem = f"rows up to {start + count} exceed the capacity of {dev.layout.capacity} positions"
+        if problem:
+            dev.broken = dev.broken or problem
+            raise ProtocolError(f"device {dev.device_id}: {problem}")
+
+    @staticmethod
+    def _store_rows(dev: DeviceState, msg: ep.Upload) -> None:
+        rows = msg.rows
+        if rows.dtype != DTYPES[dev.wire_code] or rows.shape[1] != dev.layout.hidden:
+            dev.broken = f"rows {rows.dtype.name} {rows.shape} do not fit {DTYPES[dev.wire_code].name} [n, {dev.layout.hidden}]"
+            raise ProtocolError(f"device {dev.device_id}: {dev.broken}")
+        begin, end = dev.layout.rows_span(msg.start, msg.start + rows.shape[0])
+        target = np.ndarray((rows.shape[0], rows.shape[1]), dtype=rows.dtype, buffer=dev.segment.buf, offset=begin)
+        target[:] = rows  # [n, hidden]: the one copy, from the frame into shared memory
+
+    # ---- worker requests ---------------------------------------------------------------
+    def on_control(self, frames) -> None:
+        if len(frames) < 2 or frames[1].bytes != b"":
+            log.warning("state request without a proper envelope (%d frames)", len(frames))
+            if frames:
+                self._reply(frames[0].bytes, sp.Error(ErrorCode.MALFORMED, "expected [empty delimiter, message]"))
+            return
+        peer = frames[0].bytes
+        try:
+            msg = sp.parse(frames[2:], sp.REQUESTS)
+        except ProtocolError as exc:
+            log.warning("state request refused: %s", exc)
+            self._reply(peer, sp.Error(ErrorCode.MALFORMED, str(exc)))
+            return
+        if isinstance(msg, sp.Open):
+            self._reply(peer, self.open(msg))
+        elif isinstance(msg, sp.Lease):
+            self.lease(peer, msg)
+        else:
+            self._reply(peer, self.commit(msg))
+
+    def _reply(self, peer: bytes, msg) -> None:
+        self.state.send_multipart([peer, b"", *msg.to_frames()], copy=False)
+
+    def open(self, msg: sp.Open):
+        if msg.wire_code not in DTYPES:
+            return sp.Error(ErrorCode.MALFORMED, f"unknown wire dtype code {msg.wire_code}")
+        old = self.devices.get(msg.device_id)
+        if old is not None:
+            self.release(old, "a new generation started")
+        c = self.config
+        layout = shm.StateLayout(c.cloud_layers, c.n_kv_heads, c.head_dim, c.hidden, c.capacity, c.kv_itemsize,
+                                 DTYPES[msg.wire_code].itemsize)
+        try:
+            self._make_room(layout.nbytes)
+        except BudgetExceeded as exc:
+            return sp.Error(ErrorCode.BUDGET, str(exc))
+        self._counter = (self._counter + 1) % (1 << 32) or 1
+        name = f"{c.segment_prefix}{msg.device_id}-{self._counter}"
+        segment = shm.create(name, layout.nbytes)
+        dev = DeviceState(msg.device_id, self._counter, msg.wire_code, layout, segment)
+        self.devices[msg.device_id] = dev
+        self.used_bytes += layout.nbytes
+        self.ended.pop(msg.device_id, None)
+        log.debug("device %d: session %d opened (%d bytes)", msg.device_id, dev.session, layout.nbytes)
+        return sp.Opened(dev.session, layout.capacity, layout.rows_offset, name)
+
+    def _make_room(self, nbytes: int) -> None:
+        now = time.monotonic()
+        while self.used_bytes + nbytes > self.config.budget_bytes:
+            idle = next((d for d in self.devices.values() if not d.leased(now) and not d.waiters), None)
+            if idle is None:
+                raise BudgetExceeded(
+                    f"no room for {nbytes} bytes: {self.used_bytes} of {self.config.budget_bytes} held by busy devices")
+            self.release(idle, "evicted to make room (byte budget)")
+
+    def lease(self, peer: bytes, msg: sp.Lease) -> None:
+        dev = self.devices.get(msg.device_id)
+        if dev is None or dev.session != msg.session:
+            why = self.ended.get(msg.device_id, "never opened")
+            self._reply(peer, sp.Error(ErrorCode.UNKNOWN_DEVICE, f"device {msg.device_id} session {msg.session} "
+                                       f"has no state on the cloud ({why})"))
+            return
+        dev.last_used = time.monotonic()
+        self.devices.move_to_end(dev.device_id)
+        if msg.position >= dev.layout.capacity:
+            self._reply(peer, sp.Error(ErrorCode.CAPACITY, f"position {msg.position} is beyond the capacity of "
+                                       f"{dev.layout.capacity} positions"))
+        elif msg.position < dev.folded:
+            self._reply(peer, sp.Error(ErrorCode.STALE, f"position {msg.position} was already decided"))
+        else:
+            dev.waiters.append(_Waiter(peer, msg, time.monotonic() + self.config.wait_seconds))
+            self._serve_waiters(dev, time.monotonic())
+
+    def _serve_waiters(self, dev: DeviceState, now: float) -> None:
+        keep = []
+        for w in dev.waiters:
+            if dev.broken:
+                self._reply(w.peer, sp.Error(ErrorCode.MISSING, f"device {dev.device_id}: {dev.broken}"))
+            elif self._grantable(dev, w.lease, now):
+                self._counter = (self._counter + 1) % (1 << 32) or 1
+                dev.lease_token, dev.lease_seq = self._counter, w.lease.seq
+                dev.lease_expires = now + self.config.lease_seconds
+                self._reply(w.peer, sp.Grant(dev.lease_token, dev.folded, dev.received, dev.layout.capacity,
+                                             dev.wire_code, dev.segment.name))
+            elif now > w.deadline:
+                self._reply(w.peer, sp.Error(ErrorCode.MISSING, f"device {dev.device_id}: position "
+                                             f"{w.lease.position} not received in {self.config.wait_seconds:g} s "
+                                             f"(have {dev.received}) or the device stayed busy"))
+            else:
+                keep.append(w)
+        dev.waiters = keep
+
+    @staticmethod
+    def _grantable(dev: DeviceState, lease: sp.Lease, now: float) -> bool:
+        if lease.position >= dev.received:
+            return False
+        # the same request again (its first worker died) supersedes that worker's lease
+        return not dev.leased(now) or dev.lease_seq == lease.seq
+
+    def commit(self, msg: sp.Commit):
+        dev = self.devices.get(msg.device_id)
+        if dev is None or dev.lease_token != msg.token:
+            return sp.Error(ErrorCode.STALE, f"device {msg.device_id}: lease {msg.token} is not current")
+        if not dev.folded <= msg.folded <= dev.received:
+            return sp.Error(ErrorCode.MALFORMED, f"device {msg.device_id}: folded {msg.folded} outside "
+                            f"[{dev.folded}, {dev.received}]")
+        dev.folded = msg.folded
+        dev.lease_token = 0
+        dev.last_used = time.monotonic()
+        shm.drop_pages(dev.segment, *dev.layout.dropped_pages(dev.folded))
+        self._serve_waiters(dev, time.monotonic())
+        return sp.Done()
+
+    # ---- releasing ---------------------------------------------------------------------
+    def release(self, dev: DeviceState, why: str) -> None:
+        for w in dev.waiters:
+            self._reply(w.peer, sp.Error(ErrorCode.UNKNOWN_DEVICE, f"device {dev.device_id}: {why}"))
+        del self.devices[dev.device_id]
+        self.used_bytes -= dev.layout.nbytes
+        dev.segment.close()
+        dev.segment.unlink()
+        self.ended[dev.device_id] = why
+        while len(self.ended) > 4096:
+            self.ended.popitem(last=False)
+        log.debug("device %d: session %d released (%s)", dev.device_id, dev.session, why)
+
+    def release_all(self) -> None:
+        for dev in list(self.devices.values()):
+            dev.waiters = []
+            self.release(dev, "the broker shut down")
+
+
+def run_content_manager(config: ContentManagerConfig, verbose: bool = False) -> None:
+    """Process entry point (the broker starts it)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    manager = ContentManager(config)
+
+    def stop(signum, frame):
+        manager.running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    manager.serve()

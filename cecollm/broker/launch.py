@@ -1,0 +1,80 @@
+"""Start a broker daemon as a subprocess and wait until it serves (tests, benchmarks, tools)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cecollm.errors import CecollmError
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports on 127.0.0.1 nobody listens on right now."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class BrokerProcess:
+    """`cecollm-broker` on 127.0.0.1 with free ports; `with` stops it (SIGTERM) and waits."""
+
+    def __init__(self, model: str, workers: int = 1, extra: list[str] | None = None, log_path: str | Path | None = None,
+                 start_timeout: float = 180.0) -> None:
+        req, upl, wrk = free_ports(3)
+        self.request_address = f"tcp://127.0.0.1:{req}"
+        self.upload_address = f"tcp://127.0.0.1:{upl}"
+        self.worker_address = f"tcp://127.0.0.1:{wrk}"
+        args = [sys.executable, "-m", "cecollm.broker", "--model", str(model), "--workers", str(workers),
+                "--requests", self.request_address, "--uploads", self.upload_address,
+                "--workers-address", self.worker_address, *(extra or [])]
+        self._log = open(log_path, "w") if log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+        self.startup_line = self._wait_line(start_timeout)
+
+    def _wait_line(self, timeout: float) -> str:
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sel.select(timeout=0.5):
+                line = self.proc.stdout.readline()
+                if line.startswith("cecollm-broker:"):
+                    return line.strip()
+                if not line and self.proc.poll() is not None:
+                    break
+            elif self.proc.poll() is not None:
+                break
+        self.stop()
+        raise CecollmError(f"the broker did not start (exit code {self.proc.returncode})")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
+            self._log = subprocess.DEVNULL
+        return self.proc.returncode
+
+    def __enter__(self) -> "BrokerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

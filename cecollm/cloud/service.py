@@ -1,0 +1,127 @@
+"""What a cloud worker does with one edge request, on state the content manager holds.
+
+HELLO: check the edge runs the same model and split, open a session. DECIDE: lease the
+device, attach its shared-memory segment, resume a CloudPartition over the KV cache and
+rows there (the KV is written in place), commit the folded positions, answer the token.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from cecollm.broker import edge_protocol as ep
+from cecollm.broker import shm
+from cecollm.broker import state_protocol as sp
+from cecollm.broker.rpc import CallTimeout, RpcSocket
+from cecollm.broker.wire import DTYPE_CODES, DTYPES, ErrorCode, ProtocolError
+from cecollm.cache.kv import KVCache
+from cecollm.cloud.partition import CloudPartition
+from cecollm.layers import DecoderRunner
+from cecollm.split import Split
+
+log = logging.getLogger(__name__)
+
+
+class Refused(Exception):
+    """The request cannot be served; carries the error code for the edge."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class CloudService:
+    """Serves edge requests for one model and split; holds no device state itself."""
+
+    def __init__(self, runner: DecoderRunner, split: Split, identity: str, state: RpcSocket,
+                 state_timeout: float = 10.0) -> None:
+        self.runner = runner
+        self.split = split
+        self.identity = identity
+        self.state = state
+        self.state_timeout = state_timeout
+        self.layout_base = dict(cloud_layers=split.n_layers - split.upload_layer, n_kv_heads=runner.n_kv_heads,
+                                head_dim=runner.head_dim, hidden=runner.hidden_size,
+                                kv_itemsize=runner.embed.weight.element_size())
+
+    def handle(self, frames) -> list:
+        """Frames of the reply to the edge request `frames` (never raises for bad input)."""
+        seq = 0
+        try:
+            msg = ep.parse(frames, ep.REQUESTS)
+            seq = msg.seq
+            if isinstance(msg, ep.Hello):
+                return self.hello(msg).to_frames()
+            return self.decide(msg).to_frames()
+        except ProtocolError as exc:
+            log.warning("edge request refused: %s", exc)
+            return ep.Error(seq, ErrorCode.MALFORMED, str(exc)).to_frames()
+        except Refused as exc:
+            return ep.Error(seq, exc.code, str(exc)).to_frames()
+        except Exception as exc:  # a bug must not take the worker down; the edge hears of it
+            log.exception("request failed")
+            return ep.Error(seq, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}").to_frames()
+
+    def _call(self, msg):
+        self.state.send(msg.to_frames())
+        try:
+            reply = sp.parse(self.state.receive(time.monotonic() + self.state_timeout), sp.REPLIES)
+        except CallTimeout:
+            raise Refused(ErrorCode.INTERNAL, "the content manager did not answer") from None
+        if isinstance(reply, sp.Error):
+            raise Refused(reply.code, reply.message)
+        return reply
+
+    def hello(self, msg: ep.Hello) -> ep.Welcome:
+        if msg.identity != self.identity or msg.n_layers != self.split.n_layers:
+            raise Refused(ErrorCode.MISMATCH, f"model mismatch: the edge runs {msg.identity[:12]} "
+                          f"({msg.n_layers} layers), the cloud serves {self.identity[:12]} ({self.split.n_layers} layers)")
+        if tuple(msg.exits) != self.split.exits or msg.upload_layer != self.split.upload_layer:
+            edge = f"exits {','.join(map(str, msg.exits))}, upload after {msg.upload_layer}"
+            raise Refused(ErrorCode.MISMATCH, f"split mismatch: the edge has {edge}, the cloud serves "
+                          f"exits {','.join(map(str, self.split.exits))}, upload after {self.split.upload_layer}")
+        opened = self._call(sp.Open(msg.device_id, DTYPE_CODES[msg.wire_dtype]))
+        return ep.Welcome(msg.device_id, msg.seq, opened.session, opened.capacity, opened.rows_offset, opened.segment)
+
+    def decide(self, msg: ep.Decide) -> ep.Token:
+        t0 = time.perf_counter()
+        grant = self._call(sp.Lease(msg.device_id, msg.session, msg.seq, msg.position))
+        token, prob = self._compute(grant, msg.position)
+        seconds = time.perf_counter() - t0
+        try:
+            self._call(sp.Commit(msg.device_id, grant.token, msg.position + 1))
+        except Refused as exc:  # the request was handed to another worker meanwhile: same answer
+            log.info("commit refused (%s); answering anyway", exc)
+        return ep.Token(msg.device_id, msg.seq, msg.position, token, prob, seconds)
+
+    @torch.inference_mode()
+    def _compute(self, grant: sp.Grant, position: int) -> tuple[int, float]:
+        wire = DTYPES.get(grant.wire_code)
+        assert wire is not None, f"the content manager granted an unknown wire code {grant.wire_code}"
+        layout = shm.StateLayout(capacity=grant.capacity, wire_itemsize=wire.itemsize, **self.layout_base)
+        seg = shm.attach(grant.segment)
+        try:
+            token, prob = self._fold(seg, layout, getattr(torch, wire.name), grant.folded, position)
+        finally:
+            try:
+                seg.close()  # every tensor over seg.buf is gone by now...
+            except BufferError:  # ...unless a traceback still holds them: closed when collected
+                pass
+        return token, prob
+
+    def _fold(self, seg, layout: shm.StateLayout, wire_dtype, folded: int, position: int) -> tuple[int, float]:
+        count = 1
+        for n in layout.kv_shape:
+            count *= n
+        dtype = self.runner.embed.weight.dtype
+        kv = torch.frombuffer(seg.buf, dtype=dtype, count=count).view(layout.kv_shape)  # [L, 2, kv, cap, hd]
+        cache = KVCache(self.split.upload_layer, layout.cloud_layers, layout.n_kv_heads, layout.head_dim, storage=kv)
+        n = position + 1 - folded
+        begin, _ = layout.rows_span(folded, position + 1)
+        rows = torch.frombuffer(seg.buf, dtype=wire_dtype, count=n * layout.hidden, offset=begin)
+        part = CloudPartition.resume(self.runner, self.split, cache, folded)
+        part.receive(folded, rows.view(1, n, layout.hidden))  # [1, n, hidden]
+        return part.decide(position)

@@ -1,0 +1,132 @@
+"""`cecollm-edge`: an edge device that generates with the cloud broker's help."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import orjson
+
+from cecollm.cliutil import GuardedCommand, set_threads, setup_logging
+from cecollm.edge.client import EdgeConfig
+from cecollm.errors import UserError
+from cecollm.loading import DEFAULT_MODEL
+from cecollm.split import parse_exits
+
+_E = EdgeConfig()
+
+
+def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
+    """--prompt, else --prompts FILE.jsonl ("prompt", or "instruction" + "input"), else stdin lines."""
+    if prompt is not None:
+        return [prompt]
+    if prompts_file:
+        out = []
+        try:
+            lines = open(prompts_file, encoding="utf-8").read().splitlines()
+        except OSError as exc:
+            raise UserError(f"cannot read {prompts_file}: {exc.strerror}") from None
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                raise UserError(f"{prompts_file}:{number}: not JSON") from None
+            if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+                out.append(row["prompt"])
+            elif isinstance(row, dict) and isinstance(row.get("instruction"), str):
+                extra = row.get("input") or ""
+                out.append(row["instruction"] + ("\n\n" + extra if extra else ""))
+            else:
+                raise UserError(f"{prompts_file}:{number}: needs a \"prompt\" or an \"instruction\" field")
+        return out
+    if sys.stdin.isatty():
+        raise UserError("give --prompt, --prompts FILE.jsonl, or prompts on stdin (one a line)")
+    return [line for line in sys.stdin.read().splitlines() if line.strip()]
+
+
+@click.command(cls=GuardedCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--device-id", type=int, default=_E.device_id, show_default=True, help="This device's id.")
+@click.option("--broker", default=_E.broker, show_default=True, help="The broker's request address "
+              "(tcp://HOST:PORT, or ipc://...requests on the broker's host).")
+@click.option("--upload", default=_E.upload, help="The upload address [default: the broker's port + 1, "
+              "or ipc://...uploads].")
+@click.option("--shm/--no-shm", default=None, help="Hand hidden states over through shared memory "
+              "(same host only) [default: on for ipc:// addresses].")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="A transformers directory, a .gguf file, or the default model's name.")
+@click.option("--exits", default=None, help="Exits, e.g. 8,15 [default: the model's default split].")
+@click.option("--heads", default=None, help="Exit heads file.")
+@click.option("--upload-layer", type=int, default=None, help="Layer whose output is uploaded [default: last exit].")
+@click.option("--threshold", type=float, default=_E.threshold, show_default=True,
+              help="An exit decides when its top-1 probability reaches this; 1.0 disables early exit.")
+@click.option("--standalone", is_flag=True, help="Never ask the cloud: the last exit decides.")
+@click.option("--no-fp16", is_flag=True, help="Upload float32 hidden states instead of float16.")
+@click.option("--max-new-tokens", type=int, default=_E.max_new_tokens, show_default=True)
+@click.option("--timeout", type=float, default=_E.timeout, show_default=True,
+              help="Seconds a single-token request may take before the edge decides the token itself.")
+@click.option("--prompt", default=None, help="One prompt.")
+@click.option("--prompts", "prompts_file", default=None, help="A JSONL file of prompts (\"prompt\", or "
+              "\"instruction\" and \"input\").")
+@click.option("--raw", is_flag=True, help="Use prompts as they are, without the chat template.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON line per generation instead of text and stats.")
+@click.option("--threads", type=int, default=1, show_default=True, help="Torch threads.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def edge_command(device_id, broker, upload, shm, model, exits, heads, upload_layer, threshold, standalone, no_fp16,
+                 max_new_tokens, timeout, prompt, prompts_file, raw, as_json, threads, verbose) -> None:
+    """Generate on this edge device; tokens no exit is sure of are asked of the cloud broker.
+
+    Tokens stream to stdout as they are decided; each generation's stats go to stderr."""
+    setup_logging(verbose)
+    if not 0.0 <= threshold <= 1.0:
+        raise UserError(f"--threshold must be in [0, 1], got {threshold}")
+    if max_new_tokens < 1 or timeout <= 0:
+        raise UserError("--max-new-tokens and --timeout must be positive")
+    config = EdgeConfig(device_id, broker, upload, shm, threshold, standalone, not no_fp16, max_new_tokens, timeout)
+    try:
+        config.upload_address
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    texts = read_prompts(prompt, prompts_file)
+    set_threads(threads)
+    from cecollm.defaults import choose_split
+    from cecollm.edge.client import EdgeClient
+    from cecollm.loading import load_model
+    from cecollm.prompting import encode_prompt
+
+    loaded = load_model(model)
+    split, head_set = choose_split(loaded, parse_exits(exits) if exits else None, upload_layer, heads)
+    tok = loaded.tokenizer
+    with EdgeClient(loaded.model, loaded.identity, split, head_set, config) as client:
+        for text in texts:
+            ids = encode_prompt(tok, text, raw)
+            shown: list[int] = []
+            printed = [0]
+
+            def stream(record) -> None:
+                shown.append(record.token_id)
+                full = tok.decode(shown, skip_special_tokens=True)
+                sys.stdout.write(full[printed[0]:])
+                sys.stdout.flush()
+                printed[0] = len(full)
+
+            result = client.generate(ids, None if as_json else stream)
+            if as_json:
+                out = result.to_dict(tok.decode(result.token_ids, skip_special_tokens=True))
+                out["device_id"] = device_id
+                sys.stdout.buffer.write(orjson.dumps(out) + b"\n")
+                sys.stdout.flush()
+                continue
+            sys.stdout.write("\n")
+            s = result.stats
+            click.echo(f"[device {device_id} | {split.describe()} | threshold {threshold}] "
+                       f"{len(result.token_ids)} tokens: {s.edge_tokens} edge, {s.cloud_tokens} cloud, "
+                       f"{s.fallback_tokens} at the last exit ({s.timeouts} timeouts); {s.bytes_up} bytes up "
+                       f"(+{s.shm_bytes} via shared memory), {s.bytes_down} down; edge {s.edge_seconds:.2f} s, "
+                       f"cloud {s.cloud_seconds:.2f} s, communication {s.comm_seconds:.2f} s"
+                       + (f"; edge alone: {s.standalone_reason}" if s.standalone_reason else ""), err=True)
+
+
+def main() -> None:
+    edge_command(prog_name="cecollm-edge")

@@ -1,0 +1,298 @@
+"""The edge device as a client of the cloud broker, usable from Python (the CLI wraps it).
+
+Each generation opens a session (HELLO), runs the edge partition step by step, hands every
+upload-layer row to the background sender, and asks the cloud (DECIDE, no tensor) only when
+no exit is confident. A request that gets no answer within `timeout` is decided at the last
+exit instead, counted, and the generation goes on; after `max_timeouts` in a row, or when the
+cloud lost the device's state and a re-upload does not help, the rest of the generation is
+decided on the edge alone and the result says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import zmq
+
+from cecollm.broker import edge_protocol as ep
+from cecollm.broker.rpc import CallTimeout, RpcSocket
+from cecollm.broker.wire import ErrorCode, ProtocolError
+from cecollm.edge.heads import HeadSet
+from cecollm.edge.partition import EdgePartition
+from cecollm.edge.sender import UploadSender
+from cecollm.engine import TokenRecord
+from cecollm.layers import DecoderRunner
+from cecollm.prompting import eos_ids
+from cecollm.split import Split
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """How an edge device runs; `cecollm-edge` options take their defaults from here."""
+
+    device_id: int = 0  # this device's id: the cloud keeps one state per device
+    broker: str = "tcp://127.0.0.1:5555"  # the broker's request address
+    upload: str = ""  # the upload address; "" = derived from `broker` (tcp port + 1, ipc ...requests -> ...uploads)
+    shm: bool | None = None  # write rows into the cloud's shared memory; None = yes for ipc:// addresses
+    threshold: float = 0.8  # an exit decides when its top-1 probability reaches this; 1.0 disables exits
+    standalone: bool = False  # never ask the cloud
+    fp16: bool = True  # upload float16 rows (False: float32)
+    max_new_tokens: int = 64  # stop after this many tokens (or at EOS)
+    timeout: float = 5.0  # seconds a single-token request may take before the edge decides it itself
+    hello_timeout: float = 10.0  # seconds to wait for the cloud to open a session
+    max_timeouts: int = 3  # timeouts in a row after which the rest is decided on the edge
+
+    @property
+    def upload_address(self) -> str:
+        if self.upload:
+            return self.upload
+        if self.broker.startswith("ipc://") and self.broker.endswith("requests"):
+            return self.broker[: -len("requests")] + "uploads"
+        head, _, port = self.broker.rpartition(":")
+        if self.broker.startswith("tcp://") and port.isdigit():
+            return f"{head}:{int(port) + 1}"
+        raise ValueError(f"cannot derive the upload address from {self.broker!r}; give it")
+
+    @property
+    def use_shm(self) -> bool:
+        return self.broker.startswith("ipc://") if self.shm is None else self.shm
+
+
+@dataclass
+class EdgeStats:
+    prompt_tokens: int = 0
+    edge_tokens: int = 0  # decided by a confident exit
+    cloud_tokens: int = 0  # decided by the cloud
+    fallback_tokens: int = 0  # decided at the last exit because the cloud did not (timeouts, errors, standalone)
+    timeouts: int = 0  # requests the cloud did not answer in time
+    reuploads: int = 0  # sessions reopened after the cloud lost the device's state
+    bytes_up: int = 0  # request and upload bytes sent (shared-memory rows not included)
+    shm_bytes: int = 0  # rows handed over through shared memory
+    bytes_down: int = 0  # reply bytes received
+    edge_seconds: float = 0.0  # edge compute
+    cloud_seconds: float = 0.0  # cloud compute, as the workers report it
+    comm_seconds: float = 0.0  # waiting on the cloud minus its compute
+    standalone_reason: str = ""  # why the generation (or its rest) ran on the edge alone
+
+
+@dataclass
+class EdgeResult:
+    token_ids: list[int]
+    tokens: list[TokenRecord]
+    stats: EdgeStats = field(default_factory=EdgeStats)
+
+    def to_dict(self, text: str | None = None) -> dict:
+        out = {"token_ids": self.token_ids}
+        if text is not None:
+            out["text"] = text
+        out["tokens"] = [asdict(t) for t in self.tokens]
+        out["stats"] = asdict(self.stats)
+        return out
+
+
+class _TappingRunner(DecoderRunner):
+    """A DecoderRunner that keeps the last row after the last exit's layer (for fallbacks)."""
+
+    def __init__(self, model: torch.nn.Module, tap_layer: int) -> None:
+        super().__init__(model)
+        self.tap_index = tap_layer - 1
+        self.tapped: torch.Tensor | None = None  # [1, 1, hidden]
+
+    def run_layer(self, index, x, start, cache, rope):
+        out = super().run_layer(index, x, start, cache, rope)
+        if index == self.tap_index:
+            self.tapped = out[:, -1:]
+        return out
+
+
+class _CloudGone(Exception):
+    """The cloud cannot serve this generation any more (the reason is the message)."""
+
+
+class EdgeClient:
+    """One edge device: a model, its split and heads, connected to a broker."""
+
+    def __init__(self, model: torch.nn.Module, identity: str, split: Split, heads: HeadSet, config: EdgeConfig,
+                 context: zmq.Context | None = None) -> None:
+        self.model = model
+        self.identity = identity
+        self.split = split
+        self.heads = heads
+        self.config = config
+        self.runner = _TappingRunner(model, split.last_exit)
+        self.eos = eos_ids(model)
+        self.wire_dtype = torch.float16 if config.fp16 else torch.float32
+        self.context = context or zmq.Context.instance()
+        self._rpc: RpcSocket | None = None
+        self._sender: UploadSender | None = None
+        self._seq = 0
+
+    def close(self) -> None:
+        if self._sender is not None:
+            self._sender.close()
+        if self._rpc is not None:
+            self._rpc.close()
+        self._sender = self._rpc = None
+
+    def __enter__(self) -> "EdgeClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _connect(self) -> None:
+        if self._rpc is None:
+            self._rpc = RpcSocket(self.context, self.config.broker)
+            self._sender = UploadSender(self.context, self.config.upload_address, self.config.timeout)
+
+    # ---- one request -------------------------------------------------------------------
+    def _request(self, msg, timeout: float, stats: EdgeStats):
+        """The cloud's reply to `msg` (TOKEN/WELCOME/ERROR), or CallTimeout."""
+        rpc = self._rpc
+        sent, got = rpc.bytes_sent, rpc.bytes_received
+        t0 = time.perf_counter()
+        rpc.send(msg.to_frames())
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    reply = ep.parse(rpc.receive(deadline), ep.REPLIES)
+                except ProtocolError as exc:
+                    log.warning("reply refused: %s", exc)
+                    continue
+                if reply.seq == msg.seq:
+                    return reply
+                log.debug("late reply to request %d skipped", reply.seq)
+        finally:
+            stats.comm_seconds += time.perf_counter() - t0
+            stats.bytes_up += rpc.bytes_sent - sent
+            stats.bytes_down += rpc.bytes_received - got
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) % (1 << 32)
+        return self._seq
+
+    def _open(self, stats: EdgeStats, kept: list) -> int:
+        """Open a session (HELLO) and queue every kept row again; the session number."""
+        c = self.config
+        hello = ep.Hello(c.device_id, self._next_seq(), self.identity, self.split.n_layers, self.split.exits,
+                         self.split.upload_layer, str(self.wire_dtype).removeprefix("torch."), c.use_shm)
+        try:
+            reply = self._request(hello, c.hello_timeout, stats)
+        except CallTimeout:
+            raise _CloudGone(f"the cloud at {c.broker} did not answer HELLO within {c.hello_timeout:g} s") from None
+        if isinstance(reply, ep.Error):
+            raise _CloudGone(f"the cloud refused the session: {reply.message}")
+        self._sender.open(c.device_id, reply.session, reply.segment if c.use_shm else "", reply.capacity,
+                          reply.rows_offset)
+        for start, rows in kept:
+            self._sender.rows(start, rows)
+        return reply.session
+
+    def _ask(self, session: int, position: int, stats: EdgeStats):
+        """(token, prob) from the cloud, None on a timeout; _CloudGone when it lost the state."""
+        reply = self._request(ep.Decide(self.config.device_id, self._next_seq(), session, position),
+                              self.config.timeout, stats)
+        if isinstance(reply, ep.Token):
+            stats.cloud_seconds += reply.cloud_seconds
+            stats.comm_seconds -= reply.cloud_seconds
+            return reply.token, reply.prob
+        if reply.code in (ErrorCode.UNKNOWN_DEVICE, ErrorCode.MISSING):
+            raise LookupError(reply.message)  # state lost: worth a re-upload
+        raise _CloudGone(f"the cloud refused position {position}: {reply.message}")
+
+    def _last_exit(self) -> tuple[int, float]:
+        assert self.runner.tapped is not None, "the last exit's row is tapped whenever no exit decided"
+        return self.heads.heads[self.split.last_exit].top1(self.runner.tapped, self.runner.lm_head)
+
+    # ---- a generation ------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], on_token: Callable[[TokenRecord], None] | None = None) -> EdgeResult:
+        c = self.config
+        stats = EdgeStats(prompt_tokens=len(prompt_ids))
+        result = EdgeResult([], [], stats)
+        edge = EdgePartition(self.runner, self.split, self.heads, c.threshold, standalone=c.standalone)
+        kept: list[tuple[int, object]] = []  # every row uploaded, for a re-upload
+        session = None
+        if c.standalone:
+            stats.standalone_reason = "asked for (--standalone)"
+        else:
+            self._connect()
+            try:
+                session = self._open(stats, kept)
+            except _CloudGone as exc:
+                stats.standalone_reason = str(exc)
+        inputs, position, timeouts_in_row = list(prompt_ids), len(prompt_ids), 0
+        for _ in range(c.max_new_tokens):
+            t0 = time.perf_counter()
+            out = edge.step(inputs)
+            uploads = [(u.start, u.hidden[0].to(self.wire_dtype).contiguous().numpy()) for u in out.uploads]
+            stats.edge_seconds += time.perf_counter() - t0
+            if session is not None:
+                for start, rows in uploads:  # [n, hidden] in the wire dtype
+                    kept.append((start, rows))
+                    self._sender.rows(start, rows)
+            if out.token is not None:
+                token, by, conf = out.token, out.exit, out.confidence
+                stats.edge_tokens += 1
+            else:
+                answer = None
+                if session is not None:
+                    try:
+                        answer, session = self._cloud_token(session, out.position, stats, kept)
+                    except _CloudGone as exc:
+                        session, stats.standalone_reason = None, str(exc)
+                        log.warning("device %d: finishing on the edge alone: %s", c.device_id, exc)
+                if answer is None:
+                    timeouts_in_row += session is not None
+                    if timeouts_in_row >= c.max_timeouts and session is not None:
+                        stats.standalone_reason = f"{timeouts_in_row} requests in a row timed out"
+                        self._sender.end()
+                        session = None
+                    (token, conf), by = self._last_exit(), self.split.last_exit
+                    stats.fallback_tokens += 1
+                else:
+                    (token, conf), by = answer, "cloud"
+                    timeouts_in_row = 0
+                    stats.cloud_tokens += 1
+            record = TokenRecord(position, token, by, conf)
+            result.token_ids.append(token)
+            result.tokens.append(record)
+            if on_token:
+                on_token(record)
+            if token in self.eos:
+                break
+            inputs, position = [token], position + 1
+        if session is not None:
+            self._sender.end()
+        if self._sender is not None:
+            self._sender.flush()
+            stats.bytes_up += self._sender.bytes_sent
+            stats.shm_bytes += self._sender.shm_bytes
+            self._sender.bytes_sent = self._sender.shm_bytes = 0
+        return result
+
+    def _cloud_token(self, session: int, position: int, stats: EdgeStats, kept: list):
+        """((token, prob) or None on a timeout, session); reopens the session once if the state was lost."""
+        try:
+            return self._ask(session, position, stats), session
+        except CallTimeout:
+            stats.timeouts += 1
+            return None, session
+        except LookupError as exc:
+            log.info("device %d: %s; opening a new session and uploading again", self.config.device_id, exc)
+        stats.reuploads += 1
+        session = self._open(stats, kept)
+        try:
+            return self._ask(session, position, stats), session
+        except CallTimeout:
+            stats.timeouts += 1
+            return None, session
+        except LookupError as exc:
+            raise _CloudGone(f"the cloud lost the device's state again: {exc}") from None

@@ -1,0 +1,126 @@
+"""The edge's background sender: uploads leave without the edge's compute waiting on them.
+
+The compute thread puts work on a queue; this thread owns the PUSH socket (ZeroMQ sockets
+belong to one thread), numbers each session's uploads and sends them, zero copy. In shared
+memory mode it writes the rows straight into the device's segment on the cloud host and sends
+only a small UPLOAD_SHM notice.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+
+from cecollm.broker import edge_protocol as ep
+from cecollm.broker import shm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Session:
+    device_id: int
+    session: int
+    segment: str  # "" unless rows go through shared memory
+    capacity: int
+    rows_offset: int  # byte offset of row 0 in the segment
+
+
+@dataclass(frozen=True)
+class _Rows:
+    start: int
+    rows: np.ndarray  # [n, hidden], wire dtype
+
+
+@dataclass(frozen=True)
+class _End:
+    pass
+
+
+class UploadSender:
+    """Sends a session's rows (TCP/IPC bytes or shared memory) and its END, in order."""
+
+    def __init__(self, context: zmq.Context, address: str, send_timeout: float = 5.0) -> None:
+        self.context = context
+        self.address = address
+        self.send_timeout = send_timeout
+        self.queue: queue.Queue = queue.Queue()
+        self.bytes_sent = 0  # what went over the socket
+        self.shm_bytes = 0  # what went through shared memory
+        self.dropped = 0  # messages given up on (the cloud was unreachable)
+        self._thread = threading.Thread(target=self._run, name="upload-sender", daemon=True)
+        self._thread.start()
+
+    def open(self, device_id: int, session: int, segment: str = "", capacity: int = 0, rows_offset: int = 0) -> None:
+        """Rows from now on belong to this session (segment: write them into shared memory)."""
+        self.queue.put(_Session(device_id, session, segment, capacity, rows_offset))
+
+    def rows(self, start: int, rows: np.ndarray) -> None:
+        self.queue.put(_Rows(start, rows))
+
+    def end(self) -> None:
+        self.queue.put(_End())
+
+    def flush(self) -> None:
+        """Wait until everything queued so far has been handed to the socket."""
+        self.queue.join()
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self._thread.join(timeout=self.send_timeout + 2)
+
+    def _run(self) -> None:
+        sock = self.context.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, int(self.send_timeout * 1000))
+        sock.setsockopt(zmq.SNDTIMEO, int(self.send_timeout * 1000))
+        sock.connect(self.address)
+        session, seq, segment = None, 0, None
+        try:
+            while True:
+                item = self.queue.get()
+                try:
+                    if item is None:
+                        return
+                    if isinstance(item, _Session):
+                        if segment is not None:
+                            segment.close()
+                        session, seq = item, 0
+                        segment = shm.attach(item.segment) if item.segment else None
+                    elif session is None:
+                        continue  # no session: standalone, nothing goes up
+                    elif isinstance(item, _Rows):
+                        self._send(sock, self._upload(session, seq, item, segment))
+                        seq += 1
+                    else:
+                        self._send(sock, ep.End(session.device_id, session.session).to_frames())
+                        session = None
+                finally:
+                    self.queue.task_done()
+        finally:
+            if segment is not None:
+                segment.close()
+            sock.close()
+
+    def _upload(self, session: _Session, seq: int, item: _Rows, segment) -> list:
+        n, hidden = item.rows.shape
+        if segment is None or item.start + n > session.capacity:
+            return ep.Upload(session.device_id, session.session, seq, item.start, item.rows).to_frames()
+        offset = session.rows_offset + item.start * hidden * item.rows.dtype.itemsize
+        target = np.ndarray((n, hidden), dtype=item.rows.dtype, buffer=segment.buf, offset=offset)
+        target[:] = item.rows  # [n, hidden] straight into the cloud's segment
+        del target
+        self.shm_bytes += item.rows.nbytes
+        return ep.UploadShm(session.device_id, session.session, seq, item.start, n).to_frames()
+
+    def _send(self, sock: zmq.Socket, frames: list) -> None:
+        try:
+            sock.send_multipart(frames, copy=False)
+            self.bytes_sent += sum(len(memoryview(f)) if not isinstance(f, bytes) else len(f) for f in frames)
+        except zmq.Again:
+            self.dropped += 1
+            log.warning("upload dropped: the cloud did not take it within %g s", self.send_timeout)
