@@ -183,6 +183,7 @@ class Broker:
             if job is None:
                 continue
             if job.attempts <= self.retries:
+                log.warning("job %d of the dead worker %d goes to another worker", job.number, record.pid)
                 self.queue.appendleft(job)
             else:
                 self.reply(job.client, ep.Error(job.seq, ErrorCode.WORKER_LOST,

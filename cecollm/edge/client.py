@@ -132,6 +132,7 @@ class EdgeClient:
         self._rpc: RpcSocket | None = None
         self._sender: UploadSender | None = None
         self._seq = 0
+        self.session: int | None = None  # the cloud session of the generation under way
 
     def close(self) -> None:
         if self._sender is not None:
@@ -228,6 +229,7 @@ class EdgeClient:
                 session = self._open(stats, kept)
             except _CloudGone as exc:
                 stats.standalone_reason = str(exc)
+        self.session = session
         inputs, position, timeouts_in_row = list(prompt_ids), len(prompt_ids), 0
         for _ in range(c.max_new_tokens):
             t0 = time.perf_counter()
@@ -261,6 +263,7 @@ class EdgeClient:
                     (token, conf), by = answer, "cloud"
                     timeouts_in_row = 0
                     stats.cloud_tokens += 1
+            self.session = session
             record = TokenRecord(position, token, by, conf)
             result.token_ids.append(token)
             result.tokens.append(record)

@@ -1,0 +1,248 @@
+"""End to end over TCP on loopback: a broker daemon (subprocess) with workers, and edge clients."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+
+import orjson
+import psutil
+import pytest
+import torch
+import zmq
+from click.testing import CliRunner
+
+from cecollm.broker import edge_protocol as ep
+from cecollm.broker.launch import BrokerProcess
+from cecollm.edge.client import EdgeClient, EdgeConfig, EdgeStats
+from cecollm.edge.heads import HeadSet, NormHead
+from cecollm.engine import GenerationConfig, SplitEngine
+from cecollm.loading import load_model
+from cecollm.split import Split
+from conftest import hf_greedy, make_tiny_model, make_tiny_tokenizer
+
+EXITS = (2, 4)
+PROMPTS = {1: [5, 17, 33, 2, 9], 2: [100, 7, 7, 300, 41, 12, 3], 3: [250, 1, 64]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    model = make_tiny_model("gqa")  # no EOS: every generation runs to max_new_tokens
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    model.save_pretrained(path)
+    make_tiny_tokenizer(model.config.vocab_size).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    return load_model(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def split(loaded):
+    return Split.create(loaded.n_layers, EXITS)
+
+
+@pytest.fixture(scope="module")
+def broker(model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "broker.log"
+    with BrokerProcess(str(model_dir), workers=2, extra=["--exits", "2,4"], log_path=log) as b:
+        b.log_path = log
+        yield b
+
+
+def _client(loaded, split, broker, device, heads=None, **options):
+    config = EdgeConfig(device_id=device, broker=broker.request_address, upload=broker.upload_address,
+                        **{"threshold": 1.0, "max_new_tokens": 16, "timeout": 20.0, **options})
+    return EdgeClient(loaded.model, loaded.identity, split, heads or HeadSet.lens(loaded.model, split.exits), config)
+
+
+def test_three_edges_at_once_match_transformers(loaded, split, broker):
+    options = {1: {}, 2: {"shm": True}, 3: {"fp16": False}}  # TCP, shared memory, float32 rows
+    results, errors = {}, []
+
+    def run(device):
+        try:
+            with _client(loaded, split, broker, device, max_new_tokens=20, **options[device]) as client:
+                results[device] = client.generate(PROMPTS[device])
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(d,)) for d in PROMPTS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    for device, prompt in PROMPTS.items():
+        r = results[device]
+        assert r.token_ids == hf_greedy(loaded.model, prompt, 20), f"device {device}"
+        assert (r.stats.cloud_tokens, r.stats.fallback_tokens, r.stats.timeouts) == (20, 0, 0)
+        assert r.stats.standalone_reason == ""
+    assert results[2].stats.shm_bytes > 0 and results[1].stats.shm_bytes == 0
+    assert results[3].stats.bytes_up > results[1].stats.bytes_up  # float32 rows are twice the size
+
+
+class SharpHead(NormHead):
+    """The logit lens, sharpened so that exits fire on a random tiny model."""
+
+    def forward(self, hidden, lm_head):
+        return 6.0 * lm_head(self.norm(hidden))
+
+
+def test_exits_that_fire_match_the_in_process_engine(loaded, split, broker):
+    heads = HeadSet(EXITS, {e: SharpHead(loaded.model.model.norm) for e in EXITS})
+    engine = SplitEngine(loaded.model, split, heads)
+    prompt, n = PROMPTS[2], 24
+    for threshold in (0.5, 0.3, 0.2, 0.1, 0.05):
+        expected = engine.generate(prompt, GenerationConfig("collab", threshold, n))
+        if expected.stats.edge_tokens and expected.stats.cloud_tokens:
+            break
+    else:
+        pytest.fail("no threshold makes the sharpened heads fire only sometimes")
+    with _client(loaded, split, broker, 7, heads, threshold=threshold, max_new_tokens=n) as client:
+        got = client.generate(prompt)
+    assert got.token_ids == expected.token_ids
+    assert [t.decided_by for t in got.tokens] == [t.decided_by for t in expected.tokens]
+    assert (got.stats.edge_tokens, got.stats.cloud_tokens) == (expected.stats.edge_tokens, expected.stats.cloud_tokens)
+
+
+def test_edge_reuploads_when_the_cloud_lost_its_state(loaded, split, broker):
+    context = zmq.Context.instance()
+    push = context.socket(zmq.PUSH)
+    push.connect(broker.upload_address)
+    with _client(loaded, split, broker, 8) as client:
+
+        def forget(record):
+            if record.position == len(PROMPTS[1]) + 3:  # the cloud drops the state mid-generation
+                push.send_multipart(ep.End(8, client.session).to_frames())
+
+        result = client.generate(PROMPTS[1], forget)
+    push.close(0)
+    assert result.token_ids == hf_greedy(loaded.model, PROMPTS[1], 16)
+    assert result.stats.reuploads == 1 and result.stats.fallback_tokens == 0
+
+
+def test_a_mismatched_edge_is_refused_and_finishes_alone(loaded, broker):
+    other_split = Split.create(loaded.n_layers, (2, 3))
+    with _client(loaded, other_split, broker, 9, max_new_tokens=4) as client:
+        result = client.generate(PROMPTS[1])
+    assert "split mismatch" in result.stats.standalone_reason and "exits 2,4" in result.stats.standalone_reason
+    assert len(result.token_ids) == 4 and result.stats.fallback_tokens == 4
+    split = Split.create(loaded.n_layers, EXITS)
+    client = _client(loaded, split, broker, 9, max_new_tokens=2)
+    client.identity = "0" * 32
+    result = client.generate(PROMPTS[1])
+    client.close()
+    assert "model mismatch" in result.stats.standalone_reason
+
+
+def test_cli_streams_tokens_as_json(loaded, model_dir, broker):
+    from cecollm.edge.cli import edge_command
+
+    args = ["--model", str(model_dir), "--exits", "2,4", "--broker", broker.request_address, "--upload",
+            broker.upload_address, "--device-id", "11", "--threshold", "1.0", "--raw", "--max-new-tokens", "6",
+            "--prompt", "The capital of France is", "--json"]
+    out = CliRunner().invoke(edge_command, args)
+    assert out.exit_code == 0, out.output
+    row = orjson.loads(out.stdout.strip().splitlines()[-1])
+    prompt_ids = loaded.tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
+    assert row["token_ids"] == hf_greedy(loaded.model, prompt_ids, 6)
+    assert row["device_id"] == 11 and row["stats"]["cloud_tokens"] == 6
+
+
+def test_edge_cli_bad_input_is_one_line_exit_2(model_dir):
+    from cecollm.edge.cli import edge_command
+
+    out = CliRunner().invoke(edge_command, ["--threshold", "2", "--prompt", "x"])
+    assert out.exit_code == 2 and out.output.strip().startswith("error:") and "Traceback" not in out.output
+
+
+def _silent_cloud(address: str, stop: threading.Event) -> None:
+    """Answers HELLO, never DECIDE: a cloud that stopped answering."""
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(address)
+    while not stop.is_set():
+        if sock.poll(50):
+            peer, _, *frames = sock.recv_multipart()
+            msg = ep.parse(frames)
+            if isinstance(msg, ep.Hello):
+                sock.send_multipart([peer, b"", *ep.Welcome(msg.device_id, msg.seq, 1, 64, 0, "").to_frames()])
+    sock.close(0)
+
+
+def test_unanswered_requests_are_decided_at_the_last_exit(loaded, split):
+    from cecollm.broker.launch import free_ports
+
+    port, upload = free_ports(2)
+    stop = threading.Event()
+    server = threading.Thread(target=_silent_cloud, args=(f"tcp://127.0.0.1:{port}", stop))
+    server.start()
+    try:
+        config = EdgeConfig(device_id=1, broker=f"tcp://127.0.0.1:{port}", upload=f"tcp://127.0.0.1:{upload}",
+                            threshold=1.0, max_new_tokens=8, timeout=0.2, max_timeouts=3)
+        with EdgeClient(loaded.model, loaded.identity, split, HeadSet.lens(loaded.model, EXITS), config) as client:
+            result = client.generate(PROMPTS[3])
+    finally:
+        stop.set()
+        server.join()
+    alone = SplitEngine(loaded.model, split, HeadSet.lens(loaded.model, EXITS)).generate(
+        PROMPTS[3], GenerationConfig("standalone", 1.0, 8))
+    assert result.token_ids == alone.token_ids
+    assert result.stats.timeouts == 3 and result.stats.fallback_tokens == 8
+    assert "3 requests in a row timed out" in result.stats.standalone_reason
+    # no cloud at all: HELLO times out, the edge generates alone
+    config = EdgeConfig(device_id=1, broker=f"tcp://127.0.0.1:{port}", upload=f"tcp://127.0.0.1:{upload}",
+                        threshold=1.0, max_new_tokens=8, hello_timeout=0.2)
+    with EdgeClient(loaded.model, loaded.identity, split, HeadSet.lens(loaded.model, EXITS), config) as client:
+        result = client.generate(PROMPTS[3])
+    assert result.token_ids == alone.token_ids and "did not answer HELLO" in result.stats.standalone_reason
+
+
+def test_a_worker_killed_mid_generation_and_shutdown_leaves_nothing(loaded, split, model_dir, tmp_path):
+    log = tmp_path / "broker.log"
+    b = BrokerProcess(str(model_dir), workers=2, extra=["--exits", "2,4", "--heartbeat-ms", "100"], log_path=log)
+    try:
+        pids = [int(p) for p in re.findall(r"worker (\d+) ready \(", log.read_text())]
+        assert len(pids) == 2
+        killed = []
+        with _client(loaded, split, b, 5, max_new_tokens=20) as client:
+
+            def kill_one(record):
+                if not killed and record.position == len(PROMPTS[2]) + 4:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+
+            result = client.generate(PROMPTS[2], kill_one)
+        assert killed
+        assert result.token_ids == hf_greedy(loaded.model, PROMPTS[2], 20)
+        assert (result.stats.cloud_tokens, result.stats.timeouts) == (20, 0)
+        deadline = time.monotonic() + 10
+        while "purged" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        text = log.read_text()
+        assert f"worker {pids[0]} is silent: purged" in text
+        assert f"of the dead worker {pids[0]} goes to another worker" in text  # it was working for us
+        # leave a session open, then stop: everything goes, nothing stays in /dev/shm
+        client = _client(loaded, split, b, 6)
+        client._connect()
+        client._open(EdgeStats(), [])
+        client.close()
+        assert any(name.startswith(f"cecollm-{b.proc.pid}-") for name in os.listdir("/dev/shm"))
+        children = psutil.Process(b.proc.pid).children(recursive=True)
+    finally:
+        code = b.stop()
+    assert code == 0
+    assert not [name for name in os.listdir("/dev/shm") if name.startswith(f"cecollm-{b.proc.pid}-")]
+    time.sleep(0.5)
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]

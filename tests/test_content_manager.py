@@ -1,0 +1,169 @@
+"""The content manager's records: sessions, uploads, leases, budget, TTL, dropped rows."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from cecollm.broker import edge_protocol as ep
+from cecollm.broker import shm
+from cecollm.broker import state_protocol as sp
+from cecollm.broker.content_manager import ContentManager, ContentManagerConfig
+from cecollm.broker.wire import DTYPE_CODES, ErrorCode
+
+F16 = DTYPE_CODES["float16"]
+HIDDEN = 1024  # one float16 row = 2 KiB, so two rows fill a page
+
+
+class FakeSocket:
+    """Collects what the manager sends to workers."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send_multipart(self, frames, copy=True):
+        self.sent.append((frames[0], sp.parse([bytes(f) for f in frames[2:]])))
+
+    def take(self):
+        out, self.sent = self.sent, []
+        return out
+
+
+@pytest.fixture
+def manager():
+    prefix = f"cecollm-test-{os.getpid()}-"
+    config = ContentManagerConfig("inproc://unused-up", "inproc://unused-state", cloud_layers=2, n_kv_heads=1,
+                                  head_dim=8, hidden=HIDDEN, capacity=64, budget_bytes=1 << 30, idle_ttl=60.0,
+                                  wait_seconds=0.2, segment_prefix=prefix)
+    m = ContentManager(config)
+    m.state = FakeSocket()
+    yield m
+    m.release_all()
+    assert not shm.remove_leftovers(prefix), "every segment is unlinked on release"
+
+
+def _open(m, device=3):
+    opened = m.open(sp.Open(device, F16))
+    assert isinstance(opened, sp.Opened)
+    return opened
+
+
+def _upload(m, device, session, seq, start, n, value=1.0):
+    rows = np.full((n, HIDDEN), value, dtype=np.float16)
+    m.on_upload([bytes(f) for f in ep.Upload(device, session, seq, start, rows).to_frames()])
+
+
+def test_open_upload_lease_commit_and_release(manager):
+    opened = _open(manager)
+    assert os.path.exists(f"/dev/shm/{opened.segment}")
+    _upload(manager, 3, opened.session, 0, 0, 3, 2.0)
+    dev = manager.devices[3]
+    assert dev.received == 3
+    begin, end = dev.layout.rows_span(0, 3)
+    assert np.all(np.frombuffer(dev.segment.buf[begin:end], dtype=np.float16) == 2.0)
+    manager.lease(b"w1", sp.Lease(3, opened.session, 1, 2))
+    (peer, grant), = manager.state.take()
+    assert peer == b"w1" and isinstance(grant, sp.Grant) and (grant.folded, grant.received) == (0, 3)
+    assert isinstance(manager.commit(sp.Commit(3, grant.token, 3)), sp.Done)
+    assert dev.folded == 3 and dev.lease_token == 0
+    manager.on_upload([bytes(f) for f in ep.End(3, opened.session).to_frames()])
+    assert 3 not in manager.devices and not os.path.exists(f"/dev/shm/{opened.segment}")
+    manager.lease(b"w1", sp.Lease(3, opened.session, 2, 3))
+    (_, err), = manager.state.take()
+    assert err.code == ErrorCode.UNKNOWN_DEVICE and "ended" in err.message
+
+
+def test_lease_waits_for_rows_in_flight_then_times_out(manager):
+    opened = _open(manager)
+    manager.lease(b"w1", sp.Lease(3, opened.session, 1, 1))
+    assert manager.state.take() == []  # parked: position 1 not here yet
+    _upload(manager, 3, opened.session, 0, 0, 2)
+    (_, grant), = manager.state.take()
+    assert isinstance(grant, sp.Grant)
+    manager.commit(sp.Commit(3, grant.token, 2))
+    manager.lease(b"w1", sp.Lease(3, opened.session, 2, 5))
+    manager.housekeeping(time.monotonic() + 1.0)
+    (_, err), = manager.state.take()
+    assert err.code == ErrorCode.MISSING
+
+
+def test_one_worker_at_a_time_and_a_retried_request_supersedes(manager):
+    opened = _open(manager)
+    _upload(manager, 3, opened.session, 0, 0, 4)
+    manager.lease(b"w1", sp.Lease(3, opened.session, 7, 1))
+    (_, first), = manager.state.take()
+    manager.lease(b"w2", sp.Lease(3, opened.session, 8, 2))  # another request: waits for the lease
+    assert manager.state.take() == []
+    manager.lease(b"w3", sp.Lease(3, opened.session, 7, 1))  # request 7 again (w1 died): takes over
+    (peer, second), = manager.state.take()
+    assert peer == b"w3" and second.token != first.token
+    assert manager.commit(sp.Commit(3, first.token, 2)).code == ErrorCode.STALE  # w1's lease is gone
+    assert isinstance(manager.commit(sp.Commit(3, second.token, 2)), sp.Done)
+    (peer, third), = manager.state.take()  # request 8 gets its turn
+    assert peer == b"w2" and third.folded == 2
+
+
+def test_bad_uploads_break_the_session_and_leases_hear_why(manager):
+    opened = _open(manager)
+    _upload(manager, 3, opened.session, 1, 0, 1)  # seq gap
+    manager.lease(b"w1", sp.Lease(3, opened.session, 1, 0))
+    (_, err), = manager.state.take()
+    assert err.code == ErrorCode.MISSING and "seq" in err.message
+    other = _open(manager, 4)
+    rows = np.zeros((1, HIDDEN + 1), dtype=np.float16)  # wrong width
+    manager.on_upload([bytes(f) for f in ep.Upload(4, other.session, 0, 0, rows).to_frames()])
+    assert manager.devices[4].broken
+    _upload(manager, 99, 1, 0, 0, 1)  # unknown device: refused, nothing breaks
+    _upload(manager, 4, other.session + 1, 0, 0, 1)  # stale session
+    manager.on_upload([b"garbage"])
+
+
+def test_capacity_and_stale_positions(manager):
+    opened = _open(manager)
+    manager.lease(b"w", sp.Lease(3, opened.session, 1, 64))
+    assert manager.state.take()[0][1].code == ErrorCode.CAPACITY
+    _upload(manager, 3, opened.session, 0, 0, 60)
+    _upload(manager, 3, opened.session, 1, 60, 5)  # beyond capacity
+    assert "capacity" in manager.devices[3].broken
+
+
+def test_budget_evicts_least_recently_used_idle_device(manager):
+    per_device = _open(manager, 1) and manager.devices[1].layout.nbytes
+    manager.release_all()
+    manager.config = ContentManagerConfig(**{**manager.config.__dict__, "budget_bytes": 2 * per_device})
+    a, b = _open(manager, 1), _open(manager, 2)
+    _upload(manager, 1, a.session, 0, 0, 1)  # device 1 used last: device 2 is the LRU one
+    _open(manager, 3)
+    assert sorted(manager.devices) == [1, 3]
+    manager.lease(b"w", sp.Lease(2, b.session, 1, 0))
+    assert "byte budget" in manager.state.take()[0][1].message
+    _upload(manager, 1, a.session, 1, 1, 1)
+    manager.lease(b"w", sp.Lease(1, a.session, 1, 0))  # device 1 is busy now
+    manager.state.take()
+    manager.lease(b"w", sp.Lease(3, manager.devices[3].session, 1, 0))  # parked: device 3 is not idle either
+    refused = manager.open(sp.Open(4, F16))
+    assert refused.code == ErrorCode.BUDGET
+
+
+def test_idle_ttl_releases(manager):
+    opened = _open(manager)
+    manager.housekeeping(time.monotonic() + 30)
+    assert 3 in manager.devices
+    manager.housekeeping(time.monotonic() + 61)
+    assert 3 not in manager.devices and not os.path.exists(f"/dev/shm/{opened.segment}")
+
+
+def test_folded_rows_are_dropped(manager):
+    opened = _open(manager)
+    _upload(manager, 3, opened.session, 0, 0, 8, 3.0)
+    dev = manager.devices[3]
+    manager.lease(b"w", sp.Lease(3, opened.session, 1, 4))
+    (_, grant), = manager.state.take()
+    manager.commit(sp.Commit(3, grant.token, 5))
+    begin, end = dev.layout.rows_span(0, 8)
+    rows = np.frombuffer(dev.segment.buf[begin:end], dtype=np.float16).reshape(8, HIDDEN)
+    assert np.all(rows[:4] == 0)  # rows 0..3 fill two whole pages: given back, read as zeros
+    assert np.all(rows[4:] == 3.0)  # row 4 shares a page with row 5, which is still needed

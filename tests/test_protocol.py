@@ -1,0 +1,130 @@
+"""Wire protocols: every message round-trips; bad frames raise ProtocolError, never anything else."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import numpy as np
+import pytest
+
+from cecollm.broker import edge_protocol as ep
+from cecollm.broker import state_protocol as sp
+from cecollm.broker import worker_protocol as wp
+from cecollm.broker.wire import ErrorCode, ProtocolError, pack_header
+
+EDGE_MESSAGES = [
+    ep.Hello(3, 1, "ab" * 16, 30, (8, 15), 15, "float16", False),
+    ep.Hello(2**32 - 1, 7, "x", 6, (2,), 2, "float32", True),
+    ep.Welcome(3, 1, 99, 1024, 4096, "cecollm-1-3-99"),
+    ep.Decide(3, 2, 99, 41),
+    ep.Token(3, 2, 41, 1234, 0.5, 0.001),
+    ep.UploadShm(3, 99, 0, 0, 17),
+    ep.End(3, 99),
+    ep.Error(2, ErrorCode.UNKNOWN_DEVICE, "device 3 has no state"),
+]
+WORKER_MESSAGES = [
+    wp.Connect(1234), wp.Config("/m", "id", (2, 4), 4, "ipc:///tmp/x", 250, 4), wp.Ready(), wp.Heartbeat(),
+    wp.Request(7, (b"a", b"bc")), wp.Reply(2**63, (b"z",)), wp.Disconnect(), wp.Error("bad"),
+]
+STATE_MESSAGES = [
+    sp.Open(3, 1), sp.Opened(5, 1024, 8192, "seg"), sp.Lease(3, 5, 9, 40), sp.Grant(11, 3, 41, 1024, 2, "seg"),
+    sp.Commit(3, 11, 41), sp.Done(), sp.Error(ErrorCode.MISSING, "late"),
+]
+
+
+def _wire(frames):
+    """What a peer receives: bytes (the sender may have used memoryviews)."""
+    return [bytes(f) for f in frames]
+
+
+@pytest.mark.parametrize("module,msg", [(ep, m) for m in EDGE_MESSAGES] + [(wp, m) for m in WORKER_MESSAGES]
+                         + [(sp, m) for m in STATE_MESSAGES])
+def test_round_trip(module, msg):
+    assert module.parse(_wire(msg.to_frames())) == msg
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_upload_tensor_round_trip_without_copy(dtype):
+    rows = np.arange(3 * 576, dtype=dtype).reshape(3, 576)
+    frames = ep.Upload(3, 9, 2, 40, rows).to_frames()
+    assert isinstance(frames[3], memoryview)  # the array's own memory goes to the socket
+    back = ep.parse(_wire(frames))
+    assert (back.device_id, back.session, back.seq, back.start) == (3, 9, 2, 40)
+    assert back.rows.dtype == rows.dtype and back.rows.shape == (3, 576) and np.array_equal(back.rows, rows)
+
+
+def _tensor_head(code, shape):
+    return struct.pack("!BB", code, len(shape)) + struct.pack(f"!{len(shape)}I", *shape)
+
+
+def _upload_frames(head, data):
+    return [pack_header(ep.TAG, ep.VERSION, ep.Command.UPLOAD), struct.pack("!IIII", 1, 1, 0, 0), head, data]
+
+
+BAD_EDGE = {
+    "empty": [],
+    "short header": [b"CE\x01"],
+    "wrong tag": [pack_header(b"XX", ep.VERSION, ep.Command.DECIDE), b"\0" * 16],
+    "wrong version": [pack_header(ep.TAG, 9, ep.Command.DECIDE), b"\0" * 16],
+    "unknown command": [pack_header(ep.TAG, ep.VERSION, 200), b""],
+    "missing frame": [pack_header(ep.TAG, ep.VERSION, ep.Command.DECIDE)],
+    "short fields": [pack_header(ep.TAG, ep.VERSION, ep.Command.DECIDE), b"\0" * 15],
+    "hello not json": [pack_header(ep.TAG, ep.VERSION, ep.Command.HELLO), b"{"],
+    "hello json list": [pack_header(ep.TAG, ep.VERSION, ep.Command.HELLO), b"[1]"],
+    "hello bad exits": ep.Hello(1, 1, "x", 6, (2,), 2, "float16", False).to_frames()[:1]
+    + [b'{"device_id":1,"seq":1,"identity":"x","n_layers":6,"exits":["2"],"upload_layer":2,"wire_dtype":"float16","shm":false}'],
+    "hello bad dtype": [pack_header(ep.TAG, ep.VERSION, ep.Command.HELLO),
+                        b'{"device_id":1,"seq":1,"identity":"x","n_layers":6,"exits":[2],"upload_layer":2,"wire_dtype":"int8","shm":false}'],
+    "hello negative id": [pack_header(ep.TAG, ep.VERSION, ep.Command.HELLO),
+                          b'{"device_id":-1,"seq":1,"identity":"x","n_layers":6,"exits":[2],"upload_layer":2,"wire_dtype":"float16","shm":false}'],
+    "tensor dtype": _upload_frames(_tensor_head(7, (1, 4)), b"\0" * 8),
+    "tensor rank 0": _upload_frames(struct.pack("!BB", 1, 0), b""),
+    "tensor rank 3": _upload_frames(_tensor_head(1, (1, 1, 4)), b"\0" * 8),
+    "tensor short buffer": _upload_frames(_tensor_head(1, (2, 4)), b"\0" * 8),
+    "tensor long buffer": _upload_frames(_tensor_head(1, (1, 4)), b"\0" * 9),
+    "tensor oversize": _upload_frames(_tensor_head(2, (1 << 20, 1 << 10)), b"\0" * 8),
+    "tensor no rows": _upload_frames(_tensor_head(1, (0, 4)), b""),
+    "upload_shm count 0": [pack_header(ep.TAG, ep.VERSION, ep.Command.UPLOAD_SHM), b"\0" * 20],
+    "error bad code": [pack_header(ep.TAG, ep.VERSION, ep.Command.ERROR), struct.pack("!IB", 1, 250), b"x"],
+    "error not utf8": [pack_header(ep.TAG, ep.VERSION, ep.Command.ERROR), struct.pack("!IB", 1, 1), b"\xff\xfe"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_EDGE))
+def test_bad_edge_frames_raise_protocol_error(name):
+    with pytest.raises(ProtocolError):
+        ep.parse(BAD_EDGE[name])
+
+
+def test_command_not_allowed_on_this_channel():
+    with pytest.raises(ProtocolError, match="not expected"):
+        ep.parse(ep.Token(1, 1, 1, 1, 0.5, 0.0).to_frames(), ep.REQUESTS)
+    with pytest.raises(ProtocolError, match="not expected"):
+        sp.parse(sp.Done().to_frames(), sp.REQUESTS)
+
+
+def test_worker_and_state_validation():
+    with pytest.raises(ProtocolError):
+        wp.parse([pack_header(wp.TAG, wp.VERSION, wp.Command.REQUEST), struct.pack("!Q", 1)])  # no payload
+    with pytest.raises(ProtocolError):
+        wp.parse([pack_header(wp.TAG, wp.VERSION, wp.Command.REQUEST), b"\0" * 8] + [b""] * 20)  # too many frames
+    with pytest.raises(ProtocolError):
+        wp.parse([pack_header(wp.TAG, wp.VERSION, wp.Command.CONFIG), b'{"model_dir": 3}'])
+    with pytest.raises(ProtocolError):
+        sp.parse([pack_header(sp.TAG, sp.VERSION, sp.Command.ERROR), b"\x63", b"x"])  # unknown code
+    with pytest.raises(ProtocolError):
+        sp.parse(ep.Decide(1, 1, 1, 1).to_frames())  # another boundary's tag
+
+
+def test_random_frames_never_raise_anything_but_protocol_error():
+    rng = random.Random(0)
+    headers = [pack_header(m.TAG, m.VERSION, c) for m in (ep, wp, sp) for c in m.Command]
+    for _ in range(3000):
+        frames = [rng.choice(headers) if rng.random() < 0.7 else rng.randbytes(rng.randrange(6))]
+        frames += [rng.randbytes(rng.choice([0, 1, 4, 8, 16, 20, 24, 32])) for _ in range(rng.randrange(5))]
+        for module in (ep, wp, sp):
+            try:
+                module.parse(frames)
+            except ProtocolError:
+                pass
