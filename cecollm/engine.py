@@ -18,35 +18,11 @@ import torch
 from cecollm.cloud.partition import CloudPartition
 from cecollm.edge.heads import HeadSet
 from cecollm.edge.partition import EdgePartition
+from cecollm.config import MODES, GenerationConfig  # noqa: F401 (re-exported)
 from cecollm.errors import UserError
 from cecollm.layers import DecoderRunner, top1
 from cecollm.prompting import eos_ids
 from cecollm.split import Split
-
-MODES = ("cloud", "standalone", "collab")
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """How to generate; the CLI's defaults come from here."""
-
-    mode: str = "collab"  # cloud | standalone | collab
-    threshold: float = 0.8  # an exit decides when its top-1 probability reaches this; 1.0 disables exits
-    max_new_tokens: int = 64  # stop after this many generated tokens (or at EOS)
-    fp16: bool = True  # the edge uploads float16 hidden states (the paper); False sends float32
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise UserError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise UserError(f"threshold must be in [0, 1], got {self.threshold}")
-        if self.max_new_tokens < 1:
-            raise UserError(f"max-new-tokens must be at least 1, got {self.max_new_tokens}")
-
-    @property
-    def wire_dtype(self) -> torch.dtype:
-        return torch.float16 if self.fp16 else torch.float32
-
 
 @dataclass
 class TokenRecord:

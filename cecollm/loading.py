@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from cecollm.config import DEFAULT_MODEL  # noqa: F401 (re-exported)
 from cecollm.errors import UserError
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
 _CONVERTED_MARK = "cecollm.json"  # written last into a converted directory
