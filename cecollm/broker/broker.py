@@ -149,7 +149,9 @@ class Broker:
         elif isinstance(msg, wp.Reply):
             job = record.job
             if job is None or job.number != msg.job:
-                log.warning("worker %d answered job %d it does not hold", record.pid, msg.job)
+                self.bad_messages += 1
+                log.warning("worker message refused: worker %d answered job %d it does not hold", record.pid, msg.job)
+                self.backend.send_multipart([identity, *wp.Error(f"job {msg.job} is not yours").to_frames()])
                 return
             self.reply(job.client, msg.payload)
             record.job = None
