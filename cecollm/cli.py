@@ -74,5 +74,15 @@ from cecollm.linkem.cli import linkem  # noqa: E402
 cli.add_command(linkem)
 
 
+from cecollm.exits.cli import (  # noqa: E402
+    exits_compare_command, exits_report_command, selfgen_command, train_exits_command,
+)
+
+cli.add_command(train_exits_command)
+cli.add_command(selfgen_command)
+cli.add_command(exits_report_command)
+cli.add_command(exits_compare_command)
+
+
 def main() -> None:
     cli(prog_name="cecollm")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ class ExitHead(torch.nn.Module):
     """Base of exit heads: hidden [1, T, H] -> logits [1, T, vocab] through the shared LM head."""
 
     arch = "base"
+    positionwise = True  # rows are independent: a head may see rows of several sequences at once
 
     def forward(self, hidden: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
         raise NotImplementedError
@@ -40,6 +42,10 @@ class ExitHead(torch.nn.Module):
         full-vocabulary logits (a reduced vocabulary with an "other" class, say).
         """
         return top1(self(hidden, lm_head)[0, -1])
+
+    def class_logits(self, hidden: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
+        """Logits over the head's output classes (the full vocabulary unless a head reduces it)."""
+        return self(hidden, lm_head)
 
 
 class NormHead(ExitHead):
@@ -55,9 +61,118 @@ class NormHead(ExitHead):
         return lm_head(self.norm(hidden))
 
 
+class AdapterHead(ExitHead):
+    """Optional low-rank residual adapter, the final norm, then the LM head or a reduced vocabulary.
+
+    x -> x + up(silu(down(norm_in(x)))) -> norm -> logits. `up` starts at zero, so an untrained
+    adapter head is the logit lens. With `vocab` > 0 the head scores only `vocab` frequent tokens
+    (rows of the shared LM head, chosen from training data and saved as `token_ids`) plus an
+    "other" class: when "other" is the most likely class the head defers (see `top1`). Its cost
+    is then about vocab/49152 of the full LM head's.
+    """
+
+    arch = "adapter"
+
+    def __init__(self, model: torch.nn.Module, rank: int = 64, vocab: int = 0) -> None:
+        super().__init__()
+        hidden = model.config.hidden_size
+        self.rank = rank
+        self.vocab = vocab
+        if rank:
+            self.norm_in = copy.deepcopy(model.model.norm)
+            self.down = torch.nn.Linear(hidden, rank, bias=False)
+            self.up = torch.nn.Linear(rank, hidden, bias=False)
+            torch.nn.init.normal_(self.down.weight, std=hidden ** -0.5)
+            torch.nn.init.zeros_(self.up.weight)
+        self.norm = copy.deepcopy(model.model.norm)
+        if vocab:
+            if vocab >= model.config.vocab_size:
+                raise UserError(f"a reduced vocabulary of {vocab} is not smaller than the model's {model.config.vocab_size}")
+            self.register_buffer("token_ids", torch.arange(vocab, dtype=torch.int64))  # set by set_tokens()
+            self.other = torch.nn.Linear(hidden, 1)
+            torch.nn.init.zeros_(self.other.weight)
+            torch.nn.init.constant_(self.other.bias, 0.0)
+            self._rows = None  # cached LM head rows of token_ids: [vocab, hidden]
+
+    def set_tokens(self, token_ids: torch.Tensor) -> None:
+        """Choose the reduced vocabulary (token ids, most frequent first)."""
+        assert token_ids.numel() == self.vocab, f"need {self.vocab} token ids, got {token_ids.numel()}"
+        self.token_ids.copy_(token_ids.to(torch.int64))
+        self._rows = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._rows = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def features(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.rank:
+            hidden = hidden + self.up(torch.nn.functional.silu(self.down(self.norm_in(hidden))))
+        return self.norm(hidden)
+
+    def class_logits(self, hidden: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
+        """Logits over the head's classes: [..., vocab] for a full vocabulary, else [..., vocab+1]
+        (the reduced tokens in `token_ids` order, then "other")."""
+        h = self.features(hidden)
+        if not self.vocab:
+            return lm_head(h)
+        if self._rows is None or self._rows.shape[0] != self.vocab:
+            self._rows = lm_head.weight.detach()[self.token_ids]  # [vocab, hidden]
+        return torch.cat([h @ self._rows.T, self.other(h)], dim=-1)
+
+    def forward(self, hidden, lm_head):
+        """Full-vocabulary logits; a reduced head spreads "other" evenly over the tokens it lacks."""
+        logits = self.class_logits(hidden, lm_head)
+        if not self.vocab:
+            return logits
+        n_vocab = lm_head.weight.shape[0]
+        rest = logits[..., -1:] - math.log(n_vocab - self.vocab)
+        full = rest.expand(*logits.shape[:-1], n_vocab).clone()
+        full[..., self.token_ids] = logits[..., :-1]
+        return full
+
+    def top1(self, hidden, lm_head):
+        if not self.vocab:
+            return top1(self.class_logits(hidden, lm_head)[0, -1])
+        probs = torch.softmax(self.class_logits(hidden, lm_head)[0, -1].float(), dim=-1)
+        # The best real token: when "other" is more likely, its probability is below 1/2,
+        # so at thresholds of 0.5 and above the edge defers to the cloud.
+        best = int(torch.argmax(probs[:-1]))
+        return int(self.token_ids[best]), float(probs[best])
+
+
+class DecoderLayerHead(ExitHead):
+    """One extra decoder layer (a copy of the model's last layer, as in EE-Tuning), final norm, LM head.
+
+    It attends over the sequence, so it needs its own KV cache at run time; the edge partition
+    has no support for that, so this head is for teacher-forced measurement only: forward()
+    takes whole sequences from position 0.
+    """
+
+    arch = "layer"
+    positionwise = False
+
+    def __init__(self, model: torch.nn.Module, init_layer: int = -1) -> None:
+        super().__init__()
+        self.init_layer = init_layer
+        self.layer = copy.deepcopy(model.model.layers[init_layer])
+        self.rotary = copy.deepcopy(model.model.rotary_emb)
+        self.norm = copy.deepcopy(model.model.norm)
+
+    def forward(self, hidden, lm_head):
+        positions = torch.arange(hidden.shape[1]).unsqueeze(0)  # [1, T]
+        rope = self.rotary(hidden, positions)
+        x = self.layer(hidden, attention_mask=None, position_embeddings=rope)  # causal SDPA
+        x = x[0] if isinstance(x, tuple) else x
+        return lm_head(self.norm(x))
+
+    def top1(self, hidden, lm_head):
+        raise UserError("the 'layer' head needs its own KV cache, which the edge partition does not have; "
+                        "it can only be measured teacher-forced")
+
+
 def head_architectures() -> dict[str, type[ExitHead]]:
     """Known head architectures by name (heads files name theirs)."""
-    return {NormHead.arch: NormHead}
+    return {cls.arch: cls for cls in (NormHead, AdapterHead, DecoderLayerHead)}
 
 
 def build_head(arch: str, model: torch.nn.Module, options: dict) -> ExitHead:
@@ -67,8 +182,13 @@ def build_head(arch: str, model: torch.nn.Module, options: dict) -> ExitHead:
         raise UserError(f"unknown head architecture {arch!r}; known: {', '.join(sorted(archs))}")
     cls = archs[arch]
     if cls is NormHead:
+        if options:
+            raise UserError(f"the 'norm' head takes no options, got {options}")
         return NormHead(model.model.norm)
-    return cls(model, **options)
+    try:
+        return cls(model, **options)
+    except TypeError as exc:
+        raise UserError(f"bad options {options} for head architecture {arch!r}: {exc}") from None
 
 
 @dataclass
@@ -87,11 +207,15 @@ class HeadSet:
         """Untrained default: the model's final norm at every exit."""
         return cls(exits=tuple(exits), heads={e: NormHead(model.model.norm) for e in exits})
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write the heads; `dtype` (e.g. torch.float16) stores floating tensors smaller."""
         tensors = {}
         for e, head in self.heads.items():
             for name, value in head.state_dict().items():
-                tensors[f"exit{e}.{name}"] = value.detach().contiguous().cpu()
+                value = value.detach().contiguous().cpu()
+                if dtype is not None and value.is_floating_point():
+                    value = value.to(dtype)
+                tensors[f"exit{e}.{name}"] = value
         metadata = {
             "format": HEADS_FORMAT,
             "model_identity": self.model_identity,
@@ -122,17 +246,30 @@ class HeadSet:
                 f"{path} was trained for another model (identity {meta['model_identity'][:12]}, "
                 f"this model is {model_identity[:12]})"
             )
-        exits = tuple(json.loads(meta["exits"]))
-        arch = meta["arch"]
+        try:
+            exits = tuple(int(e) for e in json.loads(meta["exits"]))
+            arch = meta["arch"]
+        except (KeyError, ValueError, TypeError):
+            raise UserError(f"{path}: the heads file's metadata is damaged (exits, arch)") from None
+        n_layers = model.config.num_hidden_layers
+        if not exits or any(not 1 <= e < n_layers for e in exits):
+            raise UserError(f"{path} has exits {','.join(map(str, exits))}, but this model has {n_layers} layers")
         options = json.loads(meta.get("arch_options") or "{}")
         heads = {}
         for e in exits:
             head = build_head(arch, model, options)
             prefix = f"exit{e}."
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            missing, unexpected = head.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise UserError(f"{path}: exit {e} does not fit architecture {arch!r} ({missing or unexpected})")
+            expected = set(head.state_dict())
+            if set(state) != expected:
+                raise UserError(f"{path}: exit {e} does not fit architecture {arch!r} "
+                                f"(missing {sorted(expected - set(state))}, unexpected {sorted(set(state) - expected)})")
+            for name, value in state.items():  # shapes first: load_state_dict's message is long
+                target = head.state_dict().get(name)
+                if target is not None and target.shape != value.shape:
+                    raise UserError(f"{path}: exit {e} was made for another model size ({name} is "
+                                    f"{tuple(value.shape)}, this model needs {tuple(target.shape)})")
+            head.load_state_dict(state)
             heads[e] = head.eval()
         training = json.loads(meta.get("training") or "{}")
         return cls(exits, heads, arch, options, meta.get("model_identity", ""), training)

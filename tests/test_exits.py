@@ -1,0 +1,181 @@
+"""Training early-exit heads (issue 4) on tiny random models: the loss falls, runs are
+deterministic and resumable, heads files round-trip, and bad inputs get one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cecollm.cli import cli
+from cecollm.edge.heads import HeadSet
+from cecollm.exits.collect import CacheSpec, collect
+from cecollm.exits.config import TrainConfig
+from cecollm.exits.data import read_examples
+from cecollm.exits.train import ExitTrainer
+from cecollm.loading import model_identity
+from conftest import make_tiny_model
+
+SENTENCES = ["the quick brown fox jumps over the lazy dog", "a cat sat on the mat and looked at the dog",
+             "colors: red, blue and yellow are primary", "one two three four five six seven eight"]
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=360, special_tokens=["<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(SENTENCES * 5, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """Two tiny models (gqa, different seeds) saved with a tokenizer, and a small Alpaca file."""
+    root = tmp_path_factory.mktemp("exits")
+    tok = make_tokenizer()
+    dirs = []
+    for seed in (0, 1):
+        model = make_tiny_model("gqa", seed=seed, eos=tok.eos_token_id)
+        d = root / f"model{seed}"
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        dirs.append(d)
+    data = root / "alpaca.jsonl"
+    records = [{"instruction": f"{SENTENCES[i % 4]} {i}", "input": "", "output": SENTENCES[(i + 1) % 4] * 2}
+               for i in range(40)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return dirs[0], dirs[1], data
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("CECOLLM_HOME", str(tmp_path / "home"))
+    torch.set_num_threads(1)
+
+
+def _cache(model_dir, data, tmp_path, layers=(2, 4)):
+    from cecollm.loading import load_model
+
+    loaded = load_model(str(model_dir))
+    examples = read_examples([data], "train", holdout=10)
+    spec = CacheSpec(loaded.identity, (data.name,), 10, "train", 128, 16, 0)
+    return loaded, collect(loaded.model, loaded.tokenizer, examples, layers, spec, tmp_path / "cache")
+
+
+def test_holdout_records_are_never_trained(tiny_dirs):
+    _, _, data = tiny_dirs
+    train = read_examples([data], "train", holdout=10)
+    held = read_examples([data], "heldout", holdout=10)
+    assert [e.source for e in held] == [f"alpaca.jsonl:{i}" for i in range(30, 40)]
+    assert not {e.source for e in train} & {e.source for e in held}
+
+
+@pytest.mark.parametrize("arch, options", [("norm", {}), ("adapter", {"rank": 8, "vocab": 0}),
+                                           ("adapter", {"rank": 8, "vocab": 64}), ("layer", {})])
+def test_training_makes_the_loss_fall(tiny_dirs, tmp_path, arch, options):
+    loaded, cache = _cache(tiny_dirs[0], tiny_dirs[2], tmp_path)
+    config = TrainConfig(arch=arch, arch_options=options, epochs=4, batch_rows=64)
+    trainer = ExitTrainer(loaded.model, (2, 4), cache, config)
+    summary = trainer.train(progress=False)
+    first = sum(trainer.losses[:3]) / 3
+    last = sum(trainer.losses[-3:]) / 3
+    assert last < 0.8 * first, (arch, options, first, last)
+    assert summary["complete"] and summary["steps"] == trainer.total_steps
+
+
+def test_seed_makes_training_deterministic_and_resume_matches(tiny_dirs, tmp_path):
+    loaded, cache = _cache(tiny_dirs[0], tiny_dirs[2], tmp_path)
+    config = TrainConfig(arch="adapter", arch_options={"rank": 8, "vocab": 0}, epochs=2, batch_rows=64, seed=3)
+    whole = ExitTrainer(loaded.model, (2, 4), cache, config)
+    whole.train(progress=False)
+    ckpt = tmp_path / "h.ckpt"
+    first = ExitTrainer(loaded.model, (2, 4), cache, config, checkpoint=ckpt)
+    first.train(progress=False, stop_at=whole.total_steps // 2 + 1)  # interrupted part-way
+    second = ExitTrainer(loaded.model, (2, 4), cache, config, checkpoint=ckpt)
+    assert second.resume() and second.step == whole.total_steps // 2 + 1
+    second.train(progress=False)
+    for e in (2, 4):
+        for (name, a), b in zip(whole.heads[e].state_dict().items(), second.heads[e].state_dict().values()):
+            assert torch.equal(a, b), (e, name)
+    other = ExitTrainer(loaded.model, (2, 4), cache, TrainConfig(arch="adapter", arch_options={"rank": 8, "vocab": 0},
+                                                                 epochs=2, batch_rows=64, seed=4))
+    other.train(progress=False)
+    assert not torch.equal(other.heads[2].down.weight, whole.heads[2].down.weight)
+
+
+@pytest.mark.parametrize("arch, options", [("adapter", {"rank": 8, "vocab": 64}), ("norm", {}), ("layer", {})])
+def test_heads_file_round_trips(tiny_dirs, tmp_path, arch, options):
+    loaded, cache = _cache(tiny_dirs[0], tiny_dirs[2], tmp_path)
+    trainer = ExitTrainer(loaded.model, (2, 4), cache, TrainConfig(arch=arch, arch_options=options, epochs=1, batch_rows=64))
+    trainer.train(progress=False)
+    heads = HeadSet((2, 4), trainer.heads, arch, options, loaded.identity, {"note": "test"})
+    path = tmp_path / "heads.safetensors"
+    heads.save(path)
+    back = HeadSet.load(path, loaded.model, loaded.identity)
+    assert back.exits == (2, 4) and back.arch == arch and back.arch_options == options
+    assert back.training == {"note": "test"}
+    hidden = torch.randn(1, 5, loaded.model.config.hidden_size)
+    with torch.no_grad():
+        for e in (2, 4):
+            assert torch.equal(trainer.heads[e].eval()(hidden, loaded.model.lm_head), back.heads[e](hidden, loaded.model.lm_head))
+            if arch != "layer":
+                assert trainer.heads[e].top1(hidden[:, -1:], loaded.model.lm_head) == back.heads[e].top1(hidden[:, -1:], loaded.model.lm_head)
+
+
+def _invoke(*args):
+    result = CliRunner().invoke(cli, list(map(str, args)))
+    return result.exit_code, result.output
+
+
+def test_cli_trains_reports_and_rejects_bad_inputs(tiny_dirs, tmp_path):
+    model0, model1, data = tiny_dirs
+    out = tmp_path / "h.safetensors"
+    code, text = _invoke("train-exits", "--model", model0, "--exits", "2,4", "--data", data, "--out", out,
+                         "--holdout", 10, "--epochs", 2, "--batch-rows", 64, "--rank", 8, "--vocab", 64, "--seed", 1)
+    assert code == 0, text
+    assert "loss" in text and out.is_file() and not (tmp_path / "h.safetensors.ckpt").exists()
+    meta = HeadSet.load(out, *_model_and_identity(model0)).training
+    assert meta["config"]["seed"] == 1 and meta["data"]["held_out"].startswith("the last 10")
+    assert meta["summary"]["final_loss"] < meta["summary"]["first_loss"]
+
+    code, text = _invoke("exits-report", "--model", model0, "--heads", out, "--prompts", data, "--holdout", 10,
+                         "--n", 2, "--max-new-tokens", 4, "--thresholds", "0.5,1.0", "--out", tmp_path / "rep")
+    assert code == 0, text
+    report = json.loads((tmp_path / "rep" / "exits-report.json").read_text())
+    top = report["rows"][-1]
+    assert top["threshold"] == 1.0 and top["edge_share"] == 0 and top["rouge_l"] == 1.0 and top["agreement"] == 1.0
+    assert (tmp_path / "rep" / "exits-report.png").stat().st_size > 1000
+
+    for args, message in [
+        (["train-exits", "--model", model0, "--exits", "2,4", "--data", tmp_path / "nope.jsonl", "--out", out],
+         "data file not found"),
+        (["train-exits", "--model", model0, "--exits", "2,9", "--data", data, "--out", out], "out of range"),
+        (["generate", "--model", model1, "--heads", out, "--prompt", "hi"], "another model"),
+        (["exits-report", "--model", model1, "--heads", out, "--prompts", data], "another model"),
+        (["generate", "--model", model0, "--heads", out, "--exits", "2,5", "--prompt", "hi"], "differ"),
+    ]:
+        code, text = _invoke(*args)
+        assert code == 2, (args, text)
+        assert text.strip().count("\n") == 0 and text.startswith("error:") and message in text, text
+
+
+def _model_and_identity(model_dir):
+    from cecollm.loading import load_model
+
+    loaded = load_model(str(model_dir))
+    return loaded.model, loaded.identity
+
+
+def test_identity_check_uses_weights():
+    a, b = make_tiny_model("gqa", seed=0), make_tiny_model("gqa", seed=1)
+    assert model_identity(a) != model_identity(b)
