@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""The broker's overhead and the upload path's throughput, each next to a baseline run here.
+
+1. Round trip of a single-token request (DECIDE) through broker, worker and content manager,
+   with the model's compute left out (the worker reports its compute time; it is subtracted),
+   next to a bare ZeroMQ REQ/REP round trip on loopback: the ratio is the broker's overhead.
+2. Upload throughput of float16 hidden states of the default model's width (576), from the
+   edge's background sender into the content manager's shared memory, over TCP and through
+   the shared-memory fast path, one row per message (decoding) and 128 rows (a prompt).
+
+The model is a small random Llama of the default model's width (its compute does not matter
+here). Everything runs on 127.0.0.1; one worker, one thread per process.
+
+    .venv/bin/python tools/bench_broker.py --requests 1000
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+
+def _echo_server(address: str, count: int) -> None:
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.REP)
+    sock.bind(address)
+    for _ in range(count):
+        sock.send(sock.recv())
+    sock.close(0)
+
+
+def bare_rtts(n: int) -> list[float]:
+    """REQ/REP round trips to an echo server in another process, same message size as DECIDE."""
+    import zmq
+
+    from cecollm.broker import edge_protocol as ep
+    from cecollm.broker.launch import free_ports
+
+    address = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    server = multiprocessing.get_context("spawn").Process(target=_echo_server, args=(address, n + 50))
+    server.start()
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.connect(address)
+    payload = b"".join(ep.Decide(1, 1, 1, 1).to_frames())
+    out = []
+    for i in range(n + 50):
+        t0 = time.perf_counter()
+        sock.send(payload)
+        sock.recv()
+        if i >= 50:  # warm-up
+            out.append(time.perf_counter() - t0)
+    sock.close(0)
+    server.join(10)
+    return out
+
+
+def _percentiles(values: list[float]) -> tuple[float, float]:
+    s = sorted(values)
+    return statistics.median(s) * 1e6, s[min(len(s) - 1, int(0.99 * len(s)))] * 1e6
+
+
+def _save_model(path: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64, vocab_size=1024, max_position_embeddings=16384,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(path)
+
+
+def broker_rtts(broker, identity: str, n: int) -> tuple[list[float], list[float]]:
+    """(round trips, round trips minus the worker's compute) of n DECIDEs on a prefilled session."""
+    import zmq
+
+    from cecollm.broker import edge_protocol as ep
+    from cecollm.broker.rpc import RpcSocket
+
+    context = zmq.Context.instance()
+    rpc = RpcSocket(context, broker.request_address)
+    rpc.send(ep.Hello(1, 1, identity, 4, (1, 2), 2, "float16", False).to_frames())
+    welcome = ep.parse(rpc.receive(time.monotonic() + 30))
+    assert isinstance(welcome, ep.Welcome), welcome
+    push = context.socket(zmq.PUSH)
+    push.connect(broker.upload_address)
+    rows = np.random.default_rng(0).standard_normal((n + 50, 576)).astype(np.float16)
+    push.send_multipart(ep.Upload(1, welcome.session, 0, 0, rows).to_frames(), copy=False)
+    rtt, net = [], []
+    for i in range(n + 50):
+        t0 = time.perf_counter()
+        rpc.send(ep.Decide(1, 2 + i, welcome.session, i).to_frames())
+        reply = ep.parse(rpc.receive(time.monotonic() + 30))
+        dt = time.perf_counter() - t0
+        assert isinstance(reply, ep.Token), reply
+        if i >= 50:
+            rtt.append(dt)
+            net.append(dt - reply.cloud_seconds)
+    push.send_multipart(ep.End(1, welcome.session).to_frames())
+    push.close(linger=1000)
+    rpc.close()
+    return rtt, net
+
+
+def upload_throughput(broker, identity: str, state_address: str, shm: bool, rows_per_message: int,
+                      total_rows: int) -> float:
+    """Rows per second from the edge's sender until the content manager holds them all."""
+    import zmq
+
+    from cecollm.broker import edge_protocol as ep
+    from cecollm.broker import state_protocol as sp
+    from cecollm.broker.rpc import RpcSocket
+    from cecollm.edge.sender import UploadSender
+
+    context = zmq.Context.instance()
+    rpc = RpcSocket(context, broker.request_address)
+    rpc.send(ep.Hello(2, 1, identity, 4, (1, 2), 2, "float16", shm).to_frames())
+    welcome = ep.parse(rpc.receive(time.monotonic() + 30))
+    assert isinstance(welcome, ep.Welcome), welcome
+    state = RpcSocket(context, state_address)
+    sender = UploadSender(context, broker.upload_address)
+    rows = np.random.default_rng(1).standard_normal((total_rows, 576)).astype(np.float16)
+    chunks = [rows[i : i + rows_per_message] for i in range(0, total_rows, rows_per_message)]
+    t0 = time.perf_counter()
+    sender.open(2, welcome.session, welcome.segment if shm else "", welcome.capacity, welcome.rows_offset)
+    start = 0
+    for chunk in chunks:
+        sender.rows(start, chunk)
+        start += chunk.shape[0]
+    state.send(sp.Lease(2, welcome.session, 1, total_rows - 1).to_frames())  # granted once every row is there
+    grant = sp.parse(state.receive(time.monotonic() + 120))
+    seconds = time.perf_counter() - t0
+    assert isinstance(grant, sp.Grant) and grant.received == total_rows, grant
+    state.send(sp.Commit(2, grant.token, 0).to_frames())
+    state.receive(time.monotonic() + 10)
+    sender.end()
+    sender.close()
+    state.close()
+    rpc.close()
+    return total_rows / seconds
+
+
+def worker_memory(workers: int) -> tuple[float, float, float]:
+    """(sum of workers' PSS, sum of their USS, the content manager's PSS), MiB, with the default model
+    after one generation (so every cloud layer's pages have been touched)."""
+    import psutil
+
+    from cecollm.broker.launch import BrokerProcess
+    from cecollm.defaults import choose_split
+    from cecollm.edge.client import EdgeClient, EdgeConfig
+    from cecollm.loading import DEFAULT_MODEL, load_model
+
+    loaded = load_model(DEFAULT_MODEL)
+    split, heads = choose_split(loaded)
+    with tempfile.NamedTemporaryFile(suffix=".log") as log:
+        with BrokerProcess(DEFAULT_MODEL, workers, log_path=log.name) as broker:
+            config = EdgeConfig(1, broker.request_address, broker.upload_address, threshold=1.0, max_new_tokens=8,
+                                timeout=60)
+            with EdgeClient(loaded.model, loaded.identity, split, heads, config) as client:
+                for _ in range(workers):  # LRU: every worker serves some requests
+                    client.generate(list(range(100, 140)))
+            import re
+
+            pids = [int(p) for p in re.findall(r"worker (\d+) ready \(", Path(log.name).read_text())]
+            infos = [psutil.Process(p).memory_full_info() for p in pids]
+            children = psutil.Process(broker.proc.pid).children()
+            manager = [c for c in children if c.pid not in pids]
+            cm = sum(c.memory_full_info().pss for c in manager)
+    return sum(i.pss for i in infos) / 2**20, sum(i.uss for i in infos) / 2**20, cm / 2**20
+
+
+@click.command()
+@click.option("--memory", is_flag=True, help="Also measure the memory of 1 and 2 workers with the default model.")
+@click.option("--requests", "n", type=int, default=1000, show_default=True, help="Round trips measured.")
+@click.option("--rows", "total_rows", type=int, default=8192, show_default=True, help="Rows per throughput run.")
+def main(memory: bool, n: int, total_rows: int) -> None:
+    import torch
+
+    from cecollm.broker.launch import BrokerProcess
+    from cecollm.loading import load_model
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "width576"
+        _save_model(model_dir)
+        identity = load_model(str(model_dir)).identity
+        bare = bare_rtts(n)
+        capacity = max(total_rows, n + 50)
+        with BrokerProcess(str(model_dir), 1, ["--exits", "1,2", "--capacity", str(capacity), "--wait-seconds", "120",
+                                               "--budget-mb", "4096"]) as broker:
+            rtt, net = broker_rtts(broker, identity, n)
+            state = f"ipc:///tmp/cecollm-{broker.proc.pid}-state.ipc"
+            rates = {(shm, k): upload_throughput(broker, identity, state, shm, k, total_rows)
+                     for shm in (False, True) for k in (1, 128)}
+    b50, b99 = _percentiles(bare)
+    r50, r99 = _percentiles(rtt)
+    n50, n99 = _percentiles(net)
+    print(f"single-token request round trip, {n} requests (microseconds):")
+    print(f"  bare ZeroMQ REQ/REP on loopback       p50 {b50:8.0f}  p99 {b99:8.0f}")
+    print(f"  through the broker, compute left out  p50 {n50:8.0f}  p99 {n99:8.0f}   ratio p50 {n50 / b50:.1f}x, p99 {n99 / b99:.1f}x")
+    print(f"  through the broker, with compute      p50 {r50:8.0f}  p99 {r99:8.0f}   (model of width 576, 2 cloud layers)")
+    row_bytes = 576 * 2
+    print(f"upload of float16 rows of width 576 ({row_bytes} bytes a row), {total_rows} rows, into the content manager:")
+    for (shm, k), rate in rates.items():
+        print(f"  {'shared memory' if shm else 'TCP          '}  {k:4d} rows a message  {rate:10.0f} rows/s  "
+              f"{rate * row_bytes / 1e6:8.1f} MB/s")
+    for k in (1, 128):
+        print(f"  shared memory / TCP at {k} rows a message: {rates[(True, k)] / rates[(False, k)]:.2f}x")
+    if memory:
+        from cecollm.loading import DEFAULT_MODEL, resolve_model_dir
+
+        size = sum(f.stat().st_size for f in resolve_model_dir(DEFAULT_MODEL).glob("*.safetensors")) / 2**20
+        print(f"worker memory with {DEFAULT_MODEL} (float32 weights file {size:.0f} MiB), after generating:")
+        for workers in (1, 2):
+            pss, uss, cm = worker_memory(workers)
+            print(f"  {workers} worker{'s' if workers > 1 else ' '}: PSS {pss:6.0f} MiB in all ({pss / workers:.0f} a worker), "
+                  f"private (USS) {uss:6.0f} MiB in all; content manager PSS {cm:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
+
