@@ -246,3 +246,29 @@ def test_a_worker_killed_mid_generation_and_shutdown_leaves_nothing(loaded, spli
     assert not [name for name in os.listdir("/dev/shm") if name.startswith(f"cecollm-{b.proc.pid}-")]
     time.sleep(0.5)
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+
+def test_a_worker_started_by_hand_edges_over_ipc_and_sigint(loaded, split, model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    base = f"ipc://{tmp_path}/cecollm"
+    b = BrokerProcess(str(model_dir), workers=0, log_path=tmp_path / "broker.log", ipc_base=base,
+                      extra=["--exits", "2,4"])
+    worker = subprocess.Popen([sys.executable, "-c", "from cecollm.broker.cli import worker_main; worker_main()",
+                               "--broker", b.worker_address], stderr=subprocess.DEVNULL)
+    try:
+        config = EdgeConfig(device_id=12, broker=f"{base}.requests", threshold=1.0, max_new_tokens=10, timeout=60)
+        assert config.upload_address == f"{base}.uploads" and config.use_shm
+        with EdgeClient(loaded.model, loaded.identity, split, HeadSet.lens(loaded.model, EXITS), config) as client:
+            result = client.generate(PROMPTS[3])  # waits in the queue until the worker is ready
+        assert result.token_ids == hf_greedy(loaded.model, PROMPTS[3], 10)
+        assert result.stats.shm_bytes > 0 and result.stats.cloud_tokens == 10
+    finally:
+        b.proc.send_signal(signal.SIGINT)
+        code = b.stop()
+        worker.wait(timeout=20)  # told to go away by the broker, or it notices the silence
+    assert code == 0 and worker.returncode == 0
+    assert not [name for name in os.listdir("/dev/shm") if name.startswith(f"cecollm-{b.proc.pid}-")]
+    assert not list(tmp_path.glob("cecollm.*"))  # ipc socket files removed

@@ -123,7 +123,7 @@ def run_broker(config: BrokerConfig) -> None:
     for p in children:
         p.start()
     broker = Broker(frontend, backend, worker_config, config.max_queue, config.retries)
-    announced = []
+    announced, failed = [], []
 
     def stop(signum, frame):
         broker.running = False
@@ -136,6 +136,7 @@ def run_broker(config: BrokerConfig) -> None:
                   f"{split.describe()} | {b.ready_workers} workers", flush=True)
         if not manager.is_alive():
             log.error("the content manager exited (code %s); shutting down", manager.exitcode)
+            failed.append(manager.exitcode)
             b.running = False
 
     signal.signal(signal.SIGTERM, stop)
@@ -155,6 +156,8 @@ def run_broker(config: BrokerConfig) -> None:
             if address.startswith("ipc://"):
                 Path(address[len("ipc://"):]).unlink(missing_ok=True)
         log.info("broker stopped")
+    if failed:
+        raise UserError(f"the content manager stopped (exit code {failed[0]}); see the log above")
 
 
 def _stop_processes(processes, grace: float = 5.0) -> None:

@@ -29,13 +29,18 @@ class BrokerProcess:
     """`cecollm-broker` on 127.0.0.1 with free ports; `with` stops it (SIGTERM) and waits."""
 
     def __init__(self, model: str, workers: int = 1, extra: list[str] | None = None, log_path: str | Path | None = None,
-                 start_timeout: float = 180.0) -> None:
+                 start_timeout: float = 180.0, ipc_base: str | None = None) -> None:
+        """`ipc_base` (ipc://DIR/NAME): also bind NAME.requests and NAME.uploads for same-host edges."""
         req, upl, wrk = free_ports(3)
         self.request_address = f"tcp://127.0.0.1:{req}"
         self.upload_address = f"tcp://127.0.0.1:{upl}"
         self.worker_address = f"tcp://127.0.0.1:{wrk}"
+        also_req = f",{ipc_base}.requests" if ipc_base else ""
+        also_upl = f",{ipc_base}.uploads" if ipc_base else ""
+        if ipc_base:
+            extra = ["--state-address", f"{ipc_base}.state", *(extra or [])]
         args = [sys.executable, "-m", "cecollm.broker", "--model", str(model), "--workers", str(workers),
-                "--requests", self.request_address, "--uploads", self.upload_address,
+                "--requests", self.request_address + also_req, "--uploads", self.upload_address + also_upl,
                 "--workers-address", self.worker_address, *(extra or [])]
         self._log = open(log_path, "w") if log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log, text=True,
