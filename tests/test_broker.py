@@ -17,9 +17,11 @@ from click.testing import CliRunner
 
 from cecollm.broker import edge_protocol as ep
 from cecollm.broker.launch import BrokerProcess
+from cecollm.broker.wire import ErrorCode
 from cecollm.edge.client import EdgeClient, EdgeConfig, EdgeStats
 from cecollm.edge.heads import HeadSet, NormHead
 from cecollm.engine import GenerationConfig, SplitEngine
+from cecollm.errors import UserError
 from cecollm.loading import load_model
 from cecollm.split import Split
 from conftest import hf_greedy, make_tiny_model, make_tiny_tokenizer
@@ -132,18 +134,23 @@ def test_edge_reuploads_when_the_cloud_lost_its_state(loaded, split, broker):
     assert result.stats.reuploads == 1 and result.stats.fallback_tokens == 0
 
 
-def test_a_mismatched_edge_is_refused_and_finishes_alone(loaded, broker):
+def test_a_mismatched_edge_is_refused_with_a_clear_error(loaded, broker, model_dir):
     other_split = Split.create(loaded.n_layers, (2, 3))
     with _client(loaded, other_split, broker, 9, max_new_tokens=4) as client:
-        result = client.generate(PROMPTS[1])
-    assert "split mismatch" in result.stats.standalone_reason and "exits 2,4" in result.stats.standalone_reason
-    assert len(result.token_ids) == 4 and result.stats.fallback_tokens == 4
+        with pytest.raises(UserError, match=r"split mismatch: the edge has exits 2,3, upload after 3, the cloud "
+                                            r"serves exits 2,4, upload after 4"):
+            client.generate(PROMPTS[1])
     split = Split.create(loaded.n_layers, EXITS)
-    client = _client(loaded, split, broker, 9, max_new_tokens=2)
-    client.identity = "0" * 32
-    result = client.generate(PROMPTS[1])
-    client.close()
-    assert "model mismatch" in result.stats.standalone_reason
+    with _client(loaded, split, broker, 9, max_new_tokens=2) as client:
+        client.identity = "0" * 32
+        with pytest.raises(UserError, match="model mismatch"):
+            client.generate(PROMPTS[1])
+    from cecollm.edge.cli import edge_command
+
+    out = CliRunner().invoke(edge_command, ["--model", str(model_dir), "--exits", "2,3", "--broker",
+                                            broker.request_address, "--upload", broker.upload_address, "--raw",
+                                            "--prompt", "hello"])
+    assert out.exit_code == 2 and "error: the cloud at" in out.output and "split mismatch" in out.output
 
 
 def test_cli_streams_tokens_as_json(loaded, model_dir, broker):
@@ -167,45 +174,70 @@ def test_edge_cli_bad_input_is_one_line_exit_2(model_dir):
     assert out.exit_code == 2 and out.output.strip().startswith("error:") and "Traceback" not in out.output
 
 
-def _silent_cloud(address: str, stop: threading.Event) -> None:
-    """Answers HELLO, never DECIDE: a cloud that stopped answering."""
+def _fake_cloud(address: str, stop: threading.Event, answer) -> None:
+    """A cloud that replies `answer(msg)` (None: no reply) to every request."""
     sock = zmq.Context.instance().socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(address)
     while not stop.is_set():
         if sock.poll(50):
             peer, _, *frames = sock.recv_multipart()
-            msg = ep.parse(frames)
-            if isinstance(msg, ep.Hello):
-                sock.send_multipart([peer, b"", *ep.Welcome(msg.device_id, msg.seq, 1, 64, 0, "").to_frames()])
+            reply = answer(ep.parse(frames))
+            if reply is not None:
+                sock.send_multipart([peer, b"", *reply.to_frames()])
     sock.close(0)
 
 
-def test_unanswered_requests_are_decided_at_the_last_exit(loaded, split):
+def _welcome_only(msg):
+    """Answers HELLO, never DECIDE: a cloud that stopped answering."""
+    return ep.Welcome(msg.device_id, msg.seq, 1, 64, 0, "") if isinstance(msg, ep.Hello) else None
+
+
+def _forgetful(msg):
+    """Opens sessions but has always lost the state by the time a token is asked for."""
+    if isinstance(msg, ep.Hello):
+        return _welcome_only(msg)
+    return ep.Error(msg.seq, ErrorCode.UNKNOWN_DEVICE, "evicted to make room (byte budget)")
+
+
+def _full(msg):
+    return ep.Error(msg.seq, ErrorCode.BUDGET, "no room for 1000 bytes")
+
+
+def _run_against(loaded, split, answer, **options):
     from cecollm.broker.launch import free_ports
 
     port, upload = free_ports(2)
     stop = threading.Event()
-    server = threading.Thread(target=_silent_cloud, args=(f"tcp://127.0.0.1:{port}", stop))
+    server = threading.Thread(target=_fake_cloud, args=(f"tcp://127.0.0.1:{port}", stop, answer))
     server.start()
     try:
         config = EdgeConfig(device_id=1, broker=f"tcp://127.0.0.1:{port}", upload=f"tcp://127.0.0.1:{upload}",
-                            threshold=1.0, max_new_tokens=8, timeout=0.2, max_timeouts=3)
+                            **{"threshold": 1.0, "max_new_tokens": 8, **options})
         with EdgeClient(loaded.model, loaded.identity, split, HeadSet.lens(loaded.model, EXITS), config) as client:
-            result = client.generate(PROMPTS[3])
+            return client.generate(PROMPTS[3])
     finally:
         stop.set()
         server.join()
+
+
+def test_an_unreliable_cloud_never_stops_a_generation(loaded, split):
     alone = SplitEngine(loaded.model, split, HeadSet.lens(loaded.model, EXITS)).generate(
         PROMPTS[3], GenerationConfig("standalone", 1.0, 8))
+    # requests time out: decided at the last exit, then the rest on the edge alone
+    result = _run_against(loaded, split, _welcome_only, timeout=0.2, max_timeouts=3)
     assert result.token_ids == alone.token_ids
     assert result.stats.timeouts == 3 and result.stats.fallback_tokens == 8
     assert "3 requests in a row timed out" in result.stats.standalone_reason
-    # no cloud at all: HELLO times out, the edge generates alone
-    config = EdgeConfig(device_id=1, broker=f"tcp://127.0.0.1:{port}", upload=f"tcp://127.0.0.1:{upload}",
-                        threshold=1.0, max_new_tokens=8, hello_timeout=0.2)
-    with EdgeClient(loaded.model, loaded.identity, split, HeadSet.lens(loaded.model, EXITS), config) as client:
-        result = client.generate(PROMPTS[3])
+    # the state is lost even after a re-upload: the edge finishes alone and says why
+    result = _run_against(loaded, split, _forgetful)
+    assert result.token_ids == alone.token_ids and result.stats.reuploads == 1
+    assert "lost the device's state again" in result.stats.standalone_reason
+    # no room on the cloud
+    result = _run_against(loaded, split, _full)
+    assert result.token_ids == alone.token_ids and "no room" in result.stats.standalone_reason
+    # no cloud at all: HELLO times out
+    result = _run_against(loaded, split, lambda msg: None, hello_timeout=0.2)
     assert result.token_ids == alone.token_ids and "did not answer HELLO" in result.stats.standalone_reason
 
 

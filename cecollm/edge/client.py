@@ -5,7 +5,8 @@ upload-layer row to the background sender, and asks the cloud (DECIDE, no tensor
 no exit is confident. A request that gets no answer within `timeout` is decided at the last
 exit instead, counted, and the generation goes on; after `max_timeouts` in a row, or when the
 cloud lost the device's state and a re-upload does not help, the rest of the generation is
-decided on the edge alone and the result says so.
+decided on the edge alone and the result says so. A cloud that serves another model or split
+refuses the session: that is the user's mistake, raised as a UserError, not papered over.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from cecollm.edge.heads import HeadSet
 from cecollm.edge.partition import EdgePartition
 from cecollm.edge.sender import UploadSender
 from cecollm.engine import TokenRecord
+from cecollm.errors import UserError
 from cecollm.layers import DecoderRunner
 from cecollm.prompting import eos_ids
 from cecollm.split import Split
@@ -188,6 +190,8 @@ class EdgeClient:
             reply = self._request(hello, c.hello_timeout, stats)
         except CallTimeout:
             raise _CloudGone(f"the cloud at {c.broker} did not answer HELLO within {c.hello_timeout:g} s") from None
+        if isinstance(reply, ep.Error) and reply.code == ErrorCode.MISMATCH:
+            raise UserError(f"the cloud at {c.broker} refused device {c.device_id}: {reply.message}")
         if isinstance(reply, ep.Error):
             raise _CloudGone(f"the cloud refused the session: {reply.message}")
         self._sender.open(c.device_id, reply.session, reply.segment if c.use_shm else "", reply.capacity,
@@ -229,6 +233,7 @@ class EdgeClient:
                 session = self._open(stats, kept)
             except _CloudGone as exc:
                 stats.standalone_reason = str(exc)
+                log.warning("device %d: generating on the edge alone: %s", c.device_id, exc)
         self.session = session
         inputs, position, timeouts_in_row = list(prompt_ids), len(prompt_ids), 0
         for _ in range(c.max_new_tokens):
