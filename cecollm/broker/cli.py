@@ -88,8 +88,13 @@ def run_broker(config: BrokerConfig) -> None:
     from cecollm.split import parse_exits
 
     requests, uploads = _endpoints(config.request_address), _endpoints(config.upload_address)
-    if config.workers < 0:
-        raise UserError("--workers must be 0 or more")
+    for name, value, low in (("--workers", config.workers, 0), ("--capacity", config.capacity, 1),
+                             ("--budget-mb", config.budget_mb, 1), ("--heartbeat-ms", config.heartbeat_ms, 10),
+                             ("--liveness", config.liveness, 1), ("--threads", config.threads, 1)):
+        if value < low:
+            raise UserError(f"{name} must be at least {low}, got {value}")
+    if config.idle_ttl <= 0 or config.wait_seconds <= 0:
+        raise UserError("--idle-ttl and --wait-seconds must be positive")
     model_dir = resolve_model_dir(config.model)
     model = load_mapped(model_dir)
     loaded = LoadedModel(model, None, model_dir, config.model)

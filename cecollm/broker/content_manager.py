@@ -327,4 +327,8 @@ def run_content_manager(config: ContentManagerConfig, verbose: bool = False) -> 
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    manager.serve()
+    try:
+        manager.serve()
+    except zmq.ZMQError as exc:  # most likely an address already in use
+        log.error("content manager: %s (uploads %s, state %s)", exc, config.upload_address, config.state_address)
+        sys.exit(2)
