@@ -8,11 +8,33 @@ import click
 import orjson
 
 from cecollm.cliutil import GuardedGroup, set_threads, setup_logging
-from cecollm.engine import MODES, GenerationConfig
-from cecollm.loading import DEFAULT_MODEL
+from cecollm.config import DEFAULT_MODEL, MODES, GenerationConfig
 from cecollm.split import parse_exits
 
 _DEFAULTS = GenerationConfig()
+
+
+class TextStream:
+    """Prints generated text to stdout as tokens are decided (whole characters only)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def add(self, record) -> None:
+        self.ids.append(record.token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+            return
+        sys.stdout.write(text[self.printed:])
+        sys.stdout.flush()
+        self.printed = len(text)
+
+    def finish(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        sys.stdout.write(text[self.printed:] + "\n")
+        sys.stdout.flush()
 
 
 @click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,13 +77,14 @@ def generate(model, prompt, mode, threshold, exits, upload_layer, heads, max_new
     prompt_ids = encode_prompt(loaded.tokenizer, prompt, raw)
     split, head_set = choose_split(loaded, exit_list, upload_layer, heads)
     engine = SplitEngine(loaded.model, split, head_set)
-    result = engine.generate(prompt_ids, config)
+    stream = None if as_json else TextStream(loaded.tokenizer)
+    result = engine.generate(prompt_ids, config, on_token=stream and stream.add)
     text = loaded.tokenizer.decode(result.token_ids, skip_special_tokens=True)
     if as_json:
         sys.stdout.buffer.write(orjson.dumps(result.to_dict(text)) + b"\n")
         return
     s = result.stats
-    click.echo(text)
+    stream.finish()
     click.echo(
         f"[{mode} | {split.describe()} | threshold {threshold}] {len(result.token_ids)} tokens: "
         f"{s.edge_tokens} edge, {s.cloud_tokens} cloud; edge {s.edge_seconds:.2f} s, cloud {s.cloud_seconds:.2f} s; "
