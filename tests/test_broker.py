@@ -265,6 +265,10 @@ def test_a_worker_killed_mid_generation_and_shutdown_leaves_nothing(loaded, spli
         text = log.read_text()
         assert f"worker {pids[0]} is silent: purged" in text
         assert f"of the dead worker {pids[0]} goes to another worker" in text  # it was working for us
+        while "(2 ready)" not in log.read_text().split("starting another")[-1] and time.monotonic() < deadline + 60:
+            time.sleep(0.2)
+        assert f"worker {pids[0]} exited (code -9); starting another" in log.read_text()
+        assert "(2 ready)" in log.read_text().split("starting another")[-1]  # the replacement serves
         # leave a session open, then stop: everything goes, nothing stays in /dev/shm
         client = _client(loaded, split, b, 6)
         client._connect()

@@ -128,7 +128,7 @@ def run_broker(config: BrokerConfig) -> None:
     for p in children:
         p.start()
     broker = Broker(frontend, backend, worker_config, config.max_queue, config.retries)
-    announced, failed = [], []
+    announced, failed, restarts = [], [], [0]
 
     def stop(signum, frame):
         broker.running = False
@@ -139,6 +139,13 @@ def run_broker(config: BrokerConfig) -> None:
             print(f"cecollm-broker: requests {','.join(requests)} | uploads {','.join(uploads)} | "
                   f"workers {config.worker_address} | model {config.model} ({worker_config.identity[:12]}) | "
                   f"{split.describe()} | {b.ready_workers} workers", flush=True)
+        for i, p in enumerate(children):
+            if p.exitcode is not None and restarts[0] < config.workers * 10:
+                # a worker of ours died (its request already went to another): start a new one
+                restarts[0] += 1
+                log.warning("worker %d exited (code %s); starting another", p.pid, p.exitcode)
+                children[i] = spawn.Process(target=run_worker, args=(per_worker,), name=f"worker-{i}")
+                children[i].start()
         if not manager.is_alive():
             log.error("the content manager exited (code %s); shutting down", manager.exitcode)
             failed.append(manager.exitcode)
