@@ -113,6 +113,17 @@ class _TappingRunner(DecoderRunner):
         return out
 
 
+@dataclass
+class _Generation:
+    """One generation under way."""
+
+    edge: EdgePartition
+    stats: EdgeStats
+    session: int | None = None  # the cloud session; None: the edge goes on alone
+    kept: list = field(default_factory=list)  # (start, rows [n, hidden] wire dtype) uploaded, for a re-upload
+    timeouts_in_row: int = 0
+
+
 class _CloudGone(Exception):
     """The cloud cannot serve this generation any more (the reason is the message)."""
 
@@ -219,56 +230,15 @@ class EdgeClient:
     # ---- a generation ------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], on_token: Callable[[TokenRecord], None] | None = None) -> EdgeResult:
+        """Generate greedily from `prompt_ids`; `on_token` sees each token as soon as it is decided."""
         c = self.config
-        stats = EdgeStats(prompt_tokens=len(prompt_ids))
-        result = EdgeResult([], [], stats)
-        edge = EdgePartition(self.runner, self.split, self.heads, c.threshold, standalone=c.standalone)
-        kept: list[tuple[int, object]] = []  # every row uploaded, for a re-upload
-        session = None
-        if c.standalone:
-            stats.standalone_reason = "asked for (--standalone)"
-        else:
-            self._connect()
-            try:
-                session = self._open(stats, kept)
-            except _CloudGone as exc:
-                stats.standalone_reason = str(exc)
-                log.warning("device %d: generating on the edge alone: %s", c.device_id, exc)
-        self.session = session
-        inputs, position, timeouts_in_row = list(prompt_ids), len(prompt_ids), 0
+        result = EdgeResult([], [], EdgeStats(prompt_tokens=len(prompt_ids)))
+        gen = _Generation(EdgePartition(self.runner, self.split, self.heads, c.threshold, standalone=c.standalone),
+                          result.stats)
+        self._start(gen)
+        inputs, position = list(prompt_ids), len(prompt_ids)
         for _ in range(c.max_new_tokens):
-            t0 = time.perf_counter()
-            out = edge.step(inputs)
-            uploads = [(u.start, u.hidden[0].to(self.wire_dtype).contiguous().numpy()) for u in out.uploads]
-            stats.edge_seconds += time.perf_counter() - t0
-            if session is not None:
-                for start, rows in uploads:  # [n, hidden] in the wire dtype
-                    kept.append((start, rows))
-                    self._sender.rows(start, rows)
-            if out.token is not None:
-                token, by, conf = out.token, out.exit, out.confidence
-                stats.edge_tokens += 1
-            else:
-                answer = None
-                if session is not None:
-                    try:
-                        answer, session = self._cloud_token(session, out.position, stats, kept)
-                    except _CloudGone as exc:
-                        session, stats.standalone_reason = None, str(exc)
-                        log.warning("device %d: finishing on the edge alone: %s", c.device_id, exc)
-                if answer is None:
-                    timeouts_in_row += session is not None
-                    if timeouts_in_row >= c.max_timeouts and session is not None:
-                        stats.standalone_reason = f"{timeouts_in_row} requests in a row timed out"
-                        self._sender.end()
-                        session = None
-                    (token, conf), by = self._last_exit(), self.split.last_exit
-                    stats.fallback_tokens += 1
-                else:
-                    (token, conf), by = answer, "cloud"
-                    timeouts_in_row = 0
-                    stats.cloud_tokens += 1
-            self.session = session
+            token, by, conf = self._step(gen, inputs)
             record = TokenRecord(position, token, by, conf)
             result.token_ids.append(token)
             result.tokens.append(record)
@@ -277,14 +247,67 @@ class EdgeClient:
             if token in self.eos:
                 break
             inputs, position = [token], position + 1
-        if session is not None:
+        self._finish(gen)
+        return result
+
+    def _start(self, gen: "_Generation") -> None:
+        if self.config.standalone:
+            gen.stats.standalone_reason = "asked for (--standalone)"
+            return
+        self._connect()
+        try:
+            gen.session = self._open(gen.stats, gen.kept)
+        except _CloudGone as exc:
+            self._go_alone(gen, str(exc))
+        self.session = gen.session
+
+    def _step(self, gen: "_Generation", inputs: list[int]):
+        """(token, decided by, confidence) for the next position."""
+        stats = gen.stats
+        t0 = time.perf_counter()
+        out = gen.edge.step(inputs)
+        uploads = [(u.start, u.hidden[0].to(self.wire_dtype).contiguous().numpy()) for u in out.uploads]
+        stats.edge_seconds += time.perf_counter() - t0
+        if gen.session is not None:
+            for start, rows in uploads:  # [n, hidden] in the wire dtype
+                gen.kept.append((start, rows))
+                self._sender.rows(start, rows)
+        if out.token is not None:
+            stats.edge_tokens += 1
+            return out.token, out.exit, out.confidence
+        answer = None
+        if gen.session is not None:
+            try:
+                answer, gen.session = self._cloud_token(gen.session, out.position, stats, gen.kept)
+            except _CloudGone as exc:
+                self._go_alone(gen, str(exc))
+            self.session = gen.session
+        if answer is not None:
+            gen.timeouts_in_row = 0
+            stats.cloud_tokens += 1
+            return answer[0], "cloud", answer[1]
+        if gen.session is not None:  # the request timed out
+            gen.timeouts_in_row += 1
+            if gen.timeouts_in_row >= self.config.max_timeouts:
+                self._sender.end()
+                self._go_alone(gen, f"{gen.timeouts_in_row} requests in a row timed out")
+        stats.fallback_tokens += 1
+        token, conf = self._last_exit()
+        return token, self.split.last_exit, conf
+
+    def _go_alone(self, gen: "_Generation", why: str) -> None:
+        gen.session = self.session = None
+        gen.stats.standalone_reason = why
+        log.warning("device %d: going on on the edge alone: %s", self.config.device_id, why)
+
+    def _finish(self, gen: "_Generation") -> None:
+        if gen.session is not None:
             self._sender.end()
         if self._sender is not None:
             self._sender.flush()
-            stats.bytes_up += self._sender.bytes_sent
-            stats.shm_bytes += self._sender.shm_bytes
+            gen.stats.bytes_up += self._sender.bytes_sent
+            gen.stats.shm_bytes += self._sender.shm_bytes
             self._sender.bytes_sent = self._sender.shm_bytes = 0
-        return result
 
     def _cloud_token(self, session: int, position: int, stats: EdgeStats, kept: list):
         """((token, prob) or None on a timeout, session); reopens the session once if the state was lost."""
