@@ -1,8 +1,9 @@
 """Pick the split and the exit heads for a model: from the options, or the model's defaults.
 
 Measured defaults (exits and trained heads) ship in `cecollm/data/defaults.json`, keyed by
-model identity; a model without an entry gets exits at a quarter and half of its depth with
-the untrained logit-lens heads.
+model identity (see `cecollm/data/HEADS.md` for how they were made); asking for a model's
+default exits explicitly also gets its trained heads. A model without an entry gets exits at
+a quarter and half of its depth with the untrained logit-lens heads.
 """
 
 from __future__ import annotations
@@ -34,14 +35,21 @@ def choose_split(
         if exits and tuple(exits) != heads.exits:
             raise UserError(f"--exits {','.join(map(str, exits))} differ from the heads file's {','.join(map(str, heads.exits))}")
         return Split.create(n, heads.exits, upload_layer), heads
+    entry = _bundled_defaults().get(loaded.identity)
+    if entry and (not exits or tuple(exits) == tuple(entry["exits"])):
+        heads = _bundled_heads(loaded, entry)
+        return Split.create(n, heads.exits, upload_layer), heads
     if exits:
         split = Split.create(n, exits, upload_layer)
         return split, HeadSet.lens(loaded.model, split.exits)
-    entry = _bundled_defaults().get(loaded.identity)
-    if entry:
-        heads_file = resources.files("cecollm") / "data" / entry["heads"]
-        with resources.as_file(heads_file) as path:
-            heads = HeadSet.load(path, loaded.model, loaded.identity)
-        return Split.create(n, heads.exits, upload_layer), heads
     split = Split.create(n, default_exits(n), upload_layer)
     return split, HeadSet.lens(loaded.model, split.exits)
+
+
+def _bundled_heads(loaded: LoadedModel, entry: dict) -> HeadSet:
+    """The trained heads a defaults entry names; they must be for the entry's exits."""
+    heads_file = resources.files("cecollm") / "data" / entry["heads"]
+    with resources.as_file(heads_file) as path:
+        heads = HeadSet.load(path, loaded.model, loaded.identity)
+    assert tuple(heads.exits) == tuple(entry["exits"]), f"defaults.json: {entry['heads']} is for exits {heads.exits}, not {entry['exits']}"
+    return heads

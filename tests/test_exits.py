@@ -80,11 +80,11 @@ def test_holdout_records_are_never_trained(tiny_dirs):
     assert not {e.source for e in train} & {e.source for e in held}
 
 
-@pytest.mark.parametrize("arch, options", [("norm", {}), ("adapter", {"rank": 8, "vocab": 0}),
-                                           ("adapter", {"rank": 8, "vocab": 64}), ("layer", {})])
-def test_training_makes_the_loss_fall(tiny_dirs, tmp_path, arch, options):
+@pytest.mark.parametrize("arch, options, greedy", [("norm", {}, 0.0), ("adapter", {"rank": 8, "vocab": 0}, 0.0),
+                                                   ("adapter", {"rank": 8, "vocab": 64}, 1.0), ("layer", {}, 0.5)])
+def test_training_makes_the_loss_fall(tiny_dirs, tmp_path, arch, options, greedy):
     loaded, cache = _cache(tiny_dirs[0], tiny_dirs[2], tmp_path)
-    config = TrainConfig(arch=arch, arch_options=options, epochs=4, batch_rows=64)
+    config = TrainConfig(arch=arch, arch_options=options, epochs=4, batch_rows=64, greedy_weight=greedy)
     trainer = ExitTrainer(loaded.model, (2, 4), cache, config)
     summary = trainer.train(progress=False)
     first = sum(trainer.losses[:3]) / 3
@@ -179,3 +179,31 @@ def _model_and_identity(model_dir):
 def test_identity_check_uses_weights():
     a, b = make_tiny_model("gqa", seed=0), make_tiny_model("gqa", seed=1)
     assert model_identity(a) != model_identity(b)
+
+
+def test_kl_loss_is_zero_at_the_teacher_and_positive_elsewhere():
+    from cecollm.edge.heads import NormHead
+    from cecollm.exits.train import kl_loss
+
+    torch.manual_seed(0)
+    head = NormHead(torch.nn.Identity())
+    logits = torch.randn(6, 50) * 3
+    top_p, top_idx = torch.softmax(logits, -1).topk(8, dim=-1)
+    assert float(kl_loss(head, logits, top_idx, top_p)) < 1e-5
+    assert float(kl_loss(head, torch.randn(6, 50), top_idx, top_p)) > 0.1
+    # greedy weight 1: cross-entropy to the teacher's top-1 token
+    expected = -torch.log_softmax(logits, -1).gather(1, top_idx[:, :1]).mean()
+    assert torch.allclose(kl_loss(head, logits, top_idx, top_p, greedy_weight=1.0), expected, atol=1e-4)
+
+
+def test_selfgen_writes_answers_and_resumes(tiny_dirs, tmp_path):
+    model0, _, data = tiny_dirs
+    out = tmp_path / "answers.jsonl"
+    args = ["exits-selfgen", "--model", model0, "--data", data, "--out", out, "--n", 3, "--max-new-tokens", 4,
+            "--batch-size", 2]
+    code, text = _invoke(*args)
+    assert code == 0 and "3 new answers" in text, text
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["source"] for r in lines] == ["alpaca.jsonl:0", "alpaca.jsonl:1", "alpaca.jsonl:2"]
+    code, text = _invoke(*args)
+    assert code == 0 and "0 new answers" in text, text

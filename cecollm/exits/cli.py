@@ -47,6 +47,9 @@ def _arch_options(arch: str, rank: int | None, vocab: int) -> dict:
 @click.option("--batch-rows", type=int, default=_T.batch_rows, show_default=True, help="Tokens per optimizer step.")
 @click.option("--lr", type=float, default=_T.lr, show_default=True, help="Peak learning rate (0 = per-architecture default).")
 @click.option("--seed", type=int, default=_T.seed, show_default=True, help="Initialisation and data order (deterministic).")
+@click.option("--greedy-weight", type=click.FloatRange(0, 1), default=_T.greedy_weight, show_default=True,
+              help="Mix the KL target with the final layer's greedy token: 0 = match its distribution, 1 = "
+                   "predict its greedy choice (confidence then estimates agreement with the full model).")
 @click.option("--max-minutes", type=float, default=_T.max_minutes, show_default=True,
               help="Stop training after this long and write the heads (0 = no limit); run again to resume.")
 @click.option("--fresh", is_flag=True, help="Ignore a checkpoint (<out>.ckpt) instead of resuming from it.")
@@ -55,7 +58,8 @@ def _arch_options(arch: str, rank: int | None, vocab: int) -> dict:
 @click.option("--half", is_flag=True, help="Store the heads as float16.")
 @click.option("--threads", type=int, default=1, show_default=True, help="Torch threads.")
 def train_exits_command(model, exits, data, out, arch, rank, vocab, eval_data, holdout, max_tokens, max_len, top_k,
-                        epochs, batch_rows, lr, seed, max_minutes, fresh, cache, cache_layers, half, threads):
+                        epochs, batch_rows, lr, seed, greedy_weight, max_minutes, fresh, cache, cache_layers, half,
+                        threads):
     """Train early-exit heads on a frozen model by self-distillation.
 
     One frozen forward pass over the text caches the hidden states at the exits and the final
@@ -74,7 +78,7 @@ def train_exits_command(model, exits, data, out, arch, rank, vocab, eval_data, h
 
     loaded = load_model(model)
     config = TrainConfig(arch=arch, arch_options=options, epochs=epochs, batch_rows=batch_rows, lr=lr, seed=seed,
-                         max_minutes=max_minutes)
+                         greedy_weight=greedy_weight, max_minutes=max_minutes)
     dcfg = DataConfig(data=tuple(data), eval_data=tuple(eval_data), holdout=holdout, max_len=max_len, top_k=top_k,
                       max_tokens=max_tokens, cache=cache,
                       cache_layers=parse_exits(cache_layers) if cache_layers else ())
@@ -169,13 +173,17 @@ def exits_report_command(model, heads, prompts, part, holdout, limit, max_new_to
 @click.option("--train-cache", required=True, type=click.Path(file_okay=False), help="A cache dir of train-exits (train-*).")
 @click.option("--eval-cache", required=True, multiple=True, type=click.Path(file_okay=False), help="Evaluation cache dirs (repeat).")
 @click.option("--candidates", default="lens,norm,adapter:64,adapter:64:8192,layer", show_default=True,
-              help="Heads to compare: lens (untrained), norm, adapter:RANK[:VOCAB], layer.")
+              help="Heads to compare: lens (untrained), norm, adapter:RANK[:VOCAB], layer; a suffix @W "
+                   "trains with greedy weight W (see train-exits --greedy-weight).")
 @click.option("--epochs", type=float, default=1.0, show_default=True)
 @click.option("--max-minutes", type=float, default=0.0, show_default=True, help="Training budget per candidate.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--splits", default="", help="Subsets of the exits to measure as cascades, e.g. '12,24;16,24'.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the rows as JSON and a markdown table (.md).")
-def exits_compare_command(model, exits, train_cache, eval_cache, candidates, epochs, max_minutes, seed, out):
+def exits_compare_command(model, exits, train_cache, eval_cache, candidates, epochs, max_minutes, seed, splits, out):
     """Compare head architectures on the same cached text (teacher-forced) and their cost."""
+    from cecollm.errors import UserError
+
     set_threads(1)
     from cecollm.exits.collect import load_cache
     from cecollm.exits.compare import compare, format_rows, merge_caches
@@ -186,7 +194,11 @@ def exits_compare_command(model, exits, train_cache, eval_cache, candidates, epo
     train = load_cache(Path(train_cache), exit_list)
     evals = merge_caches([load_cache(Path(p), exit_list) for p in eval_cache])
     base = TrainConfig(epochs=epochs, max_minutes=max_minutes, seed=seed)
-    rows = compare(loaded.model, exit_list, train, evals, [c for c in candidates.split(",") if c], base)
+    subsets = [parse_exits(part) for part in splits.split(";") if part.strip()]
+    if any(e not in exit_list for sub in subsets for e in sub):
+        raise UserError("--splits may only use exits given in --exits")
+    rows = compare(loaded.model, exit_list, train, evals, [c for c in candidates.split(",") if c], base,
+                   cascades=subsets)
     table = format_rows(rows)
     click.echo(table)
     if out:

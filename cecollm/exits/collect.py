@@ -56,7 +56,8 @@ class ExitCache:
     top_idx: torch.Tensor  # [rows, k] int64, the teacher's most likely tokens, best first
     top_p: torch.Tensor  # [rows, k] float32, their probabilities
     offsets: torch.Tensor  # [sequences + 1] int64, row ranges of the sequences
-    train: torch.Tensor  # [rows] bool, rows that count in the loss and the measurements
+    train: torch.Tensor  # [rows] bool, rows that count in the loss
+    answer: torch.Tensor  # [rows] bool, rows that predict answer tokens (what generation decides)
 
     @property
     def rows(self) -> int:
@@ -101,7 +102,7 @@ def _fill(model, tokenizer, examples, layers, spec, cache_dir, manifest, shard_t
     buf = _ShardBuffer(layers)
     i = manifest["examples_done"]
     while i < len(examples) and manifest["tokens"] + buf.rows < budget:
-        ids, first = encoder.encode(examples[i], spec.max_len)
+        ids, first, answer = encoder.encode_parts(examples[i], spec.max_len)
         i += 1
         if len(ids) < 2 or first >= len(ids):
             continue
@@ -109,7 +110,7 @@ def _fill(model, tokenizer, examples, layers, spec, cache_dir, manifest, shard_t
         logp = torch.log_softmax(lm_head(out.last_hidden_state[0]).float(), dim=-1)  # [T, vocab]
         top_p, top_idx = logp.topk(spec.top_k, dim=-1)
         # hidden_states[e] is the residual stream after e decoder layers ([1, T, hidden]).
-        buf.add({e: out.hidden_states[e][0] for e in layers}, top_idx, top_p.exp(), first)
+        buf.add({e: out.hidden_states[e][0] for e in layers}, top_idx, top_p.exp(), first, answer)
         bar.update(len(ids))
         if buf.rows >= shard_tokens:
             buf.flush(cache_dir, manifest, i)
@@ -132,10 +133,10 @@ class _ShardBuffer:
     def __init__(self, layers) -> None:
         self.layers = layers
         self.hidden = {e: [] for e in layers}
-        self.idx, self.p, self.lengths, self.train = [], [], [], []
+        self.idx, self.p, self.lengths, self.train, self.answer = [], [], [], [], []
         self.rows = 0
 
-    def add(self, hidden: dict, top_idx, top_p, first: int) -> None:
+    def add(self, hidden: dict, top_idx, top_p, first: int, answer: int) -> None:
         t = top_idx.shape[0]
         for e in self.layers:
             self.hidden[e].append(hidden[e].to(torch.float16))
@@ -145,6 +146,10 @@ class _ShardBuffer:
         mask = torch.zeros(t, dtype=torch.bool)
         mask[first:] = True
         self.train.append(mask)
+        # Row t predicts token t+1: the first answer token is predicted from row answer-1.
+        answer_mask = torch.zeros(t, dtype=torch.bool)
+        answer_mask[max(answer - 1, first):] = True
+        self.answer.append(answer_mask)
         self.rows += t
 
     def flush(self, cache_dir: Path, manifest: dict, examples_done: int) -> None:
@@ -153,6 +158,7 @@ class _ShardBuffer:
             "hidden": {e: torch.cat(v) for e, v in self.hidden.items()},
             "top_idx": torch.cat(self.idx), "top_p": torch.cat(self.p),
             "lengths": torch.tensor(self.lengths), "train": torch.cat(self.train),
+            "answer": torch.cat(self.answer),
         }, cache_dir / name)
         manifest["shards"].append(name)
         manifest["examples_done"] = examples_done
@@ -176,4 +182,6 @@ def load_cache(cache_dir: Path, layers: tuple[int, ...] | None = None) -> ExitCa
         top_p=torch.cat([p["top_p"] for p in parts]),
         offsets=offsets,
         train=torch.cat([p["train"] for p in parts]),
+        # Caches written before answers were marked: every trained row counts as an answer row.
+        answer=torch.cat([p.get("answer", p["train"]) for p in parts]),
     )

@@ -22,21 +22,31 @@ from cecollm.exits.measure import head_ms, layer_ms, measure_heads
 from cecollm.exits.train import ExitTrainer
 
 
-def parse_candidate(text: str) -> tuple[str, str, dict, bool]:
-    """'lens' | 'norm' | 'adapter:R[:V]' | 'layer' -> (label, arch, options, train?)."""
+def parse_candidate(text: str) -> tuple[str, str, dict, bool, float]:
+    """'lens' | 'norm' | 'adapter:R[:V]' | 'layer', each optionally '@G' (greedy weight)
+    -> (label, arch, options, train?, greedy weight)."""
+    spec, _, weight = text.partition("@")
+    try:
+        greedy = float(weight) if weight else 0.0
+    except ValueError:
+        raise UserError(f"candidate {text!r}: the greedy weight after @ must be a number") from None
+    return (text, *_parse_arch(spec), greedy)
+
+
+def _parse_arch(text: str) -> tuple[str, dict, bool]:
     parts = text.split(":")
     try:
         if parts[0] == "lens":
-            return text, "norm", {}, False
+            return "norm", {}, False
         if parts[0] in ("norm", "layer") and len(parts) == 1:
-            return text, parts[0], {}, True
+            return parts[0], {}, True
         if parts[0] == "adapter":
             rank = int(parts[1]) if len(parts) > 1 else 64
             vocab = int(parts[2]) if len(parts) > 2 else 0
-            return text, "adapter", {"rank": rank, "vocab": vocab}, True
+            return "adapter", {"rank": rank, "vocab": vocab}, True
     except ValueError:
         pass
-    raise UserError(f"unknown candidate {text!r}: use lens, norm, adapter:RANK[:VOCAB] or layer")
+    raise UserError(f"unknown candidate {text!r}: use lens, norm, adapter:RANK[:VOCAB] or layer (+ @GREEDY_WEIGHT)")
 
 
 def merge_caches(caches: list[ExitCache]) -> ExitCache:
@@ -47,31 +57,37 @@ def merge_caches(caches: list[ExitCache]) -> ExitCache:
     layers = caches[0].layers
     return ExitCache(layers, {e: torch.cat([c.hidden[e] for c in caches]) for e in layers},
                      torch.cat([c.top_idx for c in caches]), torch.cat([c.top_p for c in caches]),
-                     torch.cat(offsets), torch.cat([c.train for c in caches]))
+                     torch.cat(offsets), torch.cat([c.train for c in caches]), torch.cat([c.answer for c in caches]))
 
 
 def compare(model, exits, train_cache: ExitCache, eval_cache: ExitCache, candidates, base: TrainConfig,
-            threshold: float = 0.8) -> list[dict]:
+            threshold: float = 0.8, cascades=()) -> list[dict]:
+    """Train and measure each candidate; `cascades` are subsets of the exits measured as splits."""
     torch.set_num_threads(1)
     one_layer = layer_ms(model)
     rows = []
     for text in candidates:
-        label, arch, options, trained = parse_candidate(text)
+        label, arch, options, trained, greedy = parse_candidate(text)
         t0 = time.monotonic()
         if trained:
-            trainer = ExitTrainer(model, exits, train_cache, replace(base, arch=arch, arch_options=options))
+            trainer = ExitTrainer(model, exits, train_cache, replace(base, arch=arch, arch_options=options,
+                                                                           greedy_weight=greedy))
             summary = trainer.train()
             heads = trainer.heads
         else:
             heads, summary = {e: NormHead(model.model.norm).eval() for e in exits}, {}
         seconds = time.monotonic() - t0
-        result = measure_heads(heads, eval_cache, model.lm_head, thresholds=(threshold,))
+        result = measure_heads(heads, eval_cache, model.lm_head, thresholds=(threshold, 0.9))
+        result["splits"] = {",".join(map(str, sub)): measure_heads({e: heads[e] for e in sub}, eval_cache, model.lm_head,
+                                                                   thresholds=(threshold, 0.9))["cascade"]
+                            for sub in cascades}
         ms = head_ms(heads[exits[0]], model)
         row = {"candidate": label, "train_s": round(seconds), "steps": summary.get("steps", 0),
                "final_loss": summary.get("final_loss"), "head_ms": round(ms, 2),
                "head_layers": round(ms / one_layer, 1), "layer_ms": round(one_layer, 2),
                "vocab_coverage": summary.get("vocab_coverage"), "params": sum(p.numel() for p in heads[exits[0]].parameters()),
-               "exits": result["exits"], "cascade": result["cascade"], "eval_rows": result["rows"]}
+               "exits": result["exits"], "cascade": result["cascade"], "splits": result["splits"], "final": result["final"],
+               "eval_rows": result["rows"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

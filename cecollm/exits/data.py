@@ -149,10 +149,15 @@ class ChatEncoder:
 
     def encode(self, example: Example, max_len: int) -> tuple[list[int], int]:
         """(ids, first trained position): positions before it are the fixed template start."""
+        ids, first, _ = self.encode_parts(example, max_len)
+        return ids, first
+
+    def encode_parts(self, example: Example, max_len: int) -> tuple[list[int], int, int]:
+        """(ids, first trained position, first answer position); raw text is all answer."""
         tok = self.tokenizer
         if example.prompt is None:
             ids = tok(example.response, add_special_tokens=False)["input_ids"]
-            return list(ids)[:max_len], 0
+            return list(ids)[:max_len], 0, 0
         if self.chat:
             prompt_ids = self._template(example.prompt, None)
             full = self._template(example.prompt, example.response)
@@ -162,6 +167,7 @@ class ChatEncoder:
             if room < len(prompt_ids):
                 keep = max(room - self.prefix, 0)
                 prompt_ids = prompt_ids[: self.prefix] + (prompt_ids[len(prompt_ids) - keep:] if keep else [])
-            return (prompt_ids + answer)[:max_len], min(self.prefix, max_len)
+            return (prompt_ids + answer)[:max_len], min(self.prefix, max_len), len(prompt_ids)
+        prompt = list(tok(example.prompt + "\n\n", add_special_tokens=False)["input_ids"])
         ids = tok(example.prompt + "\n\n" + example.response, add_special_tokens=False)["input_ids"]
-        return list(ids)[:max_len], 0
+        return list(ids)[:max_len], 0, min(len(prompt), max_len)

@@ -19,10 +19,10 @@ from cecollm.layers import DecoderRunner
 
 @torch.inference_mode()
 def head_predictions(head: ExitHead, hidden: torch.Tensor, cache: ExitCache, lm_head) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token [rows], confidence [rows]) of `head` on every trained row, as top1() decides them."""
+    """(token [rows], confidence [rows]) of `head` on every answer row, as top1() decides them."""
     tokens, confs = [], []
     for a, b in cache.sequences():
-        mask = cache.train[a:b]
+        mask = cache.answer[a:b]
         if not mask.any():
             continue
         logits = head.class_logits(hidden[a:b].float().unsqueeze(0), lm_head)[0][mask].float()  # [n, classes]
@@ -39,9 +39,12 @@ def head_predictions(head: ExitHead, hidden: torch.Tensor, cache: ExitCache, lm_
 
 
 def measure_heads(heads: dict[int, ExitHead], cache: ExitCache, lm_head, thresholds=(0.8, 0.9)) -> dict:
-    """Per-exit agreement and calibration, and the cascade over the exits in order."""
-    teacher = cache.top_idx[cache.train, 0]
-    out = {"rows": int(teacher.numel()), "exits": {}, "cascade": {}}
+    """Per-exit agreement and calibration on the answer rows, and the cascade over the exits in order."""
+    teacher = cache.top_idx[cache.answer, 0]
+    final_conf = cache.top_p[cache.answer, 0]
+    out = {"rows": int(teacher.numel()), "exits": {}, "cascade": {},
+           # the final layer's own confidence: how often the full model is this sure
+           "final": {f"share@{t}": round(float((final_conf >= t).float().mean()), 4) for t in thresholds}}
     preds = {}
     for e in sorted(heads):
         tok, conf = head_predictions(heads[e], cache.hidden[e], cache, lm_head)

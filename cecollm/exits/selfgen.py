@@ -19,9 +19,8 @@ from cecollm.exits.data import ChatEncoder, Example
 
 
 def _prompt_ids(encoder: ChatEncoder, prompt: str, max_prompt: int) -> list[int]:
-    ids, _ = encoder.encode(Example("", prompt, ""), max_prompt + 16)
-    # encode() adds the (empty) answer's template tokens after the prompt; cut them off.
-    full = encoder._template(prompt, None) if encoder.chat else ids
+    """The chat-templated prompt, cut to max_prompt tokens by dropping the middle of the text."""
+    full = encoder._template(prompt, None) if encoder.chat else list(encoder.tokenizer(prompt)["input_ids"])
     if len(full) <= max_prompt:
         return full
     head = encoder.prefix

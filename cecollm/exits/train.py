@@ -31,12 +31,20 @@ def choose_vocab(cache: ExitCache, size: int) -> torch.Tensor:
     return order[:size].clone()
 
 
-def kl_loss(head: ExitHead, logits: torch.Tensor, top_idx: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Mean KL(teacher || head) on rows, with the teacher's tail beyond top-k as one bucket.
+def kl_loss(head: ExitHead, logits: torch.Tensor, top_idx: torch.Tensor, top_p: torch.Tensor,
+            greedy_weight: float = 0.0) -> torch.Tensor:
+    """Mean KL(teacher || head) on rows, with the teacher's tail beyond top-k as one bucket,
+    mixed with `greedy_weight` x cross-entropy to the teacher's greedy (top-1) token.
 
     logits [B, classes]; top_idx, top_p [B, k]. A reduced-vocabulary head's classes are its
-    tokens plus "other", which takes every teacher token it lacks and the tail.
+    tokens plus "other", which takes every teacher token it lacks and the tail. The greedy
+    target makes the head's confidence estimate agreement with the full model's greedy choice
+    (what the edge needs), which can be high where the teacher's own top-1 probability is not.
     """
+    if greedy_weight:
+        target = top_p.new_zeros(top_p.shape)
+        target[:, 0] = 1.0  # one-hot on the teacher's top-1
+        top_p = (1.0 - greedy_weight) * top_p + greedy_weight * target
     logits = logits.float()
     rest = (1.0 - top_p.sum(-1)).clamp_min(1e-6)  # [B]
     vocab = getattr(head, "vocab", 0)
@@ -112,14 +120,15 @@ class ExitTrainer:
         if self.positionwise:
             h = cache.hidden[exit_][batch].float().unsqueeze(0)  # [1, B, hidden]
             logits = head.class_logits(h, self.lm_head)[0]  # [B, classes]
-            return kl_loss(head, logits, cache.top_idx[batch], cache.top_p[batch])
+            return kl_loss(head, logits, cache.top_idx[batch], cache.top_p[batch], self.config.greedy_weight)
         total, rows = 0.0, 0
         for s in batch:
             a, b = int(cache.offsets[s]), int(cache.offsets[s + 1])
             mask = cache.train[a:b]
             logits = head.class_logits(cache.hidden[exit_][a:b].float().unsqueeze(0), self.lm_head)[0][mask]
             n = int(mask.sum())
-            total = total + kl_loss(head, logits, cache.top_idx[a:b][mask], cache.top_p[a:b][mask]) * n
+            total = total + kl_loss(head, logits, cache.top_idx[a:b][mask], cache.top_p[a:b][mask],
+                                    self.config.greedy_weight) * n
             rows += n
         return total / max(rows, 1)
 
