@@ -67,7 +67,7 @@ def test_open_upload_lease_commit_and_release(manager):
     manager.lease(b"w1", sp.Lease(3, opened.session, 1, 2))
     (peer, grant), = manager.state.take()
     assert peer == b"w1" and isinstance(grant, sp.Grant) and (grant.folded, grant.received) == (0, 3)
-    assert isinstance(manager.commit(sp.Commit(3, grant.token, 3)), sp.Done)
+    assert manager.commit(sp.Commit(3, grant.token, 3)) is None
     assert dev.folded == 3 and dev.lease_token == 0
     manager.on_upload([bytes(f) for f in ep.End(3, opened.session).to_frames()])
     assert 3 not in manager.devices and not os.path.exists(f"/dev/shm/{opened.segment}")
@@ -100,10 +100,11 @@ def test_one_worker_at_a_time_and_a_retried_request_supersedes(manager):
     manager.lease(b"w3", sp.Lease(3, opened.session, 7, 1))  # request 7 again (w1 died): takes over
     (peer, second), = manager.state.take()
     assert peer == b"w3" and second.token != first.token
-    assert manager.commit(sp.Commit(3, first.token, 2)).code == ErrorCode.STALE  # w1's lease is gone
-    assert isinstance(manager.commit(sp.Commit(3, second.token, 2)), sp.Done)
+    assert "not current" in manager.commit(sp.Commit(3, first.token, 2))  # w1's lease is gone
+    assert manager.commit(sp.Commit(3, second.token, 2)) is None
     (peer, third), = manager.state.take()  # request 8 gets its turn
     assert peer == b"w2" and third.folded == 2
+    assert "outside" in manager.commit(sp.Commit(3, third.token, 99))  # more than it received
 
 
 def test_bad_uploads_break_the_session_and_leases_hear_why(manager):

@@ -29,7 +29,7 @@ WORKER_MESSAGES = [
 ]
 STATE_MESSAGES = [
     sp.Open(3, 1), sp.Opened(5, 1024, 8192, "seg"), sp.Lease(3, 5, 9, 40), sp.Grant(11, 3, 41, 1024, 2, "seg"),
-    sp.Commit(3, 11, 41), sp.Done(), sp.Error(ErrorCode.MISSING, "late"),
+    sp.Commit(3, 11, 41), sp.Error(ErrorCode.MISSING, "late"),
 ]
 
 
@@ -101,7 +101,7 @@ def test_command_not_allowed_on_this_channel():
     with pytest.raises(ProtocolError, match="not expected"):
         ep.parse(ep.Token(1, 1, 1, 1, 0.5, 0.0).to_frames(), ep.REQUESTS)
     with pytest.raises(ProtocolError, match="not expected"):
-        sp.parse(sp.Done().to_frames(), sp.REQUESTS)
+        sp.parse(sp.Grant(1, 1, 1, 1, 1, "x").to_frames(), sp.REQUESTS)
 
 
 def test_worker_and_state_validation():

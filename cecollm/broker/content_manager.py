@@ -3,7 +3,7 @@
 Per device session it keeps a shared-memory segment (cloud KV cache and the received
 upload-layer rows, see shm.py) and a record of what it holds. Edges push rows straight to
 its upload PULL socket; workers ask on its state ROUTER socket for a lease on a device, then
-compute in the segment and commit how many positions are now folded into the KV cache. Rows
+compute in the segment and commit (one way) how many positions are now folded into the KV cache. Rows
 that are folded are dropped (their pages given back). A session ends when the edge says so,
 after an idle TTL, or when a byte budget needs room (least recently used idle device first).
 """
@@ -202,7 +202,9 @@ class ContentManager:
         elif isinstance(msg, sp.Lease):
             self.lease(peer, msg)
         else:
-            self._reply(peer, self.commit(msg))
+            refused = self.commit(msg)  # one way: no reply
+            if refused:
+                log.warning("commit refused: %s", refused)
 
     def _reply(self, peer: bytes, msg) -> None:
         self.state.send_multipart([peer, b"", *msg.to_frames()], copy=False)
@@ -283,19 +285,19 @@ class ContentManager:
         # the same request again (its first worker died) supersedes that worker's lease
         return not dev.leased(now) or dev.lease_seq == lease.seq
 
-    def commit(self, msg: sp.Commit):
+    def commit(self, msg: sp.Commit) -> str | None:
+        """End a lease with `folded` positions in the KV; why it was refused, or None."""
         dev = self.devices.get(msg.device_id)
         if dev is None or dev.lease_token != msg.token:
-            return sp.Error(ErrorCode.STALE, f"device {msg.device_id}: lease {msg.token} is not current")
+            return f"device {msg.device_id}: lease {msg.token} is not current"
         if not dev.folded <= msg.folded <= dev.received:
-            return sp.Error(ErrorCode.MALFORMED, f"device {msg.device_id}: folded {msg.folded} outside "
-                            f"[{dev.folded}, {dev.received}]")
+            return f"device {msg.device_id}: folded {msg.folded} outside [{dev.folded}, {dev.received}]"
         dev.folded = msg.folded
         dev.lease_token = 0
         dev.last_used = time.monotonic()
         shm.drop_pages(dev.segment, *dev.layout.dropped_pages(dev.folded))
         self._serve_waiters(dev, time.monotonic())
-        return sp.Done()
+        return None
 
     # ---- releasing ---------------------------------------------------------------------
     def release(self, dev: DeviceState, why: str) -> None:

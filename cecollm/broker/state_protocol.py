@@ -4,8 +4,10 @@ Worker DEALER (sent like REQ, with an empty delimiter) -> content manager ROUTER
 OPEN -> OPENED: a device starts a generation (a new session, a new shared-memory segment).
 LEASE -> GRANT: the worker may compute on the device's state until COMMIT; the grant comes
 when the rows up to the position have arrived (the manager waits, bounded) and no other
-worker holds the device. COMMIT -> DONE: the state now holds `folded` positions in its KV.
-Any of them -> ERROR (codes from wire.ErrorCode). No tensor crosses this socket: workers
+worker holds the device. COMMIT (one way, no reply): the state now holds `folded` positions in
+its KV and the lease ends; a commit for a lease that is no longer current is only logged (the
+request went to another worker, which computes the same). OPEN and LEASE may be answered
+with ERROR (codes from wire.ErrorCode); so is a message that cannot be read. No tensor crosses this socket: workers
 compute in the segment.
 """
 
@@ -29,8 +31,7 @@ class Command(enum.IntEnum):
     LEASE = 3
     GRANT = 4
     COMMIT = 5
-    DONE = 6
-    ERROR = 7
+    ERROR = 6
 
 
 def _head(command: Command) -> bytes:
@@ -129,17 +130,6 @@ class Commit:
 
 
 @dataclass(frozen=True)
-class Done:
-    def to_frames(self) -> list:
-        return [_head(Command.DONE)]
-
-    @classmethod
-    def from_frames(cls, frames) -> "Done":
-        expect_frames(frames, 1, "DONE")
-        return cls()
-
-
-@dataclass(frozen=True)
 class Error:
     code: ErrorCode
     message: str
@@ -161,9 +151,9 @@ class Error:
 
 
 MESSAGES = {Command.OPEN: Open, Command.OPENED: Opened, Command.LEASE: Lease, Command.GRANT: Grant,
-            Command.COMMIT: Commit, Command.DONE: Done, Command.ERROR: Error}
+            Command.COMMIT: Commit, Command.ERROR: Error}
 REQUESTS = (Command.OPEN, Command.LEASE, Command.COMMIT)
-REPLIES = (Command.OPENED, Command.GRANT, Command.DONE, Command.ERROR)
+REPLIES = (Command.OPENED, Command.GRANT, Command.ERROR)
 
 
 def parse(frames, allowed=tuple(Command)):

@@ -2,7 +2,7 @@
 
 HELLO: check the edge runs the same model and split, open a session. DECIDE: lease the
 device, attach its shared-memory segment, resume a CloudPartition over the KV cache and
-rows there (the KV is written in place), commit the folded positions, answer the token.
+rows there (the KV is written in place), commit the folded positions (one way), answer the token.
 """
 
 from __future__ import annotations
@@ -88,31 +88,27 @@ class CloudService:
 
     def decide(self, msg: ep.Decide) -> ep.Token:
         grant = self._call(sp.Lease(msg.device_id, msg.session, msg.seq, msg.position))
-        t0 = time.perf_counter()
-        token, prob = self._compute(grant, msg.position)
-        seconds = time.perf_counter() - t0  # compute only: the edge counts the rest as communication
-        try:
-            self._call(sp.Commit(msg.device_id, grant.token, msg.position + 1))
-        except Refused as exc:  # the request was handed to another worker meanwhile: same answer
-            log.info("commit refused (%s); answering anyway", exc)
+        token, prob, seconds = self._compute(grant, msg.position)  # seconds: the layers alone
+        # one way: if the request went to another worker meanwhile, it computes the same answer
+        self.state.send(sp.Commit(msg.device_id, grant.token, msg.position + 1).to_frames())
         return ep.Token(msg.device_id, msg.seq, msg.position, token, prob, seconds)
 
     @torch.inference_mode()
-    def _compute(self, grant: sp.Grant, position: int) -> tuple[int, float]:
+    def _compute(self, grant: sp.Grant, position: int) -> tuple[int, float, float]:
         wire = DTYPES.get(grant.wire_code)
         assert wire is not None, f"the content manager granted an unknown wire code {grant.wire_code}"
         layout = shm.StateLayout(capacity=grant.capacity, wire_itemsize=wire.itemsize, **self.layout_base)
         seg = shm.attach(grant.segment)
         try:
-            token, prob = self._fold(seg, layout, getattr(torch, wire.name), grant.folded, position)
+            result = self._fold(seg, layout, getattr(torch, wire.name), grant.folded, position)
         finally:
             try:
                 seg.close()  # every tensor over seg.buf is gone by now...
             except BufferError:  # ...unless a traceback still holds them: closed when collected
                 pass
-        return token, prob
+        return result
 
-    def _fold(self, seg, layout: shm.StateLayout, wire_dtype, folded: int, position: int) -> tuple[int, float]:
+    def _fold(self, seg, layout: shm.StateLayout, wire_dtype, folded: int, position: int) -> tuple[int, float, float]:
         count = 1
         for n in layout.kv_shape:
             count *= n
@@ -124,4 +120,6 @@ class CloudService:
         rows = torch.frombuffer(seg.buf, dtype=wire_dtype, count=n * layout.hidden, offset=begin)
         part = CloudPartition.resume(self.runner, self.split, cache, folded)
         part.receive(folded, rows.view(1, n, layout.hidden))  # [1, n, hidden]
-        return part.decide(position)
+        t0 = time.perf_counter()
+        token, prob = part.decide(position)
+        return token, prob, time.perf_counter() - t0
