@@ -89,8 +89,13 @@ class UploadSender:
                     if isinstance(item, _Session):
                         if segment is not None:
                             segment.close()
-                        session, seq = item, 0
-                        segment = shm.attach(item.segment) if item.segment else None
+                        session, seq, segment = item, 0, None
+                        if item.segment:
+                            try:
+                                segment = shm.attach(item.segment)
+                            except OSError as exc:  # another host, most likely
+                                log.warning("shared memory %s is not reachable here (%s); uploading over %s",
+                                            item.segment, exc.strerror, self.address)
                     elif session is None:
                         continue  # no session: standalone, nothing goes up
                     elif isinstance(item, _Rows):
