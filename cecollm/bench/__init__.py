@@ -1,0 +1,1 @@
+"""Benchmarks of deployment strategies (the paper's evaluation): `cecollm bench`, baselines, fanout."""
