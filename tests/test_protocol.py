@@ -85,6 +85,9 @@ BAD_EDGE = {
     "tensor long buffer": _upload_frames(_tensor_head(1, (1, 4)), b"\0" * 9),
     "tensor oversize": _upload_frames(_tensor_head(2, (1 << 20, 1 << 10)), b"\0" * 8),
     "tensor no rows": _upload_frames(_tensor_head(1, (0, 4)), b""),
+    # 2**31 * 2**31 * 4 elements: an int64 product wraps to 0 and would match an empty buffer
+    "tensor size overflow": _upload_frames(_tensor_head(1, (1 << 31, 1 << 31, 4)), b""),
+    "tensor size overflow 2d": _upload_frames(_tensor_head(1, ((1 << 32) - 1, (1 << 32) - 1)), b""),
     "upload_shm count 0": [pack_header(ep.TAG, ep.VERSION, ep.Command.UPLOAD_SHM), b"\0" * 20],
     "error bad code": [pack_header(ep.TAG, ep.VERSION, ep.Command.ERROR), struct.pack("!IB", 1, 250), b"x"],
     "error not utf8": [pack_header(ep.TAG, ep.VERSION, ep.Command.ERROR), struct.pack("!IB", 1, 1), b"\xff\xfe"],

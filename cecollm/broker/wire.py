@@ -9,6 +9,7 @@ Nothing a peer sent is ever unpickled. Bad input raises ProtocolError.
 from __future__ import annotations
 
 import enum
+import math
 import struct
 
 import numpy as np
@@ -138,7 +139,7 @@ def tensor_from_frames(head_frame, data_frame, max_bytes: int, what: str) -> np.
         raise ProtocolError(f"{what}: bad tensor rank {ndim} for a header of {len(head)} bytes")
     shape = struct.unpack(f"!{ndim}I", head[TENSOR_HEAD.size:])
     dtype = DTYPES[code]
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize  # Python ints: a numpy int64 product could wrap to 0
     if nbytes > max_bytes:
         raise ProtocolError(f"{what}: tensor of {nbytes} bytes exceeds {max_bytes}")
     data = buffer_of(data_frame)
