@@ -1,8 +1,11 @@
 """A request/reply call over a DEALER socket that survives timeouts.
 
 Sent like REQ (an empty delimiter, then the message) so a ROUTER peer sees the usual
-envelope, but unlike REQ a call that times out leaves the socket usable: late replies to
-earlier calls are recognised by the caller (sequence numbers) and skipped.
+envelope, but unlike REQ a call that times out leaves the socket usable: the socket is
+closed and opened again (the Lazy Pirate pattern), so a late reply to the call that gave
+up goes to a routing id nobody holds any more and is dropped by the peer, never taken for
+the next call's reply, and messages still queued for an unreachable peer are discarded.
+A send that cannot be queued within the send timeout is a CallTimeout too, never a hang.
 """
 
 from __future__ import annotations
@@ -17,27 +20,46 @@ class CallTimeout(Exception):
 
 
 class RpcSocket:
-    """One DEALER connection; call() sends a message and waits (bounded) for a reply."""
+    """One DEALER connection; send() then receive() (bounded) make a call."""
 
-    def __init__(self, context: zmq.Context, address: str) -> None:
-        self.socket = context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(address)
-        self.poller = zmq.Poller()
-        self.poller.register(self.socket, zmq.POLLIN)
+    def __init__(self, context: zmq.Context, address: str, send_timeout: float = 5.0) -> None:
+        self.context = context
+        self.address = address
+        self.send_timeout = send_timeout
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.poller = zmq.Poller()
+        self.socket = self._open()
+
+    def _open(self) -> zmq.Socket:
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.send_timeout * 1000)))
+        sock.connect(self.address)
+        self.poller.register(sock, zmq.POLLIN)
+        return sock
+
+    def reset(self) -> None:
+        """A new connection: nothing sent or due on the old one reaches this side any more."""
+        self.poller.unregister(self.socket)
+        self.socket.close(0)
+        self.socket = self._open()
 
     def send(self, frames) -> None:
+        try:
+            self.socket.send_multipart([b"", *frames], copy=False)
+        except zmq.Again:
+            self.reset()
+            raise CallTimeout(f"{self.address} took no message within {self.send_timeout:g} s") from None
         self.bytes_sent += sum(len(f) for f in frames)
-        self.socket.send_multipart([b"", *frames], copy=False)
 
     def receive(self, deadline: float):
         """The next reply's frames (without the delimiter), or CallTimeout at `deadline`."""
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self.poller.poll(max(1, int(left * 1000))):
-                raise CallTimeout(f"no reply within the time allowed")
+                self.reset()
+                raise CallTimeout("no reply within the time allowed")
             frames = self.socket.recv_multipart(copy=False)
             self.bytes_received += sum(len(f.buffer) for f in frames)
             if frames and len(frames[0].buffer) == 0:

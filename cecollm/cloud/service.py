@@ -66,10 +66,10 @@ class CloudService:
             return ep.Error(seq, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}").to_frames()
 
     def _call(self, msg):
-        self.state.send(msg.to_frames())
         try:
+            self.state.send(msg.to_frames())
             reply = sp.parse(self.state.receive(time.monotonic() + self.state_timeout), sp.REPLIES)
-        except CallTimeout:
+        except CallTimeout:  # the socket starts afresh: a late answer cannot pass for the next call's
             raise Refused(ErrorCode.INTERNAL, "the content manager did not answer") from None
         if isinstance(reply, sp.Error):
             raise Refused(reply.code, reply.message)
