@@ -56,3 +56,92 @@ def test_the_tapped_row_gives_the_standalone_token():
             token, conf = heads.heads[4].top1(runner.tapped, runner.lm_head)
             assert (token, conf) == (ref.token, ref.confidence)
             ids = [token]
+
+
+def _pull(address_holder: list):
+    import zmq
+
+    from cecollm.broker.launch import free_ports
+
+    sock = zmq.Context.instance().socket(zmq.PULL)
+    sock.setsockopt(zmq.LINGER, 0)
+    address = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    sock.bind(address)
+    address_holder.append(address)
+    return sock
+
+
+def _received(sock, count: int) -> list:
+    from cecollm.broker import edge_protocol as ep
+
+    out = []
+    for _ in range(count):
+        assert sock.poll(30_000), f"only {len(out)} of {count} messages arrived"
+        out.append(ep.parse(sock.recv_multipart()))
+    return out
+
+
+def _flushes(sender) -> bool:
+    """Whether flush() returns (run in a thread: a hang must fail the test, not stall it)."""
+    import threading
+
+    done = threading.Thread(target=sender.flush, daemon=True)
+    done.start()
+    done.join(30)
+    return not done.is_alive()
+
+
+def test_a_bad_segment_name_from_the_cloud_does_not_stop_the_sender():
+    """WELCOME's segment name is peer input: one the edge cannot map sends the rows over the socket."""
+    import numpy as np
+    import zmq
+
+    from cecollm.broker import edge_protocol as ep
+    from cecollm.edge.sender import UploadSender
+
+    where: list = []
+    pull = _pull(where)
+    sender = UploadSender(zmq.Context.instance(), where[0], send_timeout=5.0)
+    try:
+        sender.open(1, 7, "../../etc/passwd", 64, 0)  # not a name in /dev/shm
+        sender.rows(0, np.ones((2, 8), np.float16))
+        sender.end()
+        assert _flushes(sender)
+        upload, end = _received(pull, 2)
+        assert isinstance(upload, ep.Upload) and upload.rows.shape == (2, 8) and isinstance(end, ep.End)
+    finally:
+        sender.close()
+        pull.close(0)
+
+
+def test_the_sender_lets_go_of_a_segment_when_its_session_ends():
+    """A released segment stays in memory while anyone maps it: the edge unmaps at END."""
+    import os
+    from multiprocessing.shared_memory import SharedMemory
+
+    import numpy as np
+    import zmq
+
+    from cecollm.broker import edge_protocol as ep
+    from cecollm.edge.sender import UploadSender
+
+    name = f"cecollm-test-sender-{os.getpid()}"
+    seg = SharedMemory(name=name, create=True, size=4096)
+    where: list = []
+    pull = _pull(where)
+    sender = UploadSender(zmq.Context.instance(), where[0], send_timeout=5.0)
+    try:
+        sender.open(1, 7, name, 64, 0)
+        sender.rows(0, np.full((2, 8), 3, np.float16))
+        sender.end()
+        assert _flushes(sender)
+        notice, _ = _received(pull, 2)
+        assert isinstance(notice, ep.UploadShm) and notice.count == 2
+        assert np.all(np.frombuffer(seg.buf[:32], np.float16) == 3)  # the rows are in the segment
+        maps = open(f"/proc/{os.getpid()}/maps").read()
+        assert maps.count(name) == 1, "only the owner maps the segment once its session ended"
+    finally:
+        sender.close()
+        pull.close(0)
+        seg.close()
+        seg.unlink()

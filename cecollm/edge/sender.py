@@ -42,6 +42,22 @@ class _End:
     pass
 
 
+class _Link:
+    """The sender thread's current session: its upload count and mapped segment."""
+
+    def __init__(self) -> None:
+        self.session: _Session | None = None
+        self.seq = 0  # the next upload's number in the session
+        self.segment: shm.Attachment | None = None  # mapped when rows go through shared memory
+        self.stalled = False  # an upload was given up on: the rest of the session's rows are dropped
+
+    def detach(self) -> None:
+        """Forget the session and unmap its segment."""
+        if self.segment is not None:
+            self.segment.close()
+        self.session, self.segment, self.stalled = None, None, False
+
+
 class UploadSender:
     """Sends a session's rows (TCP/IPC bytes or shared memory) and its END, in order."""
 
@@ -66,9 +82,11 @@ class UploadSender:
     def end(self) -> None:
         self.queue.put(_End())
 
-    def flush(self) -> None:
-        """Wait until everything queued so far has been handed to the socket."""
-        self.queue.join()
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far has been handed to the socket (or given up on);
+        False if that took longer than `timeout` seconds (None: no limit; every send is bounded)."""
+        with self.queue.all_tasks_done:
+            return self.queue.all_tasks_done.wait_for(lambda: not self.queue.unfinished_tasks, timeout)
 
     def close(self) -> None:
         self.queue.put(None)
@@ -79,37 +97,45 @@ class UploadSender:
         sock.setsockopt(zmq.LINGER, int(self.send_timeout * 1000))
         sock.setsockopt(zmq.SNDTIMEO, int(self.send_timeout * 1000))
         sock.connect(self.address)
-        session, seq, segment = None, 0, None
+        self._link = _Link()
         try:
             while True:
                 item = self.queue.get()
                 try:
                     if item is None:
                         return
-                    if isinstance(item, _Session):
-                        if segment is not None:
-                            segment.close()
-                        session, seq, segment = item, 0, None
-                        if item.segment:
-                            try:
-                                segment = shm.attach(item.segment)
-                            except OSError as exc:  # another host, most likely
-                                log.warning("shared memory %s is not reachable here (%s); uploading over %s",
-                                            item.segment, exc.strerror, self.address)
-                    elif session is None:
-                        continue  # no session: standalone, nothing goes up
-                    elif isinstance(item, _Rows):
-                        self._send(sock, self._upload(session, seq, item, segment))
-                        seq += 1
-                    else:
-                        self._send(sock, ep.End(session.device_id, session.session).to_frames())
-                        session = None
+                    self._handle(sock, item)
+                except Exception:  # a bug must not stop the thread: flush() would wait for ever
+                    self.dropped += 1
+                    log.exception("upload sender: %r dropped", type(item).__name__)
                 finally:
                     self.queue.task_done()
         finally:
-            if segment is not None:
-                segment.close()
+            self._link.detach()
             sock.close()
+
+    def _handle(self, sock: zmq.Socket, item) -> None:
+        link = self._link
+        if isinstance(item, _Session):
+            link.detach()
+            link.session, link.seq = item, 0
+            if item.segment:
+                try:
+                    link.segment = shm.attach(item.segment)
+                except (OSError, ValueError) as exc:  # another host, most likely; or a bad name
+                    log.warning("shared memory %r is not reachable here (%s); uploading over %s",
+                                item.segment, getattr(exc, "strerror", None) or exc, self.address)
+        elif link.session is None:
+            return  # no session: standalone, nothing goes up
+        elif isinstance(item, _Rows):
+            if link.stalled:  # the cloud missed an upload: the session is broken there, rows are moot
+                self.dropped += 1
+                return
+            link.stalled = not self._send(sock, self._upload(link.session, link.seq, item, link.segment))
+            link.seq += 1
+        else:
+            self._send(sock, ep.End(link.session.device_id, link.session.session).to_frames())
+            link.detach()  # the cloud releases the segment: mapping it would keep its memory
 
     def _upload(self, session: _Session, seq: int, item: _Rows, segment) -> list:
         n, hidden = item.rows.shape
@@ -122,10 +148,13 @@ class UploadSender:
         self.shm_bytes += item.rows.nbytes
         return ep.UploadShm(session.device_id, session.session, seq, item.start, n).to_frames()
 
-    def _send(self, sock: zmq.Socket, frames: list) -> None:
+    def _send(self, sock: zmq.Socket, frames: list) -> bool:
+        """Whether the socket took the message within the send timeout."""
         try:
             sock.send_multipart(frames, copy=False)
-            self.bytes_sent += sum(len(memoryview(f)) if not isinstance(f, bytes) else len(f) for f in frames)
         except zmq.Again:
             self.dropped += 1
             log.warning("upload dropped: the cloud did not take it within %g s", self.send_timeout)
+            return False
+        self.bytes_sent += sum(len(memoryview(f)) if not isinstance(f, bytes) else len(f) for f in frames)
+        return True
