@@ -295,7 +295,8 @@ def test_a_worker_started_by_hand_edges_over_ipc_and_sigint(loaded, split, model
     worker = subprocess.Popen([sys.executable, "-c", "from cecollm.broker.cli import worker_main; worker_main()",
                                "--broker", b.worker_address], stderr=subprocess.DEVNULL)
     try:
-        config = EdgeConfig(device_id=12, broker=f"{base}.requests", threshold=1.0, max_new_tokens=10, timeout=60)
+        config = EdgeConfig(device_id=12, broker=f"{base}.requests", threshold=1.0, max_new_tokens=10, timeout=60,
+                            hello_timeout=180)  # the worker may still be loading on a busy machine
         assert config.upload_address == f"{base}.uploads" and config.use_shm
         with EdgeClient(loaded.model, loaded.identity, split, HeadSet.lens(loaded.model, EXITS), config) as client:
             result = client.generate(PROMPTS[3])  # waits in the queue until the worker is ready
