@@ -106,6 +106,9 @@ cli.add_command(selfgen_command)
 cli.add_command(exits_report_command)
 cli.add_command(exits_compare_command)
 
+from cecollm.bench.cli import bench_command  # noqa: E402
+cli.add_command(bench_command)
+
 
 def main() -> None:
     cli(prog_name="cecollm")
