@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import click
@@ -86,7 +88,8 @@ def train_exits_command(model, exits, data, out, arch, rank, vocab, eval_data, h
     dcfg = DataConfig(data=tuple(data), eval_data=tuple(eval_data), holdout=holdout, max_len=max_len, top_k=top_k,
                       max_tokens=max_tokens, cache=cache,
                       cache_layers=parse_exits(cache_layers) if cache_layers else ())
-    heads = train_exits(loaded, exit_list, dcfg, config, Path(out), resume=not fresh, half=half)
+    command = " ".join(["cecollm"] + [shlex.quote(a) for a in sys.argv[1:]])
+    heads = train_exits(loaded, exit_list, dcfg, config, Path(out), resume=not fresh, half=half, command=command)
     summary = heads.training["summary"]
     click.echo(f"wrote {out}: {arch} heads at exits {','.join(map(str, heads.exits))}; "
                f"{summary['steps']}/{summary['total_steps']} steps, loss {summary['first_loss']:.3f} -> "

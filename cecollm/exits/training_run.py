@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,8 +33,10 @@ def _cache(loaded, paths, part: str, cfg: DataConfig, layers, max_tokens: int, n
 
 
 def train_exits(loaded, exits: tuple[int, ...], data: DataConfig, config: TrainConfig, out: Path,
-                resume: bool = True, half: bool = False, progress: bool = True) -> HeadSet:
-    """Train heads for `exits` of `loaded` and write them to `out`; returns the HeadSet."""
+                resume: bool = True, half: bool = False, progress: bool = True, command: str = "") -> HeadSet:
+    """Train heads for `exits` of `loaded` and write them to `out`; returns the HeadSet.
+
+    `command` is recorded in the heads file (the CLI passes its command line)."""
     split = Split.create(loaded.n_layers, exits)  # validates the exits against the model
     layers = sorted(set(split.exits) | set(data.cache_layers))
     if any(not 1 <= e < loaded.n_layers for e in layers):
@@ -62,7 +63,7 @@ def train_exits(loaded, exits: tuple[int, ...], data: DataConfig, config: TrainC
         exits=split.exits, heads=trainer.heads, arch=config.arch, arch_options=dict(config.arch_options),
         model_identity=loaded.identity,
         training={
-            "command": " ".join(["cecollm"] + sys.argv[1:]) if sys.argv else "",
+            "command": command,
             "model": loaded.name, "config": asdict(config),
             "data": {**{k: v for k, v in asdict(data).items() if k != "cache"},
                      "train_records": n_train, "train_rows": train_cache.rows, "heldout_records": n_held,
