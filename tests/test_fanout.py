@@ -76,7 +76,8 @@ def test_a_recorded_trace_holds_every_row_and_the_clouds_tokens(trace_path):
         # each position's upload-layer row exactly once: prompt and all but the last token
         assert sum(e.rows for e in uploads) == g.prompt_tokens + len(g.token_ids) - 1
         assert [e.start for e in uploads] == sorted(e.start for e in uploads) and uploads[0].start == 0
-        assert all(e.row == r for e, r in zip(uploads, [row + sum(u.rows for u in uploads[:k]) for k in range(len(uploads))]))
+        offsets = [row + sum(u.rows for u in uploads[:k]) for k in range(len(uploads))]
+        assert [e.row for e in uploads] == offsets  # rows stored in upload order
         row += sum(e.rows for e in uploads)
         cloud = [t for t, by in zip(g.token_ids, g.decided_by) if by == "cloud"]
         assert [e.token for e in g.decides] == cloud and cloud

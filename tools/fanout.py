@@ -62,7 +62,8 @@ D = FanoutConfig()  # the options' defaults
 @click.option("--model", default=D.model, show_default=True, help="Live/record: the edge's model.")
 @click.option("--heads", default=D.heads, help="Live/record: exit heads file [default: the model's].")
 @click.option("--exits", default=D.exits, help="Live/record: exits, e.g. 8,15 [default: the model's].")
-@click.option("--upload-layer", type=int, default=D.upload_layer, help="Live/record: uploaded layer [default: last exit].")
+@click.option("--upload-layer", type=int, default=D.upload_layer,
+              help="Live/record: uploaded layer [default: last exit].")
 @click.option("--threshold", type=float, default=D.threshold, show_default=True, help="Live/record: exit threshold.")
 @click.option("--no-fp16", is_flag=True, help="Live/record: float32 rows on the wire.")
 @click.option("--max-new-tokens", type=int, default=D.max_new_tokens, show_default=True)
@@ -76,7 +77,8 @@ D = FanoutConfig()  # the options' defaults
 @click.option("--seed", type=int, default=D.seed, show_default=True, help="Seeds the start offsets.")
 @click.option("--device-base", type=int, default=D.device_base, show_default=True)
 @click.option("--broker-pid", type=int, default=D.broker_pid,
-              help="The broker's pid: its content manager is measured [default: the process bound to the upload address].")
+              help="The broker's pid: its content manager is measured "
+                   "[default: the process bound to the upload address].")
 @click.option("--cm-pid", type=int, default=D.cm_pid, help="The content manager's pid, if known.")
 @click.option("--json", "json_path", default=None, help="Write the report as JSON to this file ('-': stdout).")
 @click.option("--threads", type=int, default=D.threads, show_default=True, help="Torch threads (live/record).")
@@ -89,7 +91,10 @@ def main(record: bool, no_fp16: bool, no_rotate: bool, json_path: str | None, ve
     requests at the recorded pace, with the edge's compute replaced by sleeping its time, so the
     cloud does its real work for N devices while the edge side costs nothing; every reply must
     equal the recorded token (mismatches are errors). live runs N real edges in threads: on a
-    2-core machine they fight the cloud for the CPU, so prefer replay to measure the cloud."""
+    2-core machine they fight the cloud for the CPU, so prefer replay to measure the cloud.
+
+    Exit code 1 when a request failed, timed out or (replay) got another token than recorded;
+    2 for bad input (one line)."""
     from cecollm.bench.fanout import check_config, read_prompt_texts, record_trace, run_fanout
 
     config = FanoutConfig(fp16=not no_fp16, rotate=not no_rotate, **options)
@@ -99,8 +104,8 @@ def main(record: bool, no_fp16: bool, no_rotate: bool, json_path: str | None, ve
 
     from cecollm.bench.fanout_trace import Trace
 
-    if record or config.mode == "live":
-        texts = read_prompt_texts(config)
+    if record or config.mode == "live" or config.prompts:
+        texts = read_prompt_texts(config)  # a bad --prompts is an error even where replay does not need it
     if record:
         if not config.trace:
             raise UserError("--record needs --trace FILE to write")

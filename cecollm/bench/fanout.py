@@ -162,14 +162,14 @@ def check_config(config: FanoutConfig) -> None:
         upload = config.edge.upload_address
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    for address in (config.broker, upload):
-        _reachable(address)
+    _reachable(config.broker, "the broker's request address")
+    _reachable(upload, "the broker's upload address" + ("" if config.upload else ", derived: give --upload"))
 
 
-def _reachable(address: str) -> None:
+def _reachable(address: str, what: str) -> None:
     if address.startswith("ipc://"):
         if not Path(address[len("ipc://"):]).exists():
-            raise UserError(f"no broker at {address} (the socket file does not exist)")
+            raise UserError(f"no broker at {address} ({what}; the socket file does not exist)")
         return
     host, _, port = address[len("tcp://"):].rpartition(":")
     if not port.isdigit() or not host or host == "*":
@@ -178,7 +178,7 @@ def _reachable(address: str) -> None:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=3):
             pass
     except OSError as exc:
-        raise UserError(f"no broker at {address}: {exc.strerror or exc}") from None
+        raise UserError(f"no broker at {address} ({what}): {exc.strerror or exc}") from None
 
 
 def read_prompt_texts(config: FanoutConfig) -> list[str]:

@@ -156,11 +156,12 @@ class Trace:
     def summary(self) -> dict:
         decides = [e for g in self.generations for e in g.decides]
         tokens = sum(len(g.token_ids) for g in self.generations)
+        latency = round(1000 * float(np.mean([e.latency for e in decides])), 3) if decides else None
         return {"generations": len(self.generations), "tokens": tokens, "cloud_requests": len(decides),
                 "uploads": sum(e.kind == "upload" for g in self.generations for e in g.events),
                 "rows": int(len(self.rows)), "row_bytes": int(self.rows.nbytes),
                 "edge_seconds": round(sum(e.gap for g in self.generations for e in g.events), 4),
-                "recorded_latency_ms_mean": round(1000 * float(np.mean([e.latency for e in decides])), 3) if decides else None}
+                "recorded_latency_ms_mean": latency}
 
 
 def _event_fields(e: TraceEvent) -> dict:
