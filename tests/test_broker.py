@@ -309,3 +309,35 @@ def test_a_worker_started_by_hand_edges_over_ipc_and_sigint(loaded, split, model
     assert code == 0 and worker.returncode == 0
     assert not [name for name in os.listdir("/dev/shm") if name.startswith(f"cecollm-{b.proc.pid}-")]
     assert not list(tmp_path.glob("cecollm.*"))  # ipc socket files removed
+
+
+def _capacity_refused(msg):
+    """Opens sessions, then refuses every position: beyond the session's capacity."""
+    if isinstance(msg, ep.Hello):
+        return _welcome_only(msg)
+    return ep.Error(msg.seq, ErrorCode.CAPACITY, "position 9 is beyond the capacity of 8 positions")
+
+
+def test_an_edge_that_goes_alone_releases_its_cloud_state(loaded, split):
+    """The cloud's state for a session the edge gave up on is released now, not after the idle TTL."""
+    from cecollm.broker.launch import free_ports
+
+    port, upload = free_ports(2)
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.bind(f"tcp://127.0.0.1:{upload}")
+    stop = threading.Event()
+    server = threading.Thread(target=_fake_cloud, args=(f"tcp://127.0.0.1:{port}", stop, _capacity_refused))
+    server.start()
+    try:
+        config = EdgeConfig(device_id=1, broker=f"tcp://127.0.0.1:{port}", upload=f"tcp://127.0.0.1:{upload}",
+                            threshold=1.0, max_new_tokens=4, timeout=20.0)
+        with EdgeClient(loaded.model, loaded.identity, split, HeadSet.lens(loaded.model, EXITS), config) as client:
+            result = client.generate(PROMPTS[3])
+        assert "capacity" in result.stats.standalone_reason
+        kinds = [type(ep.parse(pull.recv_multipart())).__name__ for _ in range(2) if pull.poll(30_000)]
+        assert kinds == ["Upload", "End"]  # the prompt's rows, then the session is given back
+    finally:
+        stop.set()
+        server.join()
+        pull.close(0)

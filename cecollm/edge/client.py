@@ -236,18 +236,20 @@ class EdgeClient:
         gen = _Generation(EdgePartition(self.runner, self.split, self.heads, c.threshold, standalone=c.standalone),
                           result.stats)
         self._start(gen)
-        inputs, position = list(prompt_ids), len(prompt_ids)
-        for _ in range(c.max_new_tokens):
-            token, by, conf = self._step(gen, inputs)
-            record = TokenRecord(position, token, by, conf)
-            result.token_ids.append(token)
-            result.tokens.append(record)
-            if on_token:
-                on_token(record)
-            if token in self.eos:
-                break
-            inputs, position = [token], position + 1
-        self._finish(gen)
+        try:  # whatever happens (an exception in on_token, Ctrl-C), the cloud hears that it ended
+            inputs, position = list(prompt_ids), len(prompt_ids)
+            for _ in range(c.max_new_tokens):
+                token, by, conf = self._step(gen, inputs)
+                record = TokenRecord(position, token, by, conf)
+                result.token_ids.append(token)
+                result.tokens.append(record)
+                if on_token:
+                    on_token(record)
+                if token in self.eos:
+                    break
+                inputs, position = [token], position + 1
+        finally:
+            self._finish(gen)
         return result
 
     def _start(self, gen: "_Generation") -> None:
@@ -289,13 +291,14 @@ class EdgeClient:
         if gen.session is not None:  # the request timed out
             gen.timeouts_in_row += 1
             if gen.timeouts_in_row >= self.config.max_timeouts:
-                self._sender.end()
                 self._go_alone(gen, f"{gen.timeouts_in_row} requests in a row timed out")
         stats.fallback_tokens += 1
         token, conf = self._last_exit()
         return token, self.split.last_exit, conf
 
     def _go_alone(self, gen: "_Generation", why: str) -> None:
+        if self._sender is not None:
+            self._sender.end()  # the cloud releases the session now, not after its idle TTL
         gen.session = self.session = None
         gen.stats.standalone_reason = why
         log.warning("device %d: going on on the edge alone: %s", self.config.device_id, why)
