@@ -88,7 +88,7 @@ def _semantic(rng: random.Random, module) -> list[bytes]:
     if module is wp:
         return rng.choice([wp.Heartbeat(), wp.Reply(rng.randrange(1 << 40), (b"x",)), wp.Config("x", "y", (1,), 1, "z", 1, 1),
                            wp.Request(1, (b"x",))]).to_frames()
-    return rng.choice([sp.Lease(device, 1, 1, 3), sp.Commit(device, 5, 5), sp.Open(device, 77),
+    return rng.choice([sp.Lease(device, 1, 1, 3), sp.Commit(device, 5, 5, 1, 0.5), sp.Open(device, 77),
                        sp.Grant(1, 1, 1, 1, 1, "x")]).to_frames()
 
 

@@ -67,7 +67,7 @@ def test_open_upload_lease_commit_and_release(manager):
     manager.lease(b"w1", sp.Lease(3, opened.session, 1, 2))
     (peer, grant), = manager.state.take()
     assert peer == b"w1" and isinstance(grant, sp.Grant) and (grant.folded, grant.received) == (0, 3)
-    assert manager.commit(sp.Commit(3, grant.token, 3)) is None
+    assert manager.commit(sp.Commit(3, grant.token, 3, 0, 0.0)) is None
     assert dev.folded == 3 and dev.lease_token == 0
     manager.on_upload([bytes(f) for f in ep.End(3, opened.session).to_frames()])
     assert 3 not in manager.devices and not os.path.exists(f"/dev/shm/{opened.segment}")
@@ -83,7 +83,7 @@ def test_lease_waits_for_rows_in_flight_then_times_out(manager):
     _upload(manager, 3, opened.session, 0, 0, 2)
     (_, grant), = manager.state.take()
     assert isinstance(grant, sp.Grant)
-    manager.commit(sp.Commit(3, grant.token, 2))
+    manager.commit(sp.Commit(3, grant.token, 2, 0, 0.0))
     manager.lease(b"w1", sp.Lease(3, opened.session, 2, 5))
     manager.housekeeping(time.monotonic() + 1.0)
     (_, err), = manager.state.take()
@@ -100,11 +100,11 @@ def test_one_worker_at_a_time_and_a_retried_request_supersedes(manager):
     manager.lease(b"w3", sp.Lease(3, opened.session, 7, 1))  # request 7 again (w1 died): takes over
     (peer, second), = manager.state.take()
     assert peer == b"w3" and second.token != first.token
-    assert "not current" in manager.commit(sp.Commit(3, first.token, 2))  # w1's lease is gone
-    assert manager.commit(sp.Commit(3, second.token, 2)) is None
+    assert "not current" in manager.commit(sp.Commit(3, first.token, 2, 0, 0.0))  # w1's lease is gone
+    assert manager.commit(sp.Commit(3, second.token, 2, 0, 0.0)) is None
     (peer, third), = manager.state.take()  # request 8 gets its turn
     assert peer == b"w2" and third.folded == 2
-    assert "outside" in manager.commit(sp.Commit(3, third.token, 99))  # more than it received
+    assert "outside" in manager.commit(sp.Commit(3, third.token, 99, 0, 0.0))  # more than it received
 
 
 def test_bad_uploads_break_the_session_and_leases_hear_why(manager):
@@ -163,8 +163,40 @@ def test_folded_rows_are_dropped(manager):
     dev = manager.devices[3]
     manager.lease(b"w", sp.Lease(3, opened.session, 1, 4))
     (_, grant), = manager.state.take()
-    manager.commit(sp.Commit(3, grant.token, 5))
+    manager.commit(sp.Commit(3, grant.token, 5, 0, 0.0))
     begin, end = dev.layout.rows_span(0, 8)
     rows = np.frombuffer(dev.segment.buf[begin:end], dtype=np.float16).reshape(8, HIDDEN)
     assert np.all(rows[:4] == 0)  # rows 0..3 fill two whole pages: given back, read as zeros
     assert np.all(rows[4:] == 3.0)  # row 4 shares a page with row 5, which is still needed
+
+
+def test_a_commit_without_a_lease_changes_nothing(manager):
+    opened = _open(manager)
+    _upload(manager, 3, opened.session, 0, 0, 4)
+    assert "not current" in manager.commit(sp.Commit(3, 0, 4, 0, 0.0))  # no lease is held: token 0
+    assert manager.devices[3].folded == 0
+
+
+def test_a_retried_request_whose_worker_died_after_committing_gets_the_answer(manager):
+    """The first worker folded the position and committed, then died before its reply left: the
+    retry (same request seq) cannot compute again (the KV holds the position), so it is told the answer."""
+    opened = _open(manager)
+    _upload(manager, 3, opened.session, 0, 0, 4)
+    manager.lease(b"w1", sp.Lease(3, opened.session, 7, 3))
+    (_, grant), = manager.state.take()
+    assert manager.commit(sp.Commit(3, grant.token, 4, 1234, 0.75)) is None
+    manager.lease(b"w2", sp.Lease(3, opened.session, 7, 3))  # the broker retries request 7
+    (peer, answer), = manager.state.take()
+    assert peer == b"w2" and answer == sp.Decided(3, 1234, 0.75)
+    manager.lease(b"w2", sp.Lease(3, opened.session, 8, 3))  # another request for a decided position
+    assert manager.state.take()[0][1].code == ErrorCode.STALE
+
+
+def test_no_room_in_dev_shm_is_an_error_reply_not_a_crash(manager, monkeypatch):
+    def full(name, nbytes):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shm, "create", full)
+    refused = manager.open(sp.Open(3, F16))
+    assert refused.code == ErrorCode.BUDGET and "No space" in refused.message
+    assert manager.used_bytes == 0 and 3 not in manager.devices

@@ -29,7 +29,7 @@ WORKER_MESSAGES = [
 ]
 STATE_MESSAGES = [
     sp.Open(3, 1), sp.Opened(5, 1024, 8192, "seg"), sp.Lease(3, 5, 9, 40), sp.Grant(11, 3, 41, 1024, 2, "seg"),
-    sp.Commit(3, 11, 41), sp.Error(ErrorCode.MISSING, "late"),
+    sp.Commit(3, 11, 41, 7, 0.5), sp.Decided(40, 7, 0.5), sp.Error(ErrorCode.MISSING, "late"),
 ]
 
 

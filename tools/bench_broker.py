@@ -138,7 +138,7 @@ def upload_throughput(broker, identity: str, state_address: str, shm: bool, rows
     grant = sp.parse(state.receive(time.monotonic() + 120))
     seconds = time.perf_counter() - t0
     assert isinstance(grant, sp.Grant) and grant.received == total_rows, grant
-    state.send(sp.Commit(2, grant.token, 0).to_frames())  # one way
+    state.send(sp.Commit(2, grant.token, 0, 0, 0.0).to_frames())  # one way
     sender.end()
     sender.close()
     state.close()

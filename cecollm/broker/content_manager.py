@@ -75,6 +75,8 @@ class DeviceState:
     lease_token: int = 0  # 0: no lease
     lease_seq: int = 0  # the edge request the lease serves
     lease_expires: float = 0.0
+    answer_seq: int = 0  # the edge request the last commit served...
+    answer: sp.Decided | None = None  # ...and its token, for a retry of that request
     last_used: float = field(default_factory=time.monotonic)
     broken: str | None = None  # why an upload was refused (the session cannot go on)
     waiters: list[_Waiter] = field(default_factory=list)
@@ -224,7 +226,11 @@ class ContentManager:
             return sp.Error(ErrorCode.BUDGET, str(exc))
         self._counter = (self._counter + 1) % (1 << 32) or 1
         name = f"{c.segment_prefix}{msg.device_id}-{self._counter}"
-        segment = shm.create(name, layout.nbytes)
+        try:
+            segment = shm.create(name, layout.nbytes)
+        except OSError as exc:  # /dev/shm full, too many open files...: refuse this one, keep serving
+            log.warning("device %d: no shared-memory segment of %d bytes: %s", msg.device_id, layout.nbytes, exc)
+            return sp.Error(ErrorCode.BUDGET, f"no shared memory for the device's state: {exc}")
         dev = DeviceState(msg.device_id, self._counter, msg.wire_code, layout, segment)
         self.devices[msg.device_id] = dev
         self.used_bytes += layout.nbytes
@@ -253,6 +259,8 @@ class ContentManager:
         if msg.position >= dev.layout.capacity:
             self._reply(peer, sp.Error(ErrorCode.CAPACITY, f"position {msg.position} is beyond the capacity of "
                                        f"{dev.layout.capacity} positions"))
+        elif msg.position < dev.folded and dev.answer and (dev.answer_seq, dev.answer.position) == (msg.seq, msg.position):
+            self._reply(peer, dev.answer)  # its first worker committed, then died before replying
         elif msg.position < dev.folded:
             self._reply(peer, sp.Error(ErrorCode.STALE, f"position {msg.position} was already decided"))
         else:
@@ -288,10 +296,12 @@ class ContentManager:
     def commit(self, msg: sp.Commit) -> str | None:
         """End a lease with `folded` positions in the KV; why it was refused, or None."""
         dev = self.devices.get(msg.device_id)
-        if dev is None or dev.lease_token != msg.token:
+        if dev is None or msg.token == 0 or dev.lease_token != msg.token:
             return f"device {msg.device_id}: lease {msg.token} is not current"
         if not dev.folded <= msg.folded <= dev.received:
             return f"device {msg.device_id}: folded {msg.folded} outside [{dev.folded}, {dev.received}]"
+        if msg.folded > dev.folded:
+            dev.answer_seq, dev.answer = dev.lease_seq, sp.Decided(msg.folded - 1, msg.decided, msg.prob)
         dev.folded = msg.folded
         dev.lease_token = 0
         dev.last_used = time.monotonic()

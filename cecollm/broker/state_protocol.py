@@ -5,8 +5,10 @@ OPEN -> OPENED: a device starts a generation (a new session, a new shared-memory
 LEASE -> GRANT: the worker may compute on the device's state until COMMIT; the grant comes
 when the rows up to the position have arrived (the manager waits, bounded) and no other
 worker holds the device. COMMIT (one way, no reply): the state now holds `folded` positions in
-its KV and the lease ends; a commit for a lease that is no longer current is only logged (the
-request went to another worker, which computes the same). OPEN and LEASE may be answered
+its KV, the lease ends, and the token decided for the last of them is noted; a commit for a
+lease that is no longer current is only logged (the request went to another worker, which
+computes the same). LEASE -> DECIDED: the request was already served (its worker committed,
+then died before its reply got out): the noted token, nothing to compute. OPEN and LEASE may be answered
 with ERROR (codes from wire.ErrorCode); so is a message that cannot be read. No tensor crosses this socket: workers
 compute in the segment.
 """
@@ -22,7 +24,7 @@ from cecollm.broker.wire import (
 )
 
 TAG = b"CS"
-VERSION = 1
+VERSION = 2  # 2: COMMIT carries the decided token; DECIDED
 
 
 class Command(enum.IntEnum):
@@ -32,6 +34,7 @@ class Command(enum.IntEnum):
     GRANT = 4
     COMMIT = 5
     ERROR = 6
+    DECIDED = 7
 
 
 def _head(command: Command) -> bytes:
@@ -115,18 +118,40 @@ class Grant:
 @dataclass(frozen=True)
 class Commit:
     device_id: int
-    token: int
+    token: int  # the lease
     folded: int
+    decided: int  # the token decided after position folded - 1
+    prob: float  # its probability
 
-    _FIELDS = struct.Struct("!IQI")
+    _FIELDS = struct.Struct("!IQIId")
 
     def to_frames(self) -> list:
-        return [_head(Command.COMMIT), self._FIELDS.pack(self.device_id, self.token, self.folded)]
+        return [_head(Command.COMMIT), self._FIELDS.pack(self.device_id, self.token, self.folded, self.decided,
+                                                          self.prob)]
 
     @classmethod
     def from_frames(cls, frames) -> "Commit":
         expect_frames(frames, 2, "COMMIT")
         return cls(*unpack_fixed(cls._FIELDS, frames[1], "COMMIT"))
+
+
+@dataclass(frozen=True)
+class Decided:
+    """The answer a committed request already got (LEASE of a request that was retried)."""
+
+    position: int
+    token: int
+    prob: float
+
+    _FIELDS = struct.Struct("!IId")
+
+    def to_frames(self) -> list:
+        return [_head(Command.DECIDED), self._FIELDS.pack(self.position, self.token, self.prob)]
+
+    @classmethod
+    def from_frames(cls, frames) -> "Decided":
+        expect_frames(frames, 2, "DECIDED")
+        return cls(*unpack_fixed(cls._FIELDS, frames[1], "DECIDED"))
 
 
 @dataclass(frozen=True)
@@ -151,9 +176,9 @@ class Error:
 
 
 MESSAGES = {Command.OPEN: Open, Command.OPENED: Opened, Command.LEASE: Lease, Command.GRANT: Grant,
-            Command.COMMIT: Commit, Command.ERROR: Error}
+            Command.COMMIT: Commit, Command.ERROR: Error, Command.DECIDED: Decided}
 REQUESTS = (Command.OPEN, Command.LEASE, Command.COMMIT)
-REPLIES = (Command.OPENED, Command.GRANT, Command.ERROR)
+REPLIES = (Command.OPENED, Command.GRANT, Command.DECIDED, Command.ERROR)
 
 
 def parse(frames, allowed=tuple(Command)):

@@ -88,9 +88,15 @@ class CloudService:
 
     def decide(self, msg: ep.Decide) -> ep.Token:
         grant = self._call(sp.Lease(msg.device_id, msg.session, msg.seq, msg.position))
+        if isinstance(grant, sp.Decided):  # a retry: the first worker committed this, then died
+            return ep.Token(msg.device_id, msg.seq, msg.position, grant.token, grant.prob, 0.0)
         token, prob, seconds = self._compute(grant, msg.position)  # seconds: the layers alone
         # one way: if the request went to another worker meanwhile, it computes the same answer
-        self.state.send(sp.Commit(msg.device_id, grant.token, msg.position + 1).to_frames())
+        commit = sp.Commit(msg.device_id, grant.token, msg.position + 1, token, prob)
+        try:
+            self.state.send(commit.to_frames())
+        except CallTimeout:  # the lease lapses on its own; the answer is right all the same
+            log.warning("device %d: the content manager took no commit", msg.device_id)
         return ep.Token(msg.device_id, msg.seq, msg.position, token, prob, seconds)
 
     @torch.inference_mode()
