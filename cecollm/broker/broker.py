@@ -134,6 +134,8 @@ class Broker:
         now = time.monotonic()
         record = self.workers.get(identity)
         if isinstance(msg, wp.Connect):
+            if record is not None:  # the same peer starts over: what it held goes to another worker
+                self._forget(record)
             self.workers[identity] = WorkerRecord(identity, msg.pid, now + 120.0)  # loading may take a while
             self.backend.send_multipart([identity, *self.worker_config.to_frames()])
             return
@@ -161,8 +163,8 @@ class Broker:
         while self.queue and self.idle:
             identity = self.idle.popleft()
             record = self.workers.get(identity)
-            if record is None:
-                continue
+            if record is None or not record.ready or record.job is not None:
+                continue  # purged, or started over since it was idle
             job = self.queue.popleft()
             job.attempts += 1
             record.job = job
@@ -174,16 +176,18 @@ class Broker:
                 self.backend.send_multipart([record.identity, *wp.Heartbeat().to_frames()])
 
     def purge(self, now: float) -> None:
-        for identity, record in list(self.workers.items()):
-            if now <= record.expires:
-                continue
-            del self.workers[identity]
-            if identity in self.idle:
-                self.idle.remove(identity)
-            log.warning("worker %d is silent: purged (%d ready)", record.pid, self.ready_workers)
-            job = record.job
-            if job is None:
-                continue
+        for record in list(self.workers.values()):
+            if now > record.expires:
+                self._forget(record)
+                log.warning("worker %d is silent: purged (%d ready)", record.pid, self.ready_workers)
+
+    def _forget(self, record: WorkerRecord) -> None:
+        """Drop a worker; its request goes to another (or, retried enough, back as an error)."""
+        del self.workers[record.identity]
+        if record.identity in self.idle:
+            self.idle.remove(record.identity)
+        job = record.job
+        if job is not None:
             if job.attempts <= self.retries:
                 log.warning("job %d of the dead worker %d goes to another worker", job.number, record.pid)
                 self.queue.appendleft(job)
@@ -191,6 +195,8 @@ class Broker:
                 self.reply(job.client, ep.Error(job.seq, ErrorCode.WORKER_LOST,
                                                 f"the worker died {job.attempts} times on this request").to_frames())
 
-    def shutdown(self) -> None:
+    def shutdown(self, linger_ms: int = 1000) -> None:
+        """Tell every worker to go away; the socket keeps trying for `linger_ms` after it is closed."""
         for record in self.workers.values():
             self.backend.send_multipart([record.identity, *wp.Disconnect().to_frames()])
+        self.backend.setsockopt(zmq.LINGER, linger_ms)  # LINGER 0 would drop the goodbyes at close

@@ -159,7 +159,7 @@ def run_broker(config: BrokerConfig) -> None:
         broker.shutdown()
         _stop_processes([*children, manager])
         frontend.close(0)
-        backend.close(0)
+        backend.close()  # with the linger shutdown() set: hand-started workers hear the goodbye
         context.term()
         leftovers = shm.remove_leftovers(prefix)
         if leftovers:
