@@ -1,14 +1,18 @@
-"""A cloud worker process: an I/O thread that talks to the broker and a compute thread.
+"""A cloud worker process: one thread serves the broker socket and computes.
 
-The main thread owns the broker socket: it connects, receives CONFIG, loads the model (mapped
-weights) and announces READY, then forwards REQUESTs to the compute thread over an inproc
-pair and REPLYs back, and keeps heartbeating both ways even while a request computes. When
-the broker is silent for `liveness` beats the worker exits (the broker purges workers the
-same way, and hands a dead worker's request to another).
+The main thread connects, receives CONFIG, loads the model (mapped weights) and announces
+READY, then serves: poll, dispatch on the command (a REQUEST is computed right there, no
+hand-off to another thread), housekeeping (heartbeats, the broker's silence, mapped segments
+no device uses any more). While a request computes, a small beat thread sends the heartbeats
+instead; the two threads take turns on the socket under a lock (a full memory barrier, as
+ZeroMQ asks of a socket that changes threads). When the broker is silent for `liveness` beats
+the worker exits (the broker purges workers the same way, and hands a dead worker's request to
+another).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -24,8 +28,6 @@ from cecollm.broker.wire import ProtocolError
 from cecollm.errors import UserError
 
 log = logging.getLogger(__name__)
-
-COMPUTE = "inproc://compute"
 
 
 @dataclass(frozen=True)
@@ -81,69 +83,87 @@ class Worker:
         state = RpcSocket(self.context, config.state_address)
         return CloudService(DecoderRunner(model), split, identity, state, self.config.state_timeout)
 
-    def _compute_loop(self, service) -> None:
-        pair = self.context.socket(zmq.PAIR)
-        pair.connect(COMPUTE)
-        try:
-            while True:
-                frames = pair.recv_multipart(copy=False)
-                if not frames or len(frames[0].buffer) == 0:
-                    return  # the I/O thread says stop
-                pair.send_multipart([frames[0], *service.handle(frames[1:])], copy=False)
-        finally:
-            pair.close(0)
-            service.state.close()
-
     def serve(self) -> int:
         """Run until the broker goes away or a signal arrives; the exit code."""
         sock, config = self._connect()
         log.info("worker %d: loading %s", os.getpid(), config.model_dir)
         service = self._load(config)
-        pair = self.context.socket(zmq.PAIR)
-        pair.bind(COMPUTE)
-        compute = threading.Thread(target=self._compute_loop, args=(service,), name="compute", daemon=True)
-        compute.start()
         sock.send_multipart(wp.Ready().to_frames())
         log.info("worker %d: ready", os.getpid())
-        code = self._io_loop(sock, pair, config)
-        pair.send(b"")
-        compute.join(timeout=5)
-        pair.close(0)
-        sock.close(0)
-        return code
+        beats = BeatThread(sock, config.heartbeat_ms / 1000)
+        try:
+            return self._serve_loop(sock, beats, service, config)
+        finally:
+            beats.stop()
+            service.close()
+            sock.close(0)
 
-    def _io_loop(self, sock: zmq.Socket, pair: zmq.Socket, config: wp.Config) -> int:
+    def _serve_loop(self, sock: zmq.Socket, beats: "BeatThread", service, config: wp.Config) -> int:
         interval = config.heartbeat_ms / 1000
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(pair, zmq.POLLIN)
         broker_seen = next_beat = time.monotonic()
         while self.running:
-            ready = dict(poller.poll(max(1, int(interval * 1000))))
+            with beats.lock:
+                frames = sock.recv_multipart(copy=False) if sock.poll(max(1, int(interval * 1000))) else None
             now = time.monotonic()
-            if sock in ready:
-                frames = sock.recv_multipart(copy=False)
+            if frames is not None:
                 broker_seen = now
-                try:
-                    msg = wp.parse(frames, (wp.Command.REQUEST, wp.Command.HEARTBEAT, wp.Command.DISCONNECT))
-                except ProtocolError as exc:
-                    log.warning("broker message refused: %s", exc)
-                    msg = None
+                msg = self._parse(frames)
                 if isinstance(msg, wp.Request):
-                    pair.send_multipart([msg.job.to_bytes(8, "big"), *msg.payload], copy=False)
+                    with beats.computing():
+                        payload = service.handle(msg.payload)
+                    with beats.lock:
+                        sock.send_multipart(wp.Reply(msg.job, tuple(payload)).to_frames(), copy=False)
                 elif isinstance(msg, wp.Disconnect):
                     log.info("worker %d: the broker said goodbye", os.getpid())
                     return 0
-            if pair in ready:
-                job, *payload = pair.recv_multipart(copy=False)
-                sock.send_multipart(wp.Reply(int.from_bytes(job.bytes, "big"), tuple(payload)).to_frames(), copy=False)
             if now >= next_beat:
-                sock.send_multipart(wp.Heartbeat().to_frames())
+                with beats.lock:
+                    sock.send_multipart(wp.Heartbeat().to_frames())
                 next_beat = now + interval
+                service.sweep()
             if now - broker_seen > interval * config.liveness:
                 log.warning("worker %d: the broker is silent; exiting", os.getpid())
                 return 1
         return 0
+
+    @staticmethod
+    def _parse(frames):
+        try:
+            return wp.parse(frames, (wp.Command.REQUEST, wp.Command.HEARTBEAT, wp.Command.DISCONNECT))
+        except ProtocolError as exc:
+            log.warning("broker message refused: %s", exc)
+            return None
+
+
+class BeatThread:
+    """Sends the worker's heartbeats while its main thread computes a request."""
+
+    def __init__(self, sock: zmq.Socket, interval: float) -> None:
+        self.sock = sock
+        self.interval = interval
+        self.lock = threading.Lock()  # whoever holds it may use the socket
+        self._busy = threading.Event()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeats", daemon=True)
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def computing(self):
+        self._busy.set()
+        try:
+            yield
+        finally:
+            self._busy.clear()
+
+    def _run(self) -> None:
+        while not self._done.wait(self.interval):
+            if self._busy.is_set():
+                with self.lock:
+                    self.sock.send_multipart(wp.Heartbeat().to_frames())
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=self.interval + 5)
 
 
 def run_worker(config: WorkerConfig) -> int:

@@ -2,8 +2,8 @@
 
 Worker DEALER -> broker ROUTER. A worker sends CONNECT; the broker answers CONFIG (what to
 load and where the content manager is); the worker loads and sends READY, and from then on
-HEARTBEATs both ways every interval while idle or busy (the worker's I/O thread keeps
-beating while its compute thread works). The broker sends REQUEST (a job number plus the
+HEARTBEATs both ways every interval while idle or busy (a beat thread of the worker keeps
+beating while its main thread computes). The broker sends REQUEST (a job number plus the
 edge's frames, untouched) to the least recently used ready worker; the worker answers REPLY
 (the job number plus the frames for the edge). DISCONNECT tells a peer to go away; ERROR
 answers a message the broker could not read.

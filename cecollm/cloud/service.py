@@ -3,12 +3,16 @@
 HELLO: check the edge runs the same model and split, open a session. DECIDE: lease the
 device, attach its shared-memory segment, resume a CloudPartition over the KV cache and
 rows there (the KV is written in place), commit the folded positions (one way), answer the token.
+Segments stay mapped between requests (no map, unmap and page faults per token); sweep()
+unmaps those the content manager has released, so their memory goes back.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections import OrderedDict
 
 import torch
 
@@ -23,6 +27,8 @@ from cecollm.layers import DecoderRunner
 from cecollm.split import Split
 
 log = logging.getLogger(__name__)
+
+MAPPED_SEGMENTS = 16  # device segments a worker keeps mapped at most (least recently used unmapped first)
 
 
 class Refused(Exception):
@@ -46,6 +52,32 @@ class CloudService:
         self.layout_base = dict(cloud_layers=split.n_layers - split.upload_layer, n_kv_heads=runner.n_kv_heads,
                                 head_dim=runner.head_dim, hidden=runner.hidden_size,
                                 kv_itemsize=runner.embed.weight.element_size())
+        self.segments: OrderedDict[str, shm.Attachment] = OrderedDict()  # mapped, least recently used first
+
+    def close(self) -> None:
+        for name in list(self.segments):
+            self._unmap(name)
+        self.state.close()
+
+    def sweep(self) -> None:
+        """Unmap segments whose device state was released (their file is gone from /dev/shm)."""
+        for name in list(self.segments):
+            if not os.path.exists(shm.SHM_DIR / name):
+                self._unmap(name)
+
+    def _segment(self, name: str) -> shm.Attachment:
+        seg = self.segments.pop(name, None) or shm.attach(name)
+        self.segments[name] = seg
+        while len(self.segments) > MAPPED_SEGMENTS:
+            self._unmap(next(iter(self.segments)))
+        return seg
+
+    def _unmap(self, name: str) -> None:
+        try:
+            self.segments[name].close()
+        except BufferError:  # a traceback still holds tensors over it: unmapped when collected
+            pass
+        del self.segments[name]
 
     def handle(self, frames) -> list:
         """Frames of the reply to the edge request `frames` (never raises for bad input)."""
@@ -104,15 +136,8 @@ class CloudService:
         wire = DTYPES.get(grant.wire_code)
         assert wire is not None, f"the content manager granted an unknown wire code {grant.wire_code}"
         layout = shm.StateLayout(capacity=grant.capacity, wire_itemsize=wire.itemsize, **self.layout_base)
-        seg = shm.attach(grant.segment)
-        try:
-            result = self._fold(seg, layout, getattr(torch, wire.name), grant.folded, position)
-        finally:
-            try:
-                seg.close()  # every tensor over seg.buf is gone by now...
-            except BufferError:  # ...unless a traceback still holds them: closed when collected
-                pass
-        return result
+        seg = self._segment(grant.segment)
+        return self._fold(seg, layout, getattr(torch, wire.name), grant.folded, position)
 
     def _fold(self, seg, layout: shm.StateLayout, wire_dtype, folded: int, position: int) -> tuple[int, float, float]:
         count = 1
