@@ -341,3 +341,29 @@ def test_an_edge_that_goes_alone_releases_its_cloud_state(loaded, split):
         stop.set()
         server.join()
         pull.close(0)
+
+
+def test_a_killed_broker_leaves_no_content_manager_behind(model_dir, tmp_path):
+    """SIGKILL gives the broker no chance to clean up: its content manager notices and goes, with its segments."""
+    from cecollm.broker import state_protocol as sp
+    from cecollm.broker.rpc import RpcSocket
+
+    b = BrokerProcess(str(model_dir), workers=0, extra=["--exits", "2,4"], log_path=tmp_path / "broker.log")
+    (manager,) = [c for c in psutil.Process(b.proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+    try:
+        rpc = RpcSocket(zmq.Context.instance(), f"ipc:///tmp/cecollm-{b.proc.pid}-state.ipc")
+        rpc.send(sp.Open(1, 1).to_frames())
+        opened = sp.parse(rpc.receive(time.monotonic() + 60))
+        rpc.close()
+        assert os.path.exists(f"/dev/shm/{opened.segment}")
+        b.proc.kill()
+        b.stop()
+        manager.wait(60)  # psutil.TimeoutExpired if it lives on
+        assert not os.path.exists(f"/dev/shm/{opened.segment}")
+    finally:
+        if manager.is_running():
+            manager.kill()
+            manager.wait(10)
+        from cecollm.broker.shm import remove_leftovers
+
+        remove_leftovers(f"cecollm-{b.proc.pid}-")

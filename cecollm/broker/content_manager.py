@@ -11,6 +11,7 @@ after an idle TTL, or when a byte budget needs room (least recently used idle de
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 import sys
@@ -96,6 +97,7 @@ class ContentManager:
         self.used_bytes = 0
         self._counter = random.randrange(1 << 30)
         self.running = True
+        self.parent = os.getppid()  # the broker: when it is gone (even SIGKILLed), so is this process
 
     # ---- the loop ----------------------------------------------------------------------
     def serve(self) -> None:
@@ -133,6 +135,9 @@ class ContentManager:
             handler(frames)
 
     def housekeeping(self, now: float) -> None:
+        if os.getppid() != self.parent:
+            log.error("content manager: the broker (pid %d) is gone; releasing every device and exiting", self.parent)
+            self.running = False
         for dev in list(self.devices.values()):
             if dev.waiters:
                 self._serve_waiters(dev, now)
