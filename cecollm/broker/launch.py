@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -57,6 +58,8 @@ class BrokerProcess:
             if sel.select(timeout=0.5):
                 line = self.proc.stdout.readline()
                 if line.startswith("cecollm-broker:"):
+                    # whatever else comes on stdout is read and dropped: a full pipe would stop the broker
+                    threading.Thread(target=self.proc.stdout.read, name="broker-stdout", daemon=True).start()
                     return line.strip()
                 if not line and self.proc.poll() is not None:
                     break
