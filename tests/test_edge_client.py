@@ -145,3 +145,12 @@ def test_the_sender_lets_go_of_a_segment_when_its_session_ends():
         pull.close(0)
         seg.close()
         seg.unlink()
+
+
+def test_a_device_id_out_of_range_is_a_usage_error():
+    from click.testing import CliRunner
+
+    from cecollm.edge.cli import edge_command
+
+    out = CliRunner().invoke(edge_command, ["--device-id", "-1", "--prompt", "x"])
+    assert out.exit_code == 2 and "device-id" in out.output and "Traceback" not in out.output

@@ -47,7 +47,8 @@ def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
 
 
 @click.command(cls=GuardedCommand, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--device-id", type=int, default=_E.device_id, show_default=True, help="This device's id.")
+@click.option("--device-id", type=click.IntRange(0, 2**32 - 1), default=_E.device_id, show_default=True,
+              help="This device's id (0 to 2^32-1); the cloud keeps one state per device.")
 @click.option("--broker", default=_E.broker, show_default=True, help="The broker's request address "
               "(tcp://HOST:PORT, or ipc://...requests on the broker's host).")
 @click.option("--upload", default=_E.upload, help="The upload address [default: the broker's port + 1, "
