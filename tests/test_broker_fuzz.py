@@ -141,7 +141,8 @@ def test_fuzz_every_socket_then_serve_exactly(setup):
         replies = _fire(sock, messages, answered, N - one_way)
         sock.close(0)
         if answered:
-            assert replies == N - one_way, f"{name}: {replies} of {N - one_way} bad messages answered"
+            tail = "\n".join(log_text().splitlines()[-15:])
+            assert replies == N - one_way, f"{name}: {replies} of {N - one_way} bad messages answered; log:\n{tail}"
     assert broker.proc.poll() is None, "the broker is still running"
     assert len(re.findall(r"refused", log_text())) >= 3 * N  # one log line per bad message
     split = Split.create(loaded.n_layers, (2, 3))
