@@ -80,7 +80,9 @@ def _goals(results: dict) -> list[str]:
              *_table(["Dataset", "Goal", "Target", "Measured", "Paper", "Status", "Measured - target"], rows), ""]
     for name, ds in results["datasets"].items():
         if ds.get("explanation"):
-            lines += [f"- {name}: {ds['explanation']}"]
+            lines += [f"- {name}, time: {ds['explanation']}"]
+        if ds.get("bytes_explanation"):
+            lines += [f"- {name}, bytes: {ds['bytes_explanation']}"]
     notes = [g for g in results["goals"] if g.get("note")]
     lines += [f"- {g['dataset']} {g['goal']}: {g['note']}" for g in notes]
     return lines + [""]

@@ -43,8 +43,9 @@ def plot_breakdown(results: dict, path: Path) -> Path | None:
                for k in keys):
             ax.set_xscale("log")
             ax.set_xlabel(ax.get_xlabel() + " (log scale)")
-    axes[0][0].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=len(labels))
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

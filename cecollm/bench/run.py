@@ -164,7 +164,8 @@ def run_bench(config: BenchConfig, progress: bool = True) -> Path:
                 _run_todo(config, todo, cloud, loaded, split, heads, store, progress)
             if scaling:
                 run_scaling(config, cloud, prompts, progress)
-    meta = {"settings": settings, "config": {k: v for k, v in asdict(config).items()}, "cores": plan.note,
+    split_info = {"n_layers": split.n_layers, "exits": list(split.exits), "upload_layer": split.upload_layer}
+    meta = {"settings": settings, "split": split_info, "config": asdict(config), "cores": plan.note,
             "skipped_too_long": skipped, "strategies": {n: asdict(BY_NAME[n]) for n in config.strategies}}
     return write_outputs(config, prompts, store.load(), meta)
 
