@@ -73,21 +73,20 @@ def _bind(sock, endpoints: list[str], what: str) -> None:
             raise UserError(f"cannot bind the {what} socket to {e}: {exc}") from None
 
 
-def run_broker(config: BrokerConfig) -> None:
-    """Start the content manager and workers, route until a signal, clean everything up."""
-    import zmq
+@dataclass(frozen=True)
+class _Plan:
+    """What the broker sets up, worked out from its config and the model."""
 
-    from cecollm.broker import shm
-    from cecollm.broker import worker_protocol as wp
-    from cecollm.broker.broker import Broker
-    from cecollm.broker.content_manager import ContentManagerConfig, run_content_manager
-    from cecollm.broker.weights import load_mapped
-    from cecollm.broker.worker import WorkerConfig, run_worker
-    from cecollm.defaults import choose_split
-    from cecollm.loading import LoadedModel, resolve_model_dir
-    from cecollm.split import parse_exits
+    requests: list[str]  # endpoints the request socket binds
+    uploads: list[str]  # endpoints the content manager's upload socket binds
+    state_address: str  # the content manager's control socket
+    segment_prefix: str  # this broker's shared-memory segments start with it
+    split_text: str  # the split, for the startup line
+    manager: object  # ContentManagerConfig
+    worker: object  # worker_protocol.Config, sent to every worker that connects
 
-    requests, uploads = _endpoints(config.request_address), _endpoints(config.upload_address)
+
+def _check(config: BrokerConfig) -> None:
     for name, value, low in (("--workers", config.workers, 0), ("--capacity", config.capacity, 1),
                              ("--budget-mb", config.budget_mb, 1), ("--heartbeat-ms", config.heartbeat_ms, 10),
                              ("--liveness", config.liveness, 1), ("--threads", config.threads, 1)):
@@ -95,6 +94,20 @@ def run_broker(config: BrokerConfig) -> None:
             raise UserError(f"{name} must be at least {low}, got {value}")
     if config.idle_ttl <= 0 or config.wait_seconds <= 0:
         raise UserError("--idle-ttl and --wait-seconds must be positive")
+
+
+def _plan(config: BrokerConfig) -> _Plan:
+    """Check the options, load the model (mapped) once for its identity and split."""
+    from cecollm.broker import shm
+    from cecollm.broker import worker_protocol as wp
+    from cecollm.broker.content_manager import ContentManagerConfig
+    from cecollm.broker.weights import load_mapped
+    from cecollm.defaults import choose_split
+    from cecollm.loading import LoadedModel, resolve_model_dir
+    from cecollm.split import parse_exits
+
+    requests, uploads = _endpoints(config.request_address), _endpoints(config.upload_address)
+    _check(config)
     model_dir = resolve_model_dir(config.model)
     model = load_mapped(model_dir)
     loaded = LoadedModel(model, None, model_dir, config.model)
@@ -104,72 +117,108 @@ def run_broker(config: BrokerConfig) -> None:
     pid = os.getpid()
     state_address = config.state_address or f"ipc://{tempfile.gettempdir()}/cecollm-{pid}-state.ipc"
     prefix = shm.segment_prefix(pid)
-    cm_config = ContentManagerConfig(
+    manager = ContentManagerConfig(
         upload_address=",".join(uploads), state_address=state_address,
         cloud_layers=split.n_layers - split.upload_layer, n_kv_heads=c.num_key_value_heads,
         head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads, hidden=c.hidden_size,
         capacity=config.capacity, budget_bytes=config.budget_mb << 20, idle_ttl=config.idle_ttl,
         wait_seconds=config.wait_seconds, segment_prefix=prefix)
-    worker_config = wp.Config(str(model_dir), loaded.identity, split.exits, split.upload_layer, state_address,
-                              config.heartbeat_ms, config.liveness)
-    del model, loaded
+    worker = wp.Config(str(model_dir), loaded.identity, split.exits, split.upload_layer, state_address,
+                       config.heartbeat_ms, config.liveness)
+    return _Plan(requests, uploads, state_address, prefix, split.describe(), manager, worker)
 
+
+class _Children:
+    """The content manager and the workers this broker started; dead workers are replaced."""
+
+    def __init__(self, config: BrokerConfig, plan: _Plan) -> None:
+        from cecollm.broker.content_manager import run_content_manager
+        from cecollm.broker.worker import WorkerConfig
+
+        self.config = config
+        self.plan = plan
+        self.spawn = multiprocessing.get_context("spawn")
+        self.per_worker = WorkerConfig(_connectable(config.worker_address), config.threads, verbose=config.verbose)
+        self.restarts = 0
+        self.announced = False
+        self.failed: int | None = None  # the content manager's exit code, once it died
+        self.manager = self.spawn.Process(target=run_content_manager, args=(plan.manager, config.verbose),
+                                          name="content-manager")
+        self.workers = [self._worker(i) for i in range(config.workers)]
+        self.manager.start()
+        for p in self.workers:
+            p.start()
+
+    def _worker(self, index: int):
+        from cecollm.broker.worker import run_worker
+
+        return self.spawn.Process(target=run_worker, args=(self.per_worker,), name=f"worker-{index}")
+
+    def tick(self, broker) -> None:
+        """Between the broker's polls: the startup line, replacing dead workers, a dead manager."""
+        c, plan = self.config, self.plan
+        if not self.announced and broker.ready_workers >= c.workers:
+            self.announced = True
+            print(f"cecollm-broker: requests {','.join(plan.requests)} | uploads {','.join(plan.uploads)} | "
+                  f"workers {c.worker_address} | model {c.model} ({plan.worker.identity[:12]}) | "
+                  f"{plan.split_text} | {broker.ready_workers} workers", flush=True)
+        for i, p in enumerate(self.workers):
+            if p.exitcode is not None and self.restarts < c.workers * 10:
+                # a worker of ours died (its request already went to another): start a new one
+                self.restarts += 1
+                log.warning("worker %d exited (code %s); starting another", p.pid, p.exitcode)
+                self.workers[i] = self._worker(i)
+                self.workers[i].start()
+        if not self.manager.is_alive():
+            log.error("the content manager exited (code %s); shutting down", self.manager.exitcode)
+            self.failed = self.manager.exitcode
+            broker.running = False
+
+    def stop(self) -> None:
+        _stop_processes([*self.workers, self.manager])
+
+
+def run_broker(config: BrokerConfig) -> None:
+    """Start the content manager and workers, route until a signal, clean everything up."""
+    import zmq
+
+    from cecollm.broker import shm
+    from cecollm.broker.broker import Broker
+
+    plan = _plan(config)
     context = zmq.Context()
     frontend, backend = context.socket(zmq.ROUTER), context.socket(zmq.ROUTER)
     for sock in (frontend, backend):
         sock.setsockopt(zmq.LINGER, 0)
-    _bind(frontend, requests, "request")
-    _bind(backend, [config.worker_address], "worker")
-    spawn = multiprocessing.get_context("spawn")
-    manager = spawn.Process(target=run_content_manager, args=(cm_config, config.verbose), name="content-manager")
-    manager.start()
-    per_worker = WorkerConfig(_connectable(config.worker_address), config.threads, verbose=config.verbose)
-    children = [spawn.Process(target=run_worker, args=(per_worker,), name=f"worker-{i}") for i in range(config.workers)]
-    for p in children:
-        p.start()
-    broker = Broker(frontend, backend, worker_config, config.max_queue, config.retries)
-    announced, failed, restarts = [], [], [0]
+    broker = Broker(frontend, backend, plan.worker, config.max_queue, config.retries)
 
     def stop(signum, frame):
         broker.running = False
 
-    def tick(b: Broker) -> None:
-        if not announced and b.ready_workers >= config.workers:
-            announced.append(True)
-            print(f"cecollm-broker: requests {','.join(requests)} | uploads {','.join(uploads)} | "
-                  f"workers {config.worker_address} | model {config.model} ({worker_config.identity[:12]}) | "
-                  f"{split.describe()} | {b.ready_workers} workers", flush=True)
-        for i, p in enumerate(children):
-            if p.exitcode is not None and restarts[0] < config.workers * 10:
-                # a worker of ours died (its request already went to another): start a new one
-                restarts[0] += 1
-                log.warning("worker %d exited (code %s); starting another", p.pid, p.exitcode)
-                children[i] = spawn.Process(target=run_worker, args=(per_worker,), name=f"worker-{i}")
-                children[i].start()
-        if not manager.is_alive():
-            log.error("the content manager exited (code %s); shutting down", manager.exitcode)
-            failed.append(manager.exitcode)
-            b.running = False
-
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, stop)  # before any child starts: a signal never skips the cleanup
     signal.signal(signal.SIGINT, stop)
+    children = None
     try:
-        broker.serve(tick)
+        _bind(frontend, plan.requests, "request")
+        _bind(backend, [config.worker_address], "worker")
+        children = _Children(config, plan)
+        broker.serve(children.tick)
     finally:
         broker.shutdown()
-        _stop_processes([*children, manager])
+        if children is not None:
+            children.stop()
         frontend.close(0)
         backend.close()  # with the linger shutdown() set: hand-started workers hear the goodbye
         context.term()
-        leftovers = shm.remove_leftovers(prefix)
+        leftovers = shm.remove_leftovers(plan.segment_prefix)
         if leftovers:
             log.warning("removed %d shared-memory segments left behind", len(leftovers))
-        for address in [state_address, *requests, *uploads, config.worker_address]:
+        for address in [plan.state_address, *plan.requests, *plan.uploads, config.worker_address]:
             if address.startswith("ipc://"):
                 Path(address[len("ipc://"):]).unlink(missing_ok=True)
         log.info("broker stopped")
-    if failed:
-        raise UserError(f"the content manager stopped (exit code {failed[0]}); see the log above")
+    if children.failed is not None:
+        raise UserError(f"the content manager stopped (exit code {children.failed}); see the log above")
 
 
 def _stop_processes(processes, grace: float = 5.0) -> None:
