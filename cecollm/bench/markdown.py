@@ -83,6 +83,8 @@ def _goals(results: dict) -> list[str]:
             lines += [f"- {name}, time: {ds['explanation']}"]
         if ds.get("bytes_explanation"):
             lines += [f"- {name}, bytes: {ds['bytes_explanation']}"]
+        if ds.get("rouge_explanation"):
+            lines += [f"- {name}, output: {ds['rouge_explanation']}"]
     notes = [g for g in results["goals"] if g.get("note")]
     lines += [f"- {g['dataset']} {g['goal']}: {g['note']}" for g in notes]
     return lines + [""]
@@ -106,6 +108,15 @@ def _scaling(scaling: dict) -> list[str]:
     return lines
 
 
+def _load_note(meta: dict) -> list[str]:
+    load = meta.get("load_average")
+    if not load:
+        return []
+    return [f"Load average (1 min) of the machine ({load['cores']} cores) after each generation: mean "
+            f"{load['mean']:.2f}, max {load['max']:.2f}. The benchmark itself keeps about 2 busy; more means other "
+            "work shared the cores and the times are noisy.", ""]
+
+
 def render_report(results: dict) -> str:
     meta = results["meta"]
     st = meta["settings"]
@@ -114,6 +125,7 @@ def render_report(results: dict) -> str:
              f"Model {st['model']} ({st['identity'][:12]}), {st['split']}, heads {st['heads']}; link {st['link']}; "
              f"at most {st['max_new_tokens']} new tokens; {cfg['n']} prompts per dataset asked; torch threads "
              f"{st['threads']}; {meta['cores']}.", "",
+             *_load_note(meta),
              "Times are sums over the prompts (as the paper's tables). Total is wall time at the edge per "
              "generation; edge and cloud are compute; comm is measured at the edge: request to reply minus the "
              "compute the cloud reports (for CE-CoLLM this includes waiting for rows still in flight). Bytes are "

@@ -97,7 +97,7 @@ def check_goals(datasets: dict) -> list[dict]:
             if name in strategies and strategies[name].get("identical_to_cloud") is not None:
                 goal = _goal(dataset, f"{name}: token-identical to cloud-based (fraction of prompts)",
                              strategies[name]["identical_to_cloud"], ">=", 1.0, 1.0)
-                if name == "ce-1.0":
+                if name == "ce-1.0" and goal["status"] == "miss":
                     goal["note"] = "float16 on the wire is lossy: a flip here is expected now and then, not a bug"
                 goals.append(goal)
     return goals
@@ -162,6 +162,21 @@ def explain_bytes(dataset: dict) -> str | None:
             f"(about 1/(2 x tokens) for long prompts).")
 
 
+def explain_rouge(dataset: dict) -> str | None:
+    """Why CE-CoLLM 0.8's output differs from cloud-based, when it does."""
+    s = dataset["strategies"]
+    ce = s.get("ce-0.8")
+    if not ce or ce.get("rouge_vs_cloud") is None or ce["rouge_vs_cloud"] >= GOALS[3][3]:
+        return None
+    higher = ", ".join(f"{k} {s[k]['rouge_vs_cloud']:.3f}" for k in ("ce-0.9", "ce-1.0") if k in s
+                       and s[k].get("rouge_vs_cloud") is not None)
+    return (f"ROUGE-L vs cloud-based = {ce['rouge_vs_cloud']:.3f}: exits decided "
+            f"{ce['edge_tokens'] / max(1, ce['tokens']):.0%} of tokens, and under greedy decoding one exit token "
+            f"that differs from the full model's sends the rest of the answer elsewhere "
+            f"({ce['identical_to_cloud']:.0%} of outputs stayed identical). Exit heads that agree more with the "
+            f"final layer at 0.8 confidence, or a higher threshold, close it ({higher or 'no higher threshold run'}).")
+
+
 def build_results(config: BenchConfig, prompts: dict, records: dict, meta: dict) -> dict:
     rouge = RougeL()
     datasets = {}
@@ -173,6 +188,9 @@ def build_results(config: BenchConfig, prompts: dict, records: dict, meta: dict)
         speed = dataset in SPEED_DATASETS
         datasets[dataset]["explanation"] = explain_time(datasets[dataset], meta.get("split")) if speed else None
         datasets[dataset]["bytes_explanation"] = explain_bytes(datasets[dataset]) if speed else None
+        datasets[dataset]["rouge_explanation"] = explain_rouge(datasets[dataset]) if speed else None
+    loads = [r["load_1m"] for r in records.values() if "load_1m" in r]
+    meta["load_average"] = {"mean": _mean(loads), "max": max(loads), "cores": meta.get("cpu_count")} if loads else None
     accuracy = {name: {"xsum": datasets.get("xsum", {}).get("strategies", {}).get(name, {}).get("rouge_vs_reference"),
                        "truthfulqa": datasets.get("truthfulqa", {}).get("strategies", {}).get(name, {})
                        .get("max_rouge_vs_true_answers")}

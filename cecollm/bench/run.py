@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -118,7 +119,7 @@ def run_one(edge, cloud, strategy: Strategy, prompt: Prompt, ids: list[int], tok
         "total_s": total, "edge_s": s.edge_seconds, "cloud_s": s.cloud_seconds, "comm_s": s.comm_seconds,
         "cloud_requests": s.cloud_tokens, "edge_tokens": s.edge_tokens, "fallback_tokens": s.fallback_tokens,
         "wire_up": wire_up, "wire_down": wire_down, "app_up": s.bytes_up, "app_down": s.bytes_down,
-        "problems": problems,
+        "problems": problems, "load_1m": os.getloadavg()[0],
     }
 
 
@@ -166,6 +167,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> Path:
                 run_scaling(config, cloud, prompts, progress)
     split_info = {"n_layers": split.n_layers, "exits": list(split.exits), "upload_layer": split.upload_layer}
     meta = {"settings": settings, "split": split_info, "config": asdict(config), "cores": plan.note,
+            "cpu_count": os.cpu_count(),
             "skipped_too_long": skipped, "strategies": {n: asdict(BY_NAME[n]) for n in config.strategies}}
     return write_outputs(config, prompts, store.load(), meta)
 
