@@ -18,6 +18,7 @@ import zmq
 
 from cecollm.broker import edge_protocol as ep
 from cecollm.broker import worker_protocol as wp
+from cecollm.broker.loop import drain
 from cecollm.broker.wire import ErrorCode, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class Broker:
         self._jobs = 0
         self.running = True
         self.bad_messages = 0
+        self.failures = 0  # messages a handler failed on (bugs, logged)
 
     @property
     def ready_workers(self) -> int:
@@ -75,9 +77,9 @@ class Broker:
         while self.running:
             ready = dict(poller.poll(max(1, int(self.interval * 1000))))
             if self.backend in ready:
-                self._drain(self.backend, self.on_worker)
+                self.failures += drain(self.backend, self.on_worker, log)
             if self.frontend in ready:
-                self._drain(self.frontend, self.on_edge)
+                self.failures += drain(self.frontend, self.on_edge, log)
             self.dispatch()
             now = time.monotonic()
             if now >= next_beat:
@@ -86,15 +88,6 @@ class Broker:
             self.purge(now)
             if on_tick:
                 on_tick(self)
-
-    @staticmethod
-    def _drain(sock: zmq.Socket, handler, limit: int = 256) -> None:
-        for _ in range(limit):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            handler(frames)
 
     # ---- edges ---------------------------------------------------------------------------
     def on_edge(self, frames) -> None:

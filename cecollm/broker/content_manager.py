@@ -26,6 +26,7 @@ import zmq
 from cecollm.broker import edge_protocol as ep
 from cecollm.broker import shm
 from cecollm.broker import state_protocol as sp
+from cecollm.broker.loop import drain
 from cecollm.broker.wire import DTYPES, ErrorCode, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class ContentManager:
         self.used_bytes = 0
         self._counter = random.randrange(1 << 30)
         self.running = True
+        self.failures = 0  # messages a handler failed on (bugs, logged)
         self.parent = os.getppid()  # the broker: when it is gone (even SIGKILLed), so is this process
 
     # ---- the loop ----------------------------------------------------------------------
@@ -116,23 +118,14 @@ class ContentManager:
             while self.running:
                 ready = dict(poller.poll(50))
                 if upload in ready:
-                    self._drain(upload, self.on_upload)
+                    self.failures += drain(upload, self.on_upload, log)
                 if state in ready:
-                    self._drain(state, self.on_control)
+                    self.failures += drain(state, self.on_control, log)
                 self.housekeeping(time.monotonic())
         finally:
             self.release_all()
             upload.close()
             state.close()
-
-    @staticmethod
-    def _drain(sock: zmq.Socket, handler, limit: int = 256) -> None:
-        for _ in range(limit):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            handler(frames)
 
     def housekeeping(self, now: float) -> None:
         if os.getppid() != self.parent:
