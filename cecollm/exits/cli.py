@@ -11,7 +11,7 @@ import click
 
 from cecollm.cliutil import GuardedCommand, set_threads
 from cecollm.exits.config import HOLDOUT, DataConfig, TrainConfig
-from cecollm.loading import DEFAULT_MODEL
+from cecollm.config import DEFAULT_MODEL
 from cecollm.split import parse_exits
 
 _T = TrainConfig()
