@@ -34,3 +34,57 @@ def test_a_failing_handler_is_logged_and_the_rest_are_served(caplog):
     finally:
         pull.close(0)
         push.close(0)
+
+
+class _Collect:
+    """A socket that collects what is sent: (routing id, frames as bytes)."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send_multipart(self, frames, copy=True):
+        self.sent.append([f.bytes if isinstance(f, zmq.Frame) else bytes(f) for f in frames])
+
+    def setsockopt(self, option, value):
+        pass
+
+
+def _frames(*parts):
+    return [zmq.Frame(bytes(p)) for p in parts]
+
+
+def _jobs_sent(backend):
+    from cecollm.broker import worker_protocol as wp
+
+    out = []
+    for identity, *rest in backend.sent:
+        msg = wp.parse(rest)
+        if isinstance(msg, wp.Request):
+            out.append((identity, msg.job))
+    return out
+
+
+def test_least_recently_used_dispatch_and_a_worker_that_starts_over():
+    from cecollm.broker import edge_protocol as ep
+    from cecollm.broker import worker_protocol as wp
+    from cecollm.broker.broker import Broker
+
+    front, back = _Collect(), _Collect()
+    broker = Broker(front, back, wp.Config("/m", "id", (2,), 2, "ipc:///x", 250, 4))
+    for worker, pid in ((b"w1", 1), (b"w2", 2)):
+        broker.on_worker(_frames(worker, *wp.Connect(pid).to_frames()))
+        broker.on_worker(_frames(worker, *wp.Ready().to_frames()))
+    for seq in (1, 2):
+        broker.on_edge(_frames(b"edge", b"", *ep.Decide(1, seq, 1, seq).to_frames()))
+    broker.dispatch()
+    assert _jobs_sent(back) == [(b"w1", 1), (b"w2", 2)]  # ready first, used first
+    broker.on_worker(_frames(b"w1", *wp.Reply(1, (b"answer",)).to_frames()))
+    assert front.sent[-1] == [b"edge", b"", b"answer"]
+    back.sent.clear()
+    broker.on_worker(_frames(b"w2", *wp.Connect(2).to_frames()))  # w2 starts over: job 2 must not be lost
+    broker.on_worker(_frames(b"w2", *wp.Ready().to_frames()))
+    broker.dispatch()
+    assert _jobs_sent(back) == [(b"w1", 2)]  # w1 was free first
+    broker.on_edge(_frames(b"edge", b"", *ep.Decide(1, 3, 1, 3).to_frames()))
+    broker.dispatch()
+    assert _jobs_sent(back) == [(b"w1", 2), (b"w2", 3)]  # w2 once, never two jobs at a time

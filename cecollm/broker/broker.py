@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass
 
 import zmq
@@ -44,6 +44,7 @@ class WorkerRecord:
     expires: float  # purged when no message arrives before this
     ready: bool = False  # loaded and serving
     job: Job | None = None  # the request it is working on
+    free_since: float = 0.0  # when it last became free: the least recently used free worker goes first
 
 
 class Broker:
@@ -57,8 +58,7 @@ class Broker:
         self.max_queue = max_queue
         self.retries = retries
         self.interval = worker_config.heartbeat_ms / 1000
-        self.workers: OrderedDict[bytes, WorkerRecord] = OrderedDict()
-        self.idle: deque[bytes] = deque()  # ready workers, least recently used first
+        self.workers: dict[bytes, WorkerRecord] = {}
         self.queue: deque[Job] = deque()
         self._jobs = 0
         self.running = True
@@ -138,8 +138,7 @@ class Broker:
             return
         record.expires = now + self.interval * self.worker_config.liveness
         if isinstance(msg, wp.Ready) and not record.ready:
-            record.ready = True
-            self.idle.append(identity)
+            record.ready, record.free_since = True, now
             log.info("worker %d ready (%d ready)", record.pid, self.ready_workers)
         elif isinstance(msg, wp.Reply):
             job = record.job
@@ -149,19 +148,18 @@ class Broker:
                 self.backend.send_multipart([identity, *wp.Error(f"job {msg.job} is not yours").to_frames()])
                 return
             self.reply(job.client, msg.payload)
-            record.job = None
-            self.idle.append(identity)
+            record.job, record.free_since = None, now
 
     def dispatch(self) -> None:
-        while self.queue and self.idle:
-            identity = self.idle.popleft()
-            record = self.workers.get(identity)
-            if record is None or not record.ready or record.job is not None:
-                continue  # purged, or started over since it was idle
+        while self.queue:
+            free = [w for w in self.workers.values() if w.ready and w.job is None]
+            if not free:
+                return
+            record = min(free, key=lambda w: w.free_since)
             job = self.queue.popleft()
             job.attempts += 1
             record.job = job
-            self.backend.send_multipart([identity, *wp.Request(job.number, job.frames).to_frames()], copy=False)
+            self.backend.send_multipart([record.identity, *wp.Request(job.number, job.frames).to_frames()], copy=False)
 
     def heartbeat(self, now: float) -> None:
         for record in self.workers.values():
@@ -177,8 +175,6 @@ class Broker:
     def _forget(self, record: WorkerRecord) -> None:
         """Drop a worker; its request goes to another (or, retried enough, back as an error)."""
         del self.workers[record.identity]
-        if record.identity in self.idle:
-            self.idle.remove(record.identity)
         job = record.job
         if job is not None:
             if job.attempts <= self.retries:
