@@ -23,6 +23,8 @@ from cecollm.broker.wire import ErrorCode, ProtocolError
 
 log = logging.getLogger(__name__)
 
+CHORES_SECONDS = 0.02  # purging silent workers and the on_tick chores run at most this often
+
 
 @dataclass
 class Job:
@@ -73,7 +75,7 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
-        next_beat = time.monotonic()
+        next_beat = next_chores = time.monotonic()
         while self.running:
             ready = dict(poller.poll(max(1, int(self.interval * 1000))))
             if self.backend in ready:
@@ -85,9 +87,11 @@ class Broker:
             if now >= next_beat:
                 self.heartbeat(now)
                 next_beat = now + self.interval
-            self.purge(now)
-            if on_tick:
-                on_tick(self)
+            if now >= next_chores:  # not on every message: a request passes this loop twice
+                self.purge(now)
+                if on_tick:
+                    on_tick(self)
+                next_chores = now + CHORES_SECONDS
 
     # ---- edges ---------------------------------------------------------------------------
     def on_edge(self, frames) -> None:

@@ -31,6 +31,8 @@ from cecollm.broker.wire import DTYPES, ErrorCode, ProtocolError
 
 log = logging.getLogger(__name__)
 
+CHORES_SECONDS = 0.02  # housekeeping (waiters' deadlines, idle TTL, the broker's presence) at most this often
+
 
 @dataclass(frozen=True)
 class ContentManagerConfig:
@@ -114,6 +116,7 @@ class ContentManager:
         poller.register(upload, zmq.POLLIN)
         poller.register(state, zmq.POLLIN)
         self.state = state
+        next_chores = time.monotonic()
         try:
             while self.running:
                 ready = dict(poller.poll(50))
@@ -121,7 +124,10 @@ class ContentManager:
                     self.failures += drain(upload, self.on_upload, log)
                 if state in ready:
                     self.failures += drain(state, self.on_control, log)
-                self.housekeeping(time.monotonic())
+                now = time.monotonic()
+                if now >= next_chores:  # not on every message: a busy loop would pay it per row
+                    self.housekeeping(now)
+                    next_chores = now + CHORES_SECONDS
         finally:
             self.release_all()
             upload.close()
