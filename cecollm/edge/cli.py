@@ -120,13 +120,18 @@ def edge_command(device_id, broker, upload, shm, model, exits, heads, upload_lay
                 sys.stdout.flush()
                 continue
             sys.stdout.write("\n")
-            s = result.stats
-            click.echo(f"[device {device_id} | {split.describe()} | threshold {threshold}] "
-                       f"{len(result.token_ids)} tokens: {s.edge_tokens} edge, {s.cloud_tokens} cloud, "
-                       f"{s.fallback_tokens} at the last exit ({s.timeouts} timeouts); {s.bytes_up} bytes up "
-                       f"(+{s.shm_bytes} via shared memory), {s.bytes_down} down; edge {s.edge_seconds:.2f} s, "
-                       f"cloud {s.cloud_seconds:.2f} s, communication {s.comm_seconds:.2f} s"
-                       + (f"; edge alone: {s.standalone_reason}" if s.standalone_reason else ""), err=True)
+            click.echo(f"[device {device_id} | {split.describe()} | threshold {threshold}] {stats_line(result)}",
+                       err=True)
+
+
+def stats_line(result) -> str:
+    """One generation's stats, for stderr."""
+    s = result.stats
+    return (f"{len(result.token_ids)} tokens: {s.edge_tokens} edge, {s.cloud_tokens} cloud, "
+            f"{s.fallback_tokens} at the last exit ({s.timeouts} timeouts); {s.bytes_up} bytes up "
+            f"(+{s.shm_bytes} via shared memory), {s.bytes_down} down; edge {s.edge_seconds:.2f} s, "
+            f"cloud {s.cloud_seconds:.2f} s, communication {s.comm_seconds:.2f} s"
+            + (f"; edge alone: {s.standalone_reason}" if s.standalone_reason else ""))
 
 
 def main() -> None:
