@@ -83,6 +83,7 @@ class EdgeSet:
         if s.kind == "full":
             return FullUploadEdge(self.loaded.model, self.split, self.heads, a.baseline, s.threshold, s.fp16,
                                   c.max_new_tokens, c.timeout, self._context)
+        # without a broker (standalone only) the edge never connects; the addresses are placeholders
         edge_config = EdgeConfig(device_id=100 + number, broker=a.broker or "tcp://127.0.0.1:9",
                                  upload=a.upload or "tcp://127.0.0.1:10", shm=False, threshold=s.threshold,
                                  standalone=s.standalone, fp16=s.fp16, max_new_tokens=c.max_new_tokens,
