@@ -72,7 +72,8 @@ class _Caller:
             stats.bytes_up += rpc.bytes_sent - sent
             stats.bytes_down += rpc.bytes_received - got
         if isinstance(reply, bp.Error):
-            raise BaselineCloudError(f"the baseline cloud refused request {msg.seq}: {reply.code.name}: {reply.message}")
+            raise BaselineCloudError(f"the baseline cloud refused request {msg.seq}: "
+                                     f"{reply.code.name}: {reply.message}")
         stats.cloud_seconds += reply.cloud_seconds
         stats.comm_seconds -= reply.cloud_seconds
         return reply

@@ -98,7 +98,8 @@ def _scaling(scaling: dict) -> list[str]:
             rows.append([r["dataset"], r["kind"], str(r["devices"]), "failed", "", "", r["error"][:80]])
             continue
         rows.append([r["dataset"], r["kind"], str(r["devices"]), _f(r.get("wall_seconds")),
-                     _f(r.get("cloud_seconds")), _f(r.get("latency_p50_ms"), 1) + " / " + _f(r.get("latency_p99_ms"), 1),
+                     _f(r.get("cloud_seconds")),
+                     _f(r.get("latency_p50_ms"), 1) + " / " + _f(r.get("latency_p99_ms"), 1),
                      str(r.get("errors", 0))])
     if rows:
         lines += ["CE-CoLLM 0.8: fanout replay of a recorded edge trace (the edge's compute slept, the cloud's "

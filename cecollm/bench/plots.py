@@ -60,7 +60,8 @@ def plot_scaling(scaling: dict, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for dataset in sorted({r["dataset"] for r in rows}):
         for kind, style in (("ce-0.8", "-o"), ("cloud", "--s")):
-            pts = sorted((r["devices"], r["wall_seconds"]) for r in rows if r["dataset"] == dataset and r["kind"] == kind)
+            pts = sorted((r["devices"], r["wall_seconds"]) for r in rows
+                         if r["dataset"] == dataset and r["kind"] == kind)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{dataset}: {BY_NAME[kind].label}")
     ax.set_xlabel("devices at once")

@@ -158,9 +158,10 @@ def run_bench(config: BenchConfig, progress: bool = True) -> Path:
              len(scaling))
     if todo or scaling:
         kinds = {s.kind for s, _, _ in todo} | ({"cloud"} if any(k == "cloud" for _, k, _ in scaling) else set())
-        broker = any(s.kind == "ce" and not s.standalone for s, _, _ in todo) or any(k != "cloud" for _, k, _ in scaling)
+        broker = (any(s.kind == "ce" and not s.standalone for s, _, _ in todo)
+                  or any(k != "cloud" for _, k, _ in scaling))
         with CloudSide(config.model, config.exits, config.heads, config.threads, profile, plan,
-                       Path(config.out_dir) / "logs", broker=broker,
+                       Path(config.out_dir) / "raw" / "logs", broker=broker,  # raw/ is not committed
                        baseline=bool(kinds & {"cloud", "full"})) as cloud:
             if todo:
                 _run_todo(config, todo, cloud, loaded, split, heads, store, progress)
