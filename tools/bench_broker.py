@@ -195,7 +195,7 @@ def main(memory: bool, n: int, total_rows: int) -> None:
         with BrokerProcess(str(model_dir), 1, ["--exits", "1,2", "--capacity", str(capacity), "--wait-seconds", "120",
                                                "--budget-mb", "4096"]) as broker:
             rtt, net = broker_rtts(broker, identity, n)
-            state = f"ipc:///tmp/cecollm-{broker.proc.pid}-state.ipc"
+            state = f"ipc://{tempfile.gettempdir()}/cecollm-{broker.proc.pid}-state.ipc"  # as the broker names it
             rates = {(shm, k): upload_throughput(broker, identity, state, shm, k, total_rows)
                      for shm in (False, True) for k in (1, 128)}
     b50, b99 = _percentiles(bare)
