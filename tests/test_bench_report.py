@@ -59,6 +59,9 @@ def test_aggregate_ratios_and_goals():
     assert goals["ce-1.0-fp32: token-identical to cloud-based (fraction of prompts)"]["status"] == "pass"
     assert all(g["status"] == "not measured" for g in check_goals({"alpaca": ds}) if g["dataset"] == "xsum")
     assert "edge runs 26 of 30 layers" in explain_time(ds, {"n_layers": 30, "exits": [22, 26], "upload_layer": 26})
+    text = explain_time(ds, {"n_layers": 30, "exits": [22, 26], "upload_layer": 26, "layer_params": 3,
+                             "lm_head_params": 10})  # whole = 100: edge 0.78, a cloud request 0.22
+    assert "0.78 + 0.22 x 0.50 = 0.89" in text
     assert "Bytes vs naive" in explain_bytes(ds)
 
 

@@ -118,7 +118,7 @@ def explain_time(dataset: dict, split: dict | None) -> str | None:
     ce, base = s.get("ce-0.8"), s.get("cloud")
     if not ce or not base or not base["total_s"]:
         return None
-    t0 = base["total_s"]
+    t0, target = base["total_s"], GOALS[0][3]
     parts = {"edge compute": ce["edge_s"], "cloud compute": ce["cloud_s"], "communication": ce["comm_s"]}
     parts["other (edge client overhead)"] = max(0.0, ce["total_s"] - sum(parts.values()))
     worst = max(parts, key=parts.get)
@@ -126,23 +126,48 @@ def explain_time(dataset: dict, split: dict | None) -> str | None:
     rate = ce["cloud_request_rate"] or 0.0
     text = (f"CE-CoLLM 0.8 total = {ce['total_s'] / t0:.2f} of cloud-based ({shares}, as fractions of the "
             f"cloud-based total); the largest term is {worst}; {rate:.0%} of tokens still asked the cloud.")
+    predicted = None
     if split:
-        edge_layers = split["upload_layer"]
-        text += (f" The edge runs {edge_layers} of {split['n_layers']} layers for every token (exits at "
-                 f"{', '.join(map(str, split['exits']))}), so on cores as fast as the cloud's its compute alone is "
-                 f"about {edge_layers / split['n_layers']:.2f} of the whole model's.")
-    if ce["total_s"] / t0 > GOALS[0][3]:
-        if parts["edge compute"] / t0 > GOALS[0][3]:
-            text += (" The edge's own compute is over the 0.85 goal by itself: no request rate or link closes it. "
-                     "Exits earlier in the model (a smaller edge partition, as the paper's) or an edge faster than "
-                     "the cloud per layer would.")
-        elif worst == "communication":
-            per = 1e3 * ce["comm_s"] / max(1, ce["cloud_requests"])
-            text += (f" Communication costs {per:.1f} ms per cloud request (link round trip, broker routing, "
-                     "waiting for rows in flight): fewer requests (better exit heads) or a faster path would close it.")
-        else:
-            text += " Fewer cloud requests (more confident exits) would close it."
+        words, edge_share, cloud_share = _split_shares(split)
+        text += " " + words
+        if edge_share is not None:
+            predicted = edge_share + cloud_share * rate
+            text += (f" On equal cores the split predicts a total of about {edge_share:.2f} + {cloud_share:.2f} x "
+                     f"{rate:.2f} = {predicted:.2f} of cloud-based before link time and exit heads.")
+            extra = parts["edge compute"] / t0 - edge_share
+            if extra > 0.05:
+                text += (f" The edge measured {extra:.2f} more than its layers' share: the exit heads and the "
+                         "edge's per-token overhead (and any load on its core).")
+    if ce["total_s"] / t0 <= target:
+        return text
+    if predicted is not None and predicted > target:
+        need = (target - edge_share) / cloud_share
+        text += (f" The split alone predicts more than {target} at this request rate: it needs at most "
+                 f"{max(0.0, need):.0%} of tokens to ask the cloud before any link time and exit-head cost, or exits "
+                 "earlier in the model (a smaller edge partition, as in the paper), or an edge faster per layer.")
+    elif parts["edge compute"] / t0 > target:
+        text += (f" The edge's own compute is over {target} by itself: exits earlier in the model or a faster edge "
+                 "would close it.")
+    elif worst == "communication":
+        per = 1e3 * ce["comm_s"] / max(1, ce["cloud_requests"])
+        text += (f" Communication costs {per:.1f} ms per cloud request (link round trip, broker routing, waiting "
+                 "for rows in flight): fewer requests (better exit heads) or a faster path would close it.")
+    else:
+        text += " Fewer cloud requests (more confident exits) would close it."
     return text
+
+
+def _split_shares(split: dict) -> tuple[str, float | None, float | None]:
+    """(words, edge share, cloud-request share) of a whole-model token by weights, from the split alone."""
+    n, u = split["n_layers"], split["upload_layer"]
+    text = f"The edge runs {u} of {n} layers for every token (exits at {', '.join(map(str, split['exits']))})"
+    layer, head = split.get("layer_params"), split.get("lm_head_params")
+    if not layer or head is None:
+        return text + ".", None, None
+    whole = n * layer + head
+    edge, cloud = u * layer / whole, ((n - u) * layer + head) / whole
+    return (text + f"; by weights that is {edge:.2f} of a whole-model token, and a cloud request ({n - u} layers "
+            f"plus the {head / 1e6:.0f}M-weight LM head) {cloud:.2f}.", edge, cloud)
 
 
 def explain_bytes(dataset: dict) -> str | None:

@@ -167,7 +167,10 @@ def run_bench(config: BenchConfig, progress: bool = True) -> Path:
                 _run_todo(config, todo, cloud, loaded, split, heads, store, progress)
             if scaling:
                 run_scaling(config, cloud, prompts, progress)
-    split_info = {"n_layers": split.n_layers, "exits": list(split.exits), "upload_layer": split.upload_layer}
+    model = loaded.model
+    split_info = {"n_layers": split.n_layers, "exits": list(split.exits), "upload_layer": split.upload_layer,
+                  "layer_params": sum(p.numel() for p in model.model.layers[0].parameters()),
+                  "lm_head_params": model.lm_head.weight.numel()}
     meta = {"settings": settings, "split": split_info, "config": asdict(config), "cores": plan.note,
             "cpu_count": os.cpu_count(),
             "skipped_too_long": skipped, "strategies": {n: asdict(BY_NAME[n]) for n in config.strategies}}
