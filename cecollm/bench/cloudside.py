@@ -22,7 +22,7 @@ import psutil
 
 from cecollm.bench.baseline import STARTUP_PREFIX
 from cecollm.broker.launch import BrokerProcess, free_ports
-from cecollm.errors import CecollmError
+from cecollm.errors import CecollmError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,9 @@ class CloudSide:
     def __enter__(self) -> "CloudSide":
         try:
             self._start()
+        except CecollmError as exc:  # a cloud process that does not start: say where its log is, no traceback
+            self._stack.close()
+            raise UserError(f"{exc} (logs in {self.log_dir})") from None
         except BaseException:
             self._stack.close()
             raise
