@@ -16,7 +16,7 @@ import click
 
 from cecollm.cliutil import GuardedCommand
 from cecollm.errors import UserError
-from cecollm.loading import DEFAULT_MODEL
+from cecollm.config import DEFAULT_MODEL
 
 log = logging.getLogger("cecollm.broker")
 

@@ -26,6 +26,22 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
+def _die_with_parent():
+    """A preexec function that makes the child get SIGTERM when this process dies (Linux), so a test
+    or benchmark killed mid-run leaves no broker behind; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, only called after
+    pr_set_pdeathsig = 1
+
+    def set_pdeathsig() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return set_pdeathsig
+
+
 class BrokerProcess:
     """`cecollm-broker` on 127.0.0.1 with free ports; `with` stops it (SIGTERM) and waits."""
 
@@ -45,7 +61,7 @@ class BrokerProcess:
                 "--workers-address", self.worker_address, *(extra or [])]
         self._log = open(log_path, "w") if log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log, text=True,
-                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=_die_with_parent())
         self.startup_line = self._wait_line(start_timeout)
 
     def _wait_line(self, timeout: float) -> str:
