@@ -67,6 +67,21 @@ def pin_tree(pid: int, cores: tuple[int, ...]) -> int:
     return count
 
 
+def _die_with_parent():
+    """preexec_fn: the child gets SIGTERM when the bench dies (Linux), so a killed run leaves no server."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, only called after
+    pr_set_pdeathsig = 1
+
+    def set_pdeathsig() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return set_pdeathsig
+
+
 class BaselineProcess:
     """`python -m cecollm.bench.baseline` on a free port; `with` stops it (SIGTERM) and waits."""
 
@@ -82,7 +97,8 @@ class BaselineProcess:
             args += ["--heads", heads]
         self._log = open(log_path, "w") if log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log, text=True,
-                                     env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+                                     env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                                     preexec_fn=_die_with_parent())
         self.startup_line = self._wait_line(start_timeout)
 
     def _wait_line(self, timeout: float) -> str:
