@@ -200,3 +200,60 @@ def test_no_room_in_dev_shm_is_an_error_reply_not_a_crash(manager, monkeypatch):
     refused = manager.open(sp.Open(3, F16))
     assert refused.code == ErrorCode.BUDGET and "No space" in refused.message
     assert manager.used_bytes == 0 and 3 not in manager.devices
+
+
+def _control(m, peer, msg):
+    """A worker's message through the manager's socket handler (envelope and all); the replies."""
+    import zmq
+
+    m.on_control([zmq.Frame(peer), zmq.Frame(b""), *(zmq.Frame(bytes(f)) for f in msg.to_frames())])
+    return m.state.take()
+
+
+def test_a_remote_worker_gets_the_state_as_tensors_and_commits_kv_into_the_segment(manager):
+    opened = _open(manager)
+    _upload(manager, 3, opened.session, 0, 0, 5, 2.0)
+    dev = manager.devices[3]
+    (_, grant), = _control(manager, b"r1", sp.Lease(3, opened.session, 1, 2, remote=True))
+    assert isinstance(grant, sp.StateGrant) and (grant.folded, grant.received, grant.wire_code) == (0, 5, F16)
+    assert grant.kv.shape == (4, 1, 0, 8) and grant.rows.shape == (5, HIDDEN) and np.all(grant.rows == 2.0)
+    kv = np.arange(4 * 3 * 8, dtype=np.float32).reshape(4, 1, 3, 8)  # [L*2, kv, 3 positions, hd]
+    (_, reply), = _control(manager, b"r1", sp.StateCommit(3, grant.token, 0, 3, 42, 0.25, kv))
+    assert reply == sp.Committed(3) and dev.folded == 3 and dev.lease_token == 0
+    segment_kv = np.ndarray(dev.layout.kv_shape, dtype=np.float32, buffer=dev.segment.buf)
+    assert np.array_equal(segment_kv[:, :, :, :3].reshape(4, 1, 3, 8), kv)  # [L, 2, kv, 3, hd] as sent
+    del segment_kv
+    (_, grant), = _control(manager, b"r1", sp.Lease(3, opened.session, 2, 4, remote=True))
+    assert (grant.folded, grant.received) == (3, 5) and np.array_equal(grant.kv, kv) and grant.rows.shape == (2, HIDDEN)
+    # a local worker's lease on the same device still gets the segment's name
+    assert _control(manager, b"r1", sp.StateCommit(3, grant.token, 3, 4, 1, 0.5, kv[:, :, :1].copy()))
+    (_, local), = _control(manager, b"w1", sp.Lease(3, opened.session, 3, 4))
+    assert isinstance(local, sp.Grant) and local.segment == opened.segment and local.folded == 4
+
+
+def test_a_bad_remote_commit_is_an_error_reply_and_changes_nothing(manager):
+    opened = _open(manager)
+    _upload(manager, 3, opened.session, 0, 0, 5)
+    dev = manager.devices[3]
+    (_, grant), = _control(manager, b"r1", sp.Lease(3, opened.session, 1, 2, remote=True))
+    good = np.ones((4, 1, 3, 8), dtype=np.float32)
+    bad = {
+        "wrong heads": (ErrorCode.MALFORMED, sp.StateCommit(3, grant.token, 0, 3, 1, 0.5, np.ones((4, 2, 3, 8), np.float32))),
+        "wrong layers": (ErrorCode.MALFORMED, sp.StateCommit(3, grant.token, 0, 3, 1, 0.5, np.ones((6, 1, 3, 8), np.float32))),
+        "wrong dtype": (ErrorCode.MALFORMED, sp.StateCommit(3, grant.token, 0, 3, 1, 0.5, good.astype(np.float16))),
+        "wrong start": (ErrorCode.MALFORMED, sp.StateCommit(3, grant.token, 1, 4, 1, 0.5, good)),
+        "past received": (ErrorCode.MALFORMED, sp.StateCommit(3, grant.token, 0, 6, 1, 0.5, np.ones((4, 1, 6, 8), np.float32))),
+        "not the lease": (ErrorCode.STALE, sp.StateCommit(3, grant.token + 1, 0, 3, 1, 0.5, good)),
+        "unknown device": (ErrorCode.STALE, sp.StateCommit(9, grant.token, 0, 3, 1, 0.5, good)),
+    }
+    for name, (code, msg) in bad.items():
+        (_, reply), = _control(manager, b"r1", msg)
+        assert isinstance(reply, sp.Error) and reply.code == code, name
+        assert (dev.folded, dev.lease_token) == (0, grant.token), name
+    import zmq  # frames that do not parse: an error reply too
+
+    manager.on_control([zmq.Frame(b"r1"), zmq.Frame(b""), zmq.Frame(sp.StateCommit(3, grant.token, 0, 3, 1, 0.5, good)
+                                                                     .to_frames()[0]), zmq.Frame(b"x")])
+    assert manager.state.take()[0][1].code == ErrorCode.MALFORMED
+    (_, reply), = _control(manager, b"r1", sp.StateCommit(3, grant.token, 0, 3, 1, 0.5, good))
+    assert reply == sp.Committed(3) and dev.folded == 3

@@ -131,3 +131,68 @@ def test_random_frames_never_raise_anything_but_protocol_error():
                 module.parse(frames)
             except ProtocolError:
                 pass
+
+
+def _state_grant(folded=3, received=5, kv_dtype="float32", rows_dtype="float16"):
+    kv = np.arange(2 * 2 * 1 * folded * 8, dtype=kv_dtype).reshape(4, 1, folded, 8)  # [L*2, kv, folded, hd]
+    rows = np.arange((received - folded) * 16, dtype=rows_dtype).reshape(received - folded, 16)
+    return sp.StateGrant(11, folded, received, 64, kv, rows)
+
+
+@pytest.mark.parametrize("folded", [0, 3])
+def test_remote_state_messages_round_trip(folded):
+    assert sp.parse(_wire(sp.Lease(3, 5, 9, 40, True).to_frames())) == sp.Lease(3, 5, 9, 40, True)
+    grant = _state_grant(folded)
+    back = sp.parse(_wire(grant.to_frames()), sp.REPLIES)
+    assert (back.token, back.folded, back.received, back.capacity, back.wire_code) == (11, folded, 5, 64, 1)
+    assert back.kv.dtype == grant.kv.dtype and np.array_equal(back.kv, grant.kv) and back.kv.shape[2] == folded
+    assert np.array_equal(back.rows, grant.rows) and back.rows.dtype == np.float16
+    kv = np.ones((4, 1, 2, 8), dtype=np.float32)
+    commit = sp.StateCommit(3, 11, folded, folded + 2, 7, 0.5, kv)
+    frames = commit.to_frames()
+    assert isinstance(frames[3], memoryview)  # the KV's own memory goes to the socket
+    back = sp.parse(_wire(frames), sp.REQUESTS)
+    assert (back.device_id, back.token, back.start, back.folded, back.decided, back.prob) == (3, 11, folded, folded + 2, 7, 0.5)
+    assert np.array_equal(back.kv, kv)
+    assert sp.parse(_wire(sp.Committed(5).to_frames()), sp.REPLIES) == sp.Committed(5)
+
+
+def _replace(frames, index, frame):
+    frames = _wire(frames)
+    frames[index] = frame
+    return frames
+
+
+GRANT = _state_grant()
+COMMIT = sp.StateCommit(3, 11, 3, 5, 7, 0.5, np.ones((4, 1, 2, 8), dtype=np.float32))
+BAD_STATE = {
+    "lease remote flag 2": [pack_header(sp.TAG, sp.VERSION, sp.Command.LEASE), struct.pack("!IIIIB", 1, 1, 1, 1, 2)],
+    "lease of version 2": [pack_header(sp.TAG, 2, sp.Command.LEASE), struct.pack("!IIII", 1, 1, 1, 1)],
+    "grant folded past received": _replace(GRANT.to_frames(), 1, struct.pack("!QIII", 11, 5, 5, 64)),
+    "grant received past capacity": _replace(GRANT.to_frames(), 1, struct.pack("!QIII", 11, 3, 65, 64)),
+    "grant kv positions": _replace(_replace(GRANT.to_frames(), 2, _tensor_head(2, (4, 1, 2, 8))), 3, b"\0" * 256),
+    "grant kv odd layers": _replace(_replace(GRANT.to_frames(), 2, _tensor_head(2, (3, 1, 3, 8))), 3, b"\0" * 288),
+    "grant kv rank 3": _replace(_replace(GRANT.to_frames(), 2, _tensor_head(2, (4, 3, 8))), 3, b"\0" * 384),
+    "grant rows count": _replace(_replace(GRANT.to_frames(), 4, _tensor_head(1, (3, 16))), 5, b"\0" * 96),
+    "grant rows short buffer": _replace(GRANT.to_frames(), 5, b"\0" * 10),
+    "grant rows dtype": _replace(GRANT.to_frames(), 4, _tensor_head(9, (2, 16))),
+    "grant missing frame": _wire(GRANT.to_frames())[:5],
+    "grant kv oversize": _replace(GRANT.to_frames(), 2, _tensor_head(2, (1 << 16, 1 << 16, 3, 1 << 8))),
+    "commit nothing folded": _replace(COMMIT.to_frames(), 1, struct.pack("!IQIIId", 3, 11, 5, 5, 7, 0.5)),
+    "commit kv positions": _replace(COMMIT.to_frames(), 1, struct.pack("!IQIIId", 3, 11, 3, 6, 7, 0.5)),
+    "commit kv buffer": _replace(COMMIT.to_frames(), 3, b"\0" * 7),
+    "committed short": [pack_header(sp.TAG, sp.VERSION, sp.Command.COMMITTED), b"\0" * 3],
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_STATE))
+def test_bad_remote_state_frames_raise_protocol_error(name):
+    with pytest.raises(ProtocolError):
+        sp.parse(BAD_STATE[name])
+
+
+def test_a_remote_commit_is_a_request_and_its_grant_a_reply():
+    with pytest.raises(ProtocolError, match="not expected"):
+        sp.parse(_wire(GRANT.to_frames()), sp.REQUESTS)
+    with pytest.raises(ProtocolError, match="not expected"):
+        sp.parse(_wire(COMMIT.to_frames()), sp.REPLIES)

@@ -3,7 +3,9 @@
 Per device session it keeps a shared-memory segment (cloud KV cache and the received
 upload-layer rows, see shm.py) and a record of what it holds. Edges push rows straight to
 its upload PULL socket; workers ask on its state ROUTER socket for a lease on a device, then
-compute in the segment and commit (one way) how many positions are now folded into the KV cache. Rows
+compute in the segment and commit (one way) how many positions are now folded into the KV cache (a remote
+worker, on another host, gets the state as tensors and commits the KV entries it appended, which are
+checked and written into the segment here). Rows
 that are folded are dropped (their pages given back). A session ends when the edge says so,
 after an idle TTL, or when a byte budget needs room (least recently used idle device first).
 """
@@ -27,10 +29,11 @@ from cecollm.broker import edge_protocol as ep
 from cecollm.broker import shm
 from cecollm.broker import state_protocol as sp
 from cecollm.broker.loop import drain
-from cecollm.broker.wire import DTYPES, ErrorCode, ProtocolError
+from cecollm.broker.wire import DTYPE_CODES, DTYPES, ErrorCode, ProtocolError
 
 log = logging.getLogger(__name__)
 
+KV_ITEMSIZES = {"float32": 4, "float16": 2, "bfloat16": 2}  # bytes per KV element by the model's dtype
 CHORES_SECONDS = 0.02  # housekeeping (waiters' deadlines, idle TTL, the broker's presence) at most this often
 
 
@@ -44,7 +47,7 @@ class ContentManagerConfig:
     n_kv_heads: int  # the model's key/value heads
     head_dim: int  # the model's head size
     hidden: int  # the model's hidden size (row width)
-    kv_itemsize: int = 4  # bytes per KV element (float32 models)
+    kv_dtype: str = "float32"  # the model's dtype (torch name): KV elements in the segment
     capacity: int = 1024  # positions per device session (prompt + generated tokens)
     budget_bytes: int = 1 << 30  # all sessions' segments together stay under this
     idle_ttl: float = 600.0  # seconds without any message before a session is released
@@ -207,6 +210,11 @@ class ContentManager:
             self._reply(peer, self.open(msg))
         elif isinstance(msg, sp.Lease):
             self.lease(peer, msg)
+        elif isinstance(msg, sp.StateCommit):  # a remote worker's call: answered
+            refused = self.commit_state(msg)
+            if refused:
+                log.warning("remote commit refused: %s", refused[1])
+            self._reply(peer, sp.Error(*refused) if refused else sp.Committed(msg.folded))
         else:
             refused = self.commit(msg)  # one way: no reply
             if refused:
@@ -222,7 +230,7 @@ class ContentManager:
         if old is not None:
             self.release(old, "a new generation started")
         c = self.config
-        layout = shm.StateLayout(c.cloud_layers, c.n_kv_heads, c.head_dim, c.hidden, c.capacity, c.kv_itemsize,
+        layout = shm.StateLayout(c.cloud_layers, c.n_kv_heads, c.head_dim, c.hidden, c.capacity, KV_ITEMSIZES[c.kv_dtype],
                                  DTYPES[msg.wire_code].itemsize)
         try:
             self._make_room(layout.nbytes)
@@ -280,8 +288,11 @@ class ContentManager:
                 self._counter = (self._counter + 1) % (1 << 32) or 1
                 dev.lease_token, dev.lease_seq = self._counter, w.lease.seq
                 dev.lease_expires = now + self.config.lease_seconds
-                self._reply(w.peer, sp.Grant(dev.lease_token, dev.folded, dev.received, dev.layout.capacity,
-                                             dev.wire_code, dev.segment.name))
+                if w.lease.remote:
+                    self._reply(w.peer, self._state_grant(dev))
+                else:
+                    self._reply(w.peer, sp.Grant(dev.lease_token, dev.folded, dev.received, dev.layout.capacity,
+                                                 dev.wire_code, dev.segment.name))
             elif now > w.deadline:
                 self._reply(w.peer, sp.Error(ErrorCode.MISSING, f"device {dev.device_id}: position "
                                              f"{w.lease.position} not received in {self.config.wait_seconds:g} s "
@@ -296,6 +307,41 @@ class ContentManager:
             return False
         # the same request again (its first worker died) supersedes that worker's lease
         return not dev.leased(now) or dev.lease_seq == lease.seq
+
+    def _kv_view(self, dev: DeviceState) -> np.ndarray:
+        """The segment's KV cache [cloud_layers, 2, n_kv, capacity, head_dim] (a view: drop it before release)."""
+        return np.ndarray(dev.layout.kv_shape, dtype=np.dtype(self.config.kv_dtype), buffer=dev.segment.buf)
+
+    def _state_grant(self, dev: DeviceState):
+        """A remote worker's grant: the filled KV and the rows not yet folded, copied out of the segment."""
+        if self.config.kv_dtype not in DTYPE_CODES:
+            return sp.Error(ErrorCode.INTERNAL, f"a {self.config.kv_dtype} KV cache cannot travel to a remote worker")
+        lay = dev.layout
+        kv = np.ascontiguousarray(self._kv_view(dev)[:, :, :, :dev.folded])  # [L, 2, kv, folded, hd]
+        begin, _ = lay.rows_span(dev.folded, dev.received)
+        rows = np.ndarray((dev.received - dev.folded, lay.hidden), dtype=DTYPES[dev.wire_code], buffer=dev.segment.buf,
+                          offset=begin).copy()  # [received - folded, hidden]
+        kv = kv.reshape(lay.cloud_layers * 2, lay.n_kv_heads, dev.folded, lay.head_dim)  # [L*2, kv, folded, hd]
+        return sp.StateGrant(dev.lease_token, dev.folded, dev.received, lay.capacity, kv, rows)
+
+    def commit_state(self, msg: sp.StateCommit) -> tuple[ErrorCode, str] | None:
+        """A remote worker's commit: check its KV entries against the device, write them, end the lease."""
+        dev = self.devices.get(msg.device_id)
+        if dev is None or msg.token == 0 or dev.lease_token != msg.token:
+            return ErrorCode.STALE, f"device {msg.device_id}: lease {msg.token} is not current"
+        lay, n = dev.layout, msg.folded - msg.start
+        expected = (lay.cloud_layers * 2, lay.n_kv_heads, n, lay.head_dim)
+        if msg.start != dev.folded or msg.folded > dev.received:
+            return ErrorCode.MALFORMED, (f"device {msg.device_id}: KV for positions [{msg.start}, {msg.folded}), "
+                                         f"the device has {dev.folded} folded and {dev.received} received")
+        if msg.kv.dtype.name != self.config.kv_dtype or msg.kv.shape != expected:
+            return ErrorCode.MALFORMED, (f"device {msg.device_id}: KV {msg.kv.dtype.name} {msg.kv.shape}, expected "
+                                         f"{self.config.kv_dtype} {expected}")
+        entries = msg.kv.reshape(lay.cloud_layers, 2, lay.n_kv_heads, n, lay.head_dim)  # [L, 2, kv, n, hd]
+        self._kv_view(dev)[:, :, :, msg.start:msg.folded] = entries  # the one copy, from the frame into the segment
+        refused = self.commit(sp.Commit(msg.device_id, msg.token, msg.folded, msg.decided, msg.prob))
+        assert refused is None, f"a checked remote commit was refused: {refused}"
+        return None
 
     def commit(self, msg: sp.Commit) -> str | None:
         """End a lease with `folded` positions in the KV; why it was refused, or None."""

@@ -124,6 +124,8 @@ def tensor_frames(array: np.ndarray) -> list:
     assert array.flags["C_CONTIGUOUS"], "tensor frames need a contiguous array"
     code = DTYPE_CODES[array.dtype.name]
     head = TENSOR_HEAD.pack(code, array.ndim) + struct.pack(f"!{array.ndim}I", *array.shape)
+    if array.size == 0:  # a memoryview with a 0 in its shape cannot be cast to bytes
+        return [head, b""]
     return [head, memoryview(array).cast("B")]
 
 
