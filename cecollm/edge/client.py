@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -25,7 +25,7 @@ from cecollm.broker.wire import ErrorCode, ProtocolError
 from cecollm.edge.heads import HeadSet
 from cecollm.edge.partition import EdgePartition
 from cecollm.edge.sender import UploadSender
-from cecollm.engine import TokenRecord
+from cecollm.engine import GenerationResult, TokenRecord
 from cecollm.errors import UserError
 from cecollm.layers import DecoderRunner
 from cecollm.prompting import eos_ids
@@ -84,18 +84,10 @@ class EdgeStats:
 
 
 @dataclass
-class EdgeResult:
-    token_ids: list[int]
-    tokens: list[TokenRecord]
-    stats: EdgeStats = field(default_factory=EdgeStats)
+class EdgeResult(GenerationResult):
+    """A generation's tokens, with the edge's stats (to_dict as the in-process engine's)."""
 
-    def to_dict(self, text: str | None = None) -> dict:
-        out = {"token_ids": self.token_ids}
-        if text is not None:
-            out["text"] = text
-        out["tokens"] = [asdict(t) for t in self.tokens]
-        out["stats"] = asdict(self.stats)
-        return out
+    stats: EdgeStats = field(default_factory=EdgeStats)
 
 
 class _TappingRunner(DecoderRunner):
