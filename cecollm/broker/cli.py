@@ -28,7 +28,8 @@ class BrokerConfig:
     request_address: str = "tcp://*:5555"  # edges' requests (ROUTER, bound here); commas bind several
     upload_address: str = "tcp://*:5556"  # edges' uploads (PULL, bound by the content manager); commas too
     worker_address: str = "tcp://127.0.0.1:5557"  # workers connect here (ROUTER, bound here)
-    state_address: str = ""  # the content manager's control socket; "" = ipc:// in the temp dir
+    state_address: str = ""  # the content manager's control socket; "" = ipc:// in the temp dir (tcp://*:PORT for
+    #                           workers on other hosts)
     model: str = DEFAULT_MODEL  # a transformers directory, a .gguf file, or the default model's name
     exits: str = ""  # exits as layer counts, "8,15"; "" = the model's default split
     upload_layer: int = 0  # layer whose output the edges upload; 0 = the last exit
@@ -107,6 +108,9 @@ def _plan(config: BrokerConfig) -> _Plan:
     from cecollm.split import parse_exits
 
     requests, uploads = _endpoints(config.request_address), _endpoints(config.upload_address)
+    for address in (config.worker_address, config.state_address or "ipc://"):
+        if len(_endpoints(address)) != 1:
+            raise UserError(f"address {address!r}: one endpoint only")
     _check(config)
     model_dir = resolve_model_dir(config.model)
     model = load_mapped(model_dir)
@@ -122,8 +126,8 @@ def _plan(config: BrokerConfig) -> _Plan:
         cloud_layers=split.n_layers - split.upload_layer, n_kv_heads=c.num_key_value_heads,
         head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads, hidden=c.hidden_size,
         capacity=config.capacity, budget_bytes=config.budget_mb << 20, idle_ttl=config.idle_ttl,
-        wait_seconds=config.wait_seconds, segment_prefix=prefix)
-    worker = wp.Config(str(model_dir), loaded.identity, split.exits, split.upload_layer, state_address,
+        wait_seconds=config.wait_seconds, segment_prefix=prefix, kv_dtype=str(model.dtype).removeprefix("torch."))
+    worker = wp.Config(str(model_dir), loaded.identity, split.exits, split.upload_layer, _connectable(state_address),
                        config.heartbeat_ms, config.liveness)
     return _Plan(requests, uploads, state_address, prefix, split.describe(), manager, worker)
 
@@ -160,7 +164,7 @@ class _Children:
         if not self.announced and broker.ready_workers >= c.workers:
             self.announced = True
             print(f"cecollm-broker: requests {','.join(plan.requests)} | uploads {','.join(plan.uploads)} | "
-                  f"workers {c.worker_address} | model {c.model} ({plan.worker.identity[:12]}) | "
+                  f"workers {c.worker_address} | state {plan.state_address} | model {c.model} ({plan.worker.identity[:12]}) | "
                   f"{plan.split_text} | {broker.ready_workers} workers", flush=True)
         for i, p in enumerate(self.workers):
             if p.exitcode is not None and self.restarts < c.workers * 10:
@@ -242,9 +246,10 @@ _ctx = {"help_option_names": ["-h", "--help"]}
 @click.option("--uploads", "upload_address", default=_B.upload_address, show_default=True,
               help="Where edges push hidden states (PULL); several endpoints separated by commas.")
 @click.option("--workers-address", "worker_address", default=_B.worker_address, show_default=True,
-              help="Where workers connect (ROUTER); give it to `cecollm-worker --broker`.")
+              help="Where workers connect (ROUTER); give it to `cecollm-worker --broker`. tcp://*:PORT lets "
+              "workers on other hosts connect.")
 @click.option("--state-address", default=_B.state_address, help="The content manager's control socket "
-              "[default: ipc:// in the temp directory].")
+              "[default: ipc:// in the temp directory]; tcp://*:PORT for remote workers (cecollm-worker --remote).")
 @click.option("--model", default=_B.model, show_default=True, help="A transformers directory, a .gguf file, "
               "or the default model's name.")
 @click.option("--exits", default=_B.exits, help="Exits, e.g. 8,15 [default: the model's default split]; "
@@ -276,14 +281,26 @@ def broker_command(**options) -> None:
 
 @click.command(cls=GuardedCommand, context_settings=_ctx)
 @click.option("--broker", "broker_address", required=True,
-              help="The broker's workers address, e.g. tcp://127.0.0.1:5557 (same host: state is in shared memory).")
+              help="The broker's workers address, e.g. tcp://127.0.0.1:5557.")
+@click.option("--remote", is_flag=True, help="Another host than the broker's: never map its shared memory, get "
+              "each device's state as tensors from the content manager (the broker needs --state-address tcp://*:PORT).")
+@click.option("--state", "state_address", default="", help="The content manager's address, e.g. tcp://HOST:PORT "
+              "[default: as the broker names it; with --remote, on the --broker host].")
+@click.option("--model", "model_dir", default="", help="The model's transformers directory on this host "
+              "[default: the broker's path].")
 @click.option("--threads", type=int, default=_B.threads, show_default=True, help="Torch threads.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def worker_command(broker_address: str, threads: int, verbose: bool) -> None:
-    """Start one more cloud worker for a running broker on this host."""
+def worker_command(broker_address: str, remote: bool, state_address: str, model_dir: str, threads: int,
+                   verbose: bool) -> None:
+    """Start one more cloud worker for a running broker: on its host (device state in shared memory), or with
+    --remote on another host (device state sent over TCP per request)."""
     from cecollm.broker.worker import WorkerConfig, run_worker
 
-    sys.exit(run_worker(WorkerConfig(broker_address, threads, verbose=verbose)))
+    for address in (broker_address, state_address):
+        if address and (len(_endpoints(address)) != 1 or (remote and not address.startswith("tcp://"))):
+            raise UserError(f"address {address!r}: one tcp:// endpoint" + (" (--remote)" if remote else ""))
+    sys.exit(run_worker(WorkerConfig(broker_address, threads, verbose=verbose, remote=remote,
+                                     state_address=state_address, model_dir=model_dir)))
 
 
 def main() -> None:

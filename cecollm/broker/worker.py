@@ -7,7 +7,8 @@ no device uses any more). While a request computes, a small beat thread sends th
 instead; the two threads take turns on the socket under a lock (a full memory barrier, as
 ZeroMQ asks of a socket that changes threads). When the broker is silent for `liveness` beats
 the worker exits (the broker purges workers the same way, and hands a dead worker's request to
-another).
+another). A remote worker (`remote`: another host than the broker's) gets device state as tensors from
+the content manager at `state_address` instead of mapping its shared memory (see cloud/service.py).
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class WorkerConfig:
     connect_timeout: float = 30.0  # give up when the broker sends no CONFIG within this
     state_timeout: float = 10.0  # a content-manager call that takes longer fails the request
     verbose: bool = False  # debug logging
+    remote: bool = False  # never map shared memory: the content manager sends the state (another host)
+    state_address: str = ""  # the content manager's address; "" = the one the broker names (for remote: its host)
+    model_dir: str = ""  # the model's transformers directory here; "" = the broker's path
 
 
 class Worker:
@@ -74,14 +78,30 @@ class Worker:
         from cecollm.loading import LoadedModel
         from cecollm.split import Split
 
-        model = load_mapped(Path(config.model_dir))
-        identity = LoadedModel(model, None, Path(config.model_dir), config.model_dir).identity
+        state_address = self.state_address(config)  # before the model loads: a wrong setup fails at once
+        model_dir = Path(self.config.model_dir or config.model_dir)
+        if not model_dir.is_dir():
+            raise UserError(f"no model directory {model_dir} on this host (give --model)")
+        model = load_mapped(model_dir)
+        identity = LoadedModel(model, None, model_dir, str(model_dir)).identity
         if identity != config.identity:
-            raise UserError(f"the model at {config.model_dir} here is {identity[:12]}, the broker serves "
+            raise UserError(f"the model at {model_dir} here is {identity[:12]}, the broker serves "
                             f"{config.identity[:12]}")
         split = Split.create(model.config.num_hidden_layers, config.exits, config.upload_layer)
-        state = RpcSocket(self.context, config.state_address)
-        return CloudService(DecoderRunner(model), split, identity, state, self.config.state_timeout)
+        state = RpcSocket(self.context, state_address)
+        return CloudService(DecoderRunner(model), split, identity, state, self.config.state_timeout, self.config.remote)
+
+    def state_address(self, config: wp.Config) -> str:
+        """Where the content manager is: as given, else as the broker names it (a remote worker: on the
+        broker's host, which must then serve it over TCP)."""
+        address = self.config.state_address or config.state_address
+        if not self.config.remote or self.config.state_address:
+            return address
+        if not address.startswith("tcp://"):
+            raise UserError(f"the broker's state socket is {address}, which another host cannot reach: start the "
+                            "broker with --state-address tcp://*:PORT")
+        host = self.config.broker_address[len("tcp://"):].rsplit(":", 1)[0]  # tcp://HOST:PORT -> HOST
+        return f"tcp://{host}:{address.rsplit(':', 1)[1]}"
 
     def serve(self) -> int:
         """Run until the broker goes away or a signal arrives; the exit code."""
@@ -89,7 +109,8 @@ class Worker:
         log.info("worker %d: loading %s", os.getpid(), config.model_dir)
         service = self._load(config)
         sock.send_multipart(wp.Ready().to_frames())
-        log.info("worker %d: ready", os.getpid())
+        log.info("worker %d: ready (%s)", os.getpid(), "remote: state as tensors from " + service.state.address
+                 if self.config.remote else "state in shared memory")
         beats = BeatThread(sock, config.heartbeat_ms / 1000)
         try:
             return self._serve_loop(sock, beats, service, config)

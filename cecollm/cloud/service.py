@@ -5,6 +5,11 @@ device, attach its shared-memory segment, resume a CloudPartition over the KV ca
 rows there (the KV is written in place), commit the folded positions (one way), answer the token.
 Segments stay mapped between requests (no map, unmap and page faults per token); sweep()
 unmaps those the content manager has released, so their memory goes back.
+
+A remote service (a worker on another host than the content manager) never touches shared memory: its
+lease asks for the state as tensors (the filled KV and the rows not yet folded), it folds them in a KV
+cache of its own for this one request, and commits the KV entries it appended (a call the content
+manager answers), so the state still lives in the content manager only.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 import time
 from collections import OrderedDict
 
+import numpy as np
 import torch
 
 from cecollm.broker import edge_protocol as ep
@@ -43,8 +49,9 @@ class CloudService:
     """Serves edge requests for one model and split; holds no device state itself."""
 
     def __init__(self, runner: DecoderRunner, split: Split, identity: str, state: RpcSocket,
-                 state_timeout: float = 10.0) -> None:
+                 state_timeout: float = 10.0, remote: bool = False) -> None:
         self.runner = runner
+        self.remote = remote  # state as tensors over the socket, never a shared-memory segment
         self.split = split
         self.identity = identity
         self.state = state
@@ -66,7 +73,11 @@ class CloudService:
                 self._unmap(name)
 
     def _segment(self, name: str) -> shm.Attachment:
-        seg = self.segments.pop(name, None) or shm.attach(name)
+        try:
+            seg = self.segments.pop(name, None) or shm.attach(name)
+        except FileNotFoundError:
+            raise Refused(ErrorCode.INTERNAL, f"the device's segment {name} is not in {shm.SHM_DIR} here: a worker on "
+                          "another host than the broker's must run with --remote") from None
         self.segments[name] = seg
         while len(self.segments) > MAPPED_SEGMENTS:
             self._unmap(next(iter(self.segments)))
@@ -119,9 +130,14 @@ class CloudService:
         return ep.Welcome(msg.device_id, msg.seq, opened.session, opened.capacity, opened.rows_offset, opened.segment)
 
     def decide(self, msg: ep.Decide) -> ep.Token:
-        grant = self._call(sp.Lease(msg.device_id, msg.session, msg.seq, msg.position))
+        grant = self._call(sp.Lease(msg.device_id, msg.session, msg.seq, msg.position, self.remote))
         if isinstance(grant, sp.Decided):  # a retry: the first worker committed this, then died
             return ep.Token(msg.device_id, msg.seq, msg.position, grant.token, grant.prob, 0.0)
+        if isinstance(grant, sp.StateGrant) != self.remote:
+            raise Refused(ErrorCode.INTERNAL, f"the content manager answered a {'remote' if self.remote else 'local'} "
+                          f"lease with {type(grant).__name__}")
+        if self.remote:
+            return self._decide_remote(msg, grant)
         token, prob, seconds = self._compute(grant, msg.position)  # seconds: the layers alone
         # one way: if the request went to another worker meanwhile, it computes the same answer
         commit = sp.Commit(msg.device_id, grant.token, msg.position + 1, token, prob)
@@ -130,6 +146,39 @@ class CloudService:
         except CallTimeout:  # the lease lapses on its own; the answer is right all the same
             log.warning("device %d: the content manager took no commit", msg.device_id)
         return ep.Token(msg.device_id, msg.seq, msg.position, token, prob, seconds)
+
+    def _decide_remote(self, msg: ep.Decide, grant: sp.StateGrant) -> ep.Token:
+        token, prob, seconds, kv = self._fold_remote(grant, msg.position)
+        commit = sp.StateCommit(msg.device_id, grant.token, grant.folded, msg.position + 1, token, prob, kv)
+        try:
+            self._call(commit)  # COMMITTED, or an error: the state is then as before, the answer right all the same
+        except Refused as exc:
+            log.warning("device %d: remote commit refused: %s", msg.device_id, exc)
+        return ep.Token(msg.device_id, msg.seq, msg.position, token, prob, seconds)
+
+    @torch.inference_mode()
+    def _fold_remote(self, grant: sp.StateGrant, position: int) -> tuple[int, float, float, np.ndarray]:
+        """Fold the granted rows up to `position` on a copy of the granted KV; the new KV entries."""
+        dtype = self.runner.embed.weight.dtype
+        base = self.layout_base
+        layers, n_kv, hd = base["cloud_layers"], base["n_kv_heads"], base["head_dim"]
+        folded, n = grant.folded, position + 1 - grant.folded
+        assert 0 < n <= grant.rows.shape[0], f"granted rows [{folded}, {grant.received}) miss position {position}"
+        if (grant.kv.dtype.name, grant.kv.shape) != (str(dtype).removeprefix("torch."), (layers * 2, n_kv, folded, hd)) \
+                or grant.rows.shape[1] != base["hidden"]:
+            raise Refused(ErrorCode.INTERNAL, f"granted KV {grant.kv.dtype.name} {grant.kv.shape} / rows "
+                          f"{grant.rows.shape} do not fit this model")
+        storage = torch.empty(layers, 2, n_kv, position + 1, hd, dtype=dtype)  # [L, 2, kv, position+1, hd]
+        storage.numpy()[:, :, :, :folded] = grant.kv.reshape(layers, 2, n_kv, folded, hd)  # [L, 2, kv, folded, hd]
+        rows = torch.from_numpy(grant.rows[:n].copy())  # [n, hidden]; the frame itself is read-only
+        cache = KVCache(self.split.upload_layer, layers, n_kv, hd, storage=storage)
+        part = CloudPartition.resume(self.runner, self.split, cache, folded)
+        part.receive(folded, rows.view(1, n, base["hidden"]))  # [1, n, hidden]
+        t0 = time.perf_counter()
+        token, prob = part.decide(position)
+        seconds = time.perf_counter() - t0
+        new = storage[:, :, :, folded:].contiguous().view(layers * 2, n_kv, n, hd)  # [L*2, kv, n, hd]
+        return token, prob, seconds, new.numpy()
 
     @torch.inference_mode()
     def _compute(self, grant: sp.Grant, position: int) -> tuple[int, float, float]:
