@@ -257,3 +257,13 @@ def test_a_bad_remote_commit_is_an_error_reply_and_changes_nothing(manager):
     assert manager.state.take()[0][1].code == ErrorCode.MALFORMED
     (_, reply), = _control(manager, b"r1", sp.StateCommit(3, grant.token, 0, 3, 1, 0.5, good))
     assert reply == sp.Committed(3) and dev.folded == 3
+
+
+def test_a_kv_dtype_the_wire_cannot_carry_is_refused_to_remote_workers_without_a_lease(manager):
+    manager.config = ContentManagerConfig(**{**manager.config.__dict__, "kv_dtype": "bfloat16"})
+    opened = _open(manager)
+    _upload(manager, 3, opened.session, 0, 0, 2)
+    (_, err), = _control(manager, b"r1", sp.Lease(3, opened.session, 1, 1, remote=True))
+    assert err.code == ErrorCode.INTERNAL and "bfloat16" in err.message and manager.devices[3].lease_token == 0
+    (_, grant), = _control(manager, b"w1", sp.Lease(3, opened.session, 1, 1))  # local workers are served
+    assert isinstance(grant, sp.Grant) and manager.devices[3].layout.kv_itemsize == 2

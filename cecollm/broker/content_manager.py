@@ -275,6 +275,9 @@ class ContentManager:
             self._reply(peer, dev.answer)  # its first worker committed, then died before replying
         elif msg.position < dev.folded:
             self._reply(peer, sp.Error(ErrorCode.STALE, f"position {msg.position} was already decided"))
+        elif msg.remote and self.config.kv_dtype not in DTYPE_CODES:
+            self._reply(peer, sp.Error(ErrorCode.INTERNAL, f"a {self.config.kv_dtype} KV cache cannot travel to a "
+                                       "remote worker (float16 and float32 only)"))
         else:
             dev.waiters.append(_Waiter(peer, msg, time.monotonic() + self.config.wait_seconds))
             self._serve_waiters(dev, time.monotonic())
@@ -312,10 +315,8 @@ class ContentManager:
         """The segment's KV cache [cloud_layers, 2, n_kv, capacity, head_dim] (a view: drop it before release)."""
         return np.ndarray(dev.layout.kv_shape, dtype=np.dtype(self.config.kv_dtype), buffer=dev.segment.buf)
 
-    def _state_grant(self, dev: DeviceState):
+    def _state_grant(self, dev: DeviceState) -> sp.StateGrant:
         """A remote worker's grant: the filled KV and the rows not yet folded, copied out of the segment."""
-        if self.config.kv_dtype not in DTYPE_CODES:
-            return sp.Error(ErrorCode.INTERNAL, f"a {self.config.kv_dtype} KV cache cannot travel to a remote worker")
         lay = dev.layout
         kv = np.ascontiguousarray(self._kv_view(dev)[:, :, :, :dev.folded])  # [L, 2, kv, folded, hd]
         begin, _ = lay.rows_span(dev.folded, dev.received)
