@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import selectors
-import signal
-import subprocess
 import sys
 import time
 from contextlib import ExitStack
@@ -21,7 +18,7 @@ from pathlib import Path
 import psutil
 
 from cecollm.bench.baseline import STARTUP_PREFIX
-from cecollm.broker.launch import BrokerProcess, free_ports
+from cecollm.broker.launch import BrokerProcess, DaemonProcess, free_ports
 from cecollm.errors import CecollmError, UserError
 
 log = logging.getLogger(__name__)
@@ -67,23 +64,10 @@ def pin_tree(pid: int, cores: tuple[int, ...]) -> int:
     return count
 
 
-def _die_with_parent():
-    """preexec_fn: the child gets SIGTERM when the bench dies (Linux), so a killed run leaves no server."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, only called after
-    pr_set_pdeathsig = 1
-
-    def set_pdeathsig() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-    return set_pdeathsig
-
-
-class BaselineProcess:
+class BaselineProcess(DaemonProcess):
     """`python -m cecollm.bench.baseline` on a free port; `with` stops it (SIGTERM) and waits."""
+
+    what = "baseline cloud"
 
     def __init__(self, model: str, exits: str = "", heads: str = "", threads: int = 1,
                  log_path: str | Path | None = None, start_timeout: float = 180.0) -> None:
@@ -95,42 +79,7 @@ class BaselineProcess:
             args += ["--exits", exits]
         if heads:
             args += ["--heads", heads]
-        self._log = open(log_path, "w") if log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log, text=True,
-                                     env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-                                     preexec_fn=_die_with_parent())
-        self.startup_line = self._wait_line(start_timeout)
-
-    def _wait_line(self, timeout: float) -> str:
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            if sel.select(timeout=0.5):
-                line = self.proc.stdout.readline()
-                if line.startswith(STARTUP_PREFIX):
-                    return line.strip()
-        self.stop()
-        raise CecollmError(f"the baseline cloud did not start (exit code {self.proc.returncode}); see its log")
-
-    def stop(self, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._log is not subprocess.DEVNULL:
-            self._log.close()
-            self._log = subprocess.DEVNULL
-        return self.proc.returncode
-
-    def __enter__(self) -> "BaselineProcess":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        super().__init__(args, STARTUP_PREFIX, threads, log_path, start_timeout)
 
 
 @dataclass(frozen=True)
