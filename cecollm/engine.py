@@ -18,7 +18,7 @@ import torch
 from cecollm.cloud.partition import CloudPartition
 from cecollm.edge.heads import HeadSet
 from cecollm.edge.partition import EdgePartition
-from cecollm.config import MODES, GenerationConfig  # noqa: F401 (re-exported)
+from cecollm.config import GenerationConfig  # noqa: F401 (re-exported: callers import it from here)
 from cecollm.errors import UserError
 from cecollm.layers import DecoderRunner, top1
 from cecollm.prompting import eos_ids

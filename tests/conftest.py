@@ -77,3 +77,14 @@ def tiny_model_dir(tmp_path):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny GQA model with a tokenizer and no EOS (every generation runs to max_new_tokens), saved
+    once per test module: what brokers, edges and tools take as --model."""
+    model = make_tiny_model("gqa")
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    model.save_pretrained(path)
+    make_tiny_tokenizer(model.config.vocab_size).save_pretrained(path)
+    return path

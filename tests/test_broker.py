@@ -24,7 +24,7 @@ from cecollm.engine import GenerationConfig, SplitEngine
 from cecollm.errors import UserError
 from cecollm.loading import load_model
 from cecollm.split import Split
-from conftest import hf_greedy, make_tiny_model, make_tiny_tokenizer
+from conftest import hf_greedy
 
 EXITS = (2, 4)
 PROMPTS = {1: [5, 17, 33, 2, 9], 2: [100, 7, 7, 300, 41, 12, 3], 3: [250, 1, 64]}
@@ -33,15 +33,6 @@ PROMPTS = {1: [5, 17, 33, 2, 9], 2: [100, 7, 7, 300, 41, 12, 3], 3: [250, 1, 64]
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    model = make_tiny_model("gqa")  # no EOS: every generation runs to max_new_tokens
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    model.save_pretrained(path)
-    make_tiny_tokenizer(model.config.vocab_size).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from cecollm.bench.fanout_trace import Trace
 from cecollm.broker.launch import BrokerProcess, free_ports
 from cecollm.loading import load_model
 from cecollm.prompting import encode_prompt
-from conftest import hf_greedy, make_tiny_model, make_tiny_tokenizer
+from conftest import hf_greedy
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "fanout.py"
 PROMPTS = ["Tell me a story about a cat.", "The capital of France is", "Edge devices run the first layers."]
@@ -27,15 +27,6 @@ PROMPTS = ["Tell me a story about a cat.", "The capital of France is", "Edge dev
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    model = make_tiny_model("gqa")  # no EOS: every generation runs to max_new_tokens
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    model.save_pretrained(path)
-    make_tiny_tokenizer(model.config.vocab_size).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

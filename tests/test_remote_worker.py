@@ -19,7 +19,7 @@ from cecollm.edge.heads import HeadSet, NormHead
 from cecollm.engine import GenerationConfig, SplitEngine
 from cecollm.loading import load_model
 from cecollm.split import Split
-from conftest import hf_greedy, make_tiny_model, make_tiny_tokenizer
+from conftest import hf_greedy
 
 EXITS = (2, 4)
 PROMPT = [100, 7, 7, 300, 41, 12, 3]
@@ -40,15 +40,6 @@ worker_main()
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    model = make_tiny_model("gqa")  # no EOS: every generation runs to max_new_tokens
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    model.save_pretrained(path)
-    make_tiny_tokenizer(model.config.vocab_size).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +91,7 @@ def test_a_remote_worker_matches_transformers(loaded, split, cloud):
     assert (result.stats.cloud_tokens, result.stats.fallback_tokens, result.stats.timeouts) == (20, 0, 0)
     assert result.stats.shm_bytes == 0
     text = cloud.worker_log.read_text()
-    assert f"remote: state as tensors from tcp://127.0.0.1:" in text and "shared memory" not in text
+    assert "remote: state as tensors from tcp://127.0.0.1:" in text and "shared memory" not in text
     assert "refused" not in text and "failed" not in text
 
 
