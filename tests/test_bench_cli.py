@@ -124,11 +124,18 @@ def test_bench_resumes_and_refuses_other_settings(bench_run):
     assert len(victim.read_text().splitlines()) == 3  # the cut line, then the prompt again
     changed = _bench(*[a if a != "8" else "9" for a in args])
     assert changed.returncode == 2 and "other settings" in changed.stderr
+    # the same settings on another data file: prompt 0 is another prompt now, not a result to keep
+    other = out.parent / "other-alpaca.jsonl"
+    _write(other, [{**ALPACA[0], "instruction": "Tell me a story about a dog."}, ALPACA[1]])
+    swapped = _bench(*args, "--data", f"alpaca={other}")
+    assert swapped.returncode == 2 and "another prompt text" in swapped.stderr, swapped.stderr[-2000:]
+    assert "Traceback" not in swapped.stderr
 
 
 @pytest.mark.parametrize("args, message", [
     (["--strategies", "fast"], "unknown strategy"), (["--datasets", "cnn"], "unknown dataset"),
     (["--n", "0"], "--n must be"), (["--data", "xsum"], "NAME=PATH"), (["--scaling", "a,b"], "--scaling"),
+    (["--timeout", "0"], "--timeout must be"),
     (["--data-dir", "/nonexistent", "--model", "/nonexistent-model"], ""),
 ])
 def test_bench_user_errors(tmp_path, args, message):

@@ -71,6 +71,8 @@ class BenchConfig:
             raise UserError(f"--n must be at least 1, got {self.n}")
         if self.max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if not self.timeout > 0:
+            raise UserError(f"--timeout must be more than 0 seconds, got {self.timeout:g}")
         if self.threads < 1:
             raise UserError(f"--threads must be at least 1, got {self.threads}")
         for d in self.datasets:

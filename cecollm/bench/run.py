@@ -8,6 +8,7 @@ through the link) for the whole run; a short warm-up generation per strategy is 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -32,6 +33,22 @@ def heads_digest(heads) -> str:
             h.update(f"{exit_layer}/{name}".encode())
             h.update(tensor.detach().float().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def prompt_digest(prompt: Prompt) -> str:
+    """A short hash of a prompt's text and references: the same index in another file is another prompt."""
+    return hashlib.sha1(json.dumps([prompt.text, list(prompt.references)]).encode()).hexdigest()[:16]
+
+
+def check_same_prompts(prompts: dict, done: dict) -> None:
+    """Refuse to resume onto results made from other prompts (e.g. another --data file)."""
+    for dataset, picked in prompts.items():
+        for prompt, _ in picked:
+            digest = prompt_digest(prompt)
+            for (d, name, index), rec in done.items():
+                if d == dataset and index == prompt.index and rec.get("prompt_sha", digest) != digest:
+                    raise UserError(f"results for {dataset} prompt {index} ({name}) were made from another "
+                                    f"prompt text (another data file?); give another --out")
 
 
 def select_prompts(config: BenchConfig, tokenizer, max_positions: int) -> tuple[dict[str, list], dict[str, int]]:
@@ -114,6 +131,7 @@ def run_one(edge, cloud, strategy: Strategy, prompt: Prompt, ids: list[int], tok
         problems.append(f"went on alone: {s.standalone_reason}")
     return {
         "dataset": prompt.dataset, "strategy": strategy.name, "index": prompt.index,
+        "prompt_sha": prompt_digest(prompt),
         "prompt_tokens": len(ids), "token_ids": result.token_ids,
         "text": tokenizer.decode(result.token_ids, skip_special_tokens=True),
         "decided_by": [t.decided_by for t in result.tokens],
@@ -150,6 +168,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> Path:
     store.check_settings(settings)
     prompts, skipped = select_prompts(config, loaded.tokenizer, max_positions)
     done = store.load()
+    check_same_prompts(prompts, done)
     todo = [(s, p, ids) for dataset, picked in prompts.items() for p, ids in picked
             for s in config.strategies_for(dataset) if (dataset, s.name, p.index) not in done]
     plan = plan_cores(config.pin)
