@@ -204,3 +204,41 @@ def test_stats_count_bytes_on_the_wire():
 def test_bad_generation_config(kwargs):
     with pytest.raises(UserError):
         GenerationConfig(**kwargs)
+
+
+@pytest.mark.parametrize("upload", [1, 3, 6])
+@torch.inference_mode()
+def test_kv_exact_with_several_pending_depths(upload):
+    """Three exits: a position held at exit 4 and the next at exit 2 pend as two groups at once;
+    both are carried up exactly, and every upload-layer row reaches the cloud exactly once."""
+    model = make_tiny_model("gqa", seed=2)
+    split = Split.create(8, (2, 4, 6), upload_layer=upload)
+    runner = DecoderRunner(model)
+    edge = EdgePartition(runner, split, confident_heads(model, split.exits, scale=6.0), threshold=0.5)
+    cloud = CloudPartition(runner, split)  # receive() raises on a missing or repeated row
+    ids = random_prompt(model, 5, seed=5)
+    inputs, exits_taken, most_groups = list(ids), set(), 0
+    for _ in range(60):
+        step = edge.step(inputs)
+        most_groups = max(most_groups, len(edge._pending))
+        for up in step.uploads:
+            cloud.receive(up.start, up.hidden)
+        token = cloud.decide(step.position)[0] if step.token is None else step.token
+        exits_taken.add(step.exit)
+        ids.append(token)
+        inputs = [token]
+    edge.threshold = 1.0
+    step = edge.step(inputs)
+    for up in step.uploads:
+        cloud.receive(up.start, up.hidden)
+    cloud.decide(step.position)
+    assert exits_taken == {2, 4, 6, None}
+    assert most_groups >= 2, "no step left two pending groups: the multi-group path was not exercised"
+    ref = model(torch.tensor([ids]), use_cache=True).past_key_values
+    for layer in range(8):
+        for cache in (edge.cache, cloud.cache):
+            if cache.first_layer <= layer < cache.first_layer + cache.n_layers:
+                k, v = cache.read(layer)  # each [kv_heads, L, hd]
+                assert k.shape[1] == len(ids), f"layer {layer} holds {k.shape[1]} of {len(ids)} positions"
+                torch.testing.assert_close(k, ref.layers[layer].keys[0], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(v, ref.layers[layer].values[0], rtol=1e-5, atol=1e-5)
