@@ -77,6 +77,11 @@ def test_bench_end_to_end(bench_run):
         assert strategies["cloud"]["wire_up"] < strategies["ce-1.0"]["wire_up"]
         standalone = strategies["standalone"]
         assert standalone["wire_up"] == 0 and standalone["cloud_s"] == 0 and standalone["cloud_requests"] == 0
+        assert standalone["wire_s"] == 0.0
+        # time on the wire (lan: 0.5 ms each way): at least one latency up and one down per request
+        assert strategies["cloud"]["wire_s"] >= 0.9 * 2 * 0.0005 * 2
+        for name in ("naive", "ce-0.8", "ce-1.0-fp32", "ce-0.8-nocm"):
+            assert strategies[name]["wire_s"] >= 0.9 * 2 * 0.0005 * strategies[name]["cloud_requests"], name
         for name, agg in strategies.items():
             assert agg["tokens"] > 0 and agg["total_s"] > 0, name
             assert not agg["problems"], (name, agg["problems"])

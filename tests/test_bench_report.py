@@ -44,6 +44,7 @@ def test_aggregate_ratios_and_goals():
     del records[("alpaca", "ce-0.8", 1)]  # not finished: prompt 1 is left out of every sum
     ds = aggregate_dataset("alpaca", [0, 1], ["cloud", "naive", "ce-0.8", "ce-1.0-fp32"], records, RougeL(), {})
     assert ds["prompts"] == [0]
+    assert ds["strategies"]["cloud"]["wire_s"] is None  # records from before the link timed the wire
     s = ds["strategies"]
     assert s["ce-0.8"]["total_vs_cloud"] == pytest.approx(0.8)
     assert s["ce-0.8"]["cloud_vs_cloud"] == pytest.approx(2 / 9.5)

@@ -168,8 +168,12 @@ def test_jitter_is_bounded_and_never_reorders():
 def test_round_trip_takes_twice_the_one_way_latency():
     with ProbeServer() as server, link_to(server.endpoint, resolve_profile(latency_ms=(20.0, 20.0))) as link:
         rtts = ping(link.listening[0], samples=8)
+        stats = link.stats()
     assert min(rtts) >= 0.9 * 0.040
     assert statistics.median(rtts) < 0.040 + SLACK_S
+    # time on the wire, measured when the bytes are delivered: one latency per ping each way, not less
+    for direction in (stats.up, stats.down):
+        assert 8 * 0.9 * 0.020 <= direction.transit_s < 8 * (0.020 + SLACK_S), direction
 
 
 def test_latency_is_set_per_direction():

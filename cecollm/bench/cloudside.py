@@ -166,10 +166,12 @@ class CloudSide:
                 continue
         return 0
 
-    def wire_bytes(self) -> tuple[int, int]:
-        """(up, down) bytes the link delivered so far, after letting in-flight bytes land."""
+    def wire_bytes(self) -> tuple[int, int, float]:
+        """(up bytes, down bytes, seconds on the wire up + down) the link delivered since the last reset,
+        after letting in-flight bytes land. The seconds are measured by the link as it delivers: wall time
+        during which each direction carried bytes."""
         if self.link is None:
-            return 0, 0
+            return 0, 0, 0.0
         last = None
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:  # the sender thread and the emulator may still carry the tail
@@ -180,7 +182,7 @@ class CloudSide:
             last = now
             time.sleep(0.02)
         s = self.link.stats()
-        return s.up.bytes_out, s.down.bytes_out
+        return s.up.bytes_out, s.down.bytes_out, s.up.transit_s + s.down.transit_s
 
     def reset_link(self) -> None:
         if self.link is not None:

@@ -27,10 +27,10 @@ def _table2(name: str, ds: dict) -> list[str]:
     for key in [k for k in TABLE2 if k in s] + [k for k in s if k not in TABLE2 and k != "ce-0.8-nocm"]:
         a = s[key]
         rows.append([BY_NAME[key].label, _f(a["total_s"]), _f(a["edge_s"]), _f(a["cloud_s"]), _f(a["comm_s"]),
-                     _pct(a["cloud_request_rate"]), _f(a["wire_up"] / MB, 3), _f(a["wire_down"] / MB, 3),
+                     _f(a.get("wire_s")), _pct(a["cloud_request_rate"]), _f(a["wire_up"] / MB, 3), _f(a["wire_down"] / MB, 3),
                      _f(a.get("rouge_vs_cloud"), 4), _pct(a.get("identical_to_cloud")), str(a["tokens"]),
                      _f(a.get("total_vs_cloud"), 2), _f(a.get("cloud_vs_cloud"), 2), _f(a.get("bytes_vs_naive"), 4)])
-    header = ["Strategy", "Total (s)", "Edge (s)", "Cloud (s)", "Comm (s)", "Cloud request rate", "Up (MB)",
+    header = ["Strategy", "Total (s)", "Edge (s)", "Cloud (s)", "Comm (s)", "On the wire (s)", "Cloud request rate", "Up (MB)",
               "Down (MB)", "ROUGE-L vs cloud", "Identical ids", "Tokens", "Total / cloud-based",
               "Cloud / cloud-based", "Bytes / naive"]
     return [f"### {name} ({len(ds['prompts'])} prompts)", "", *_table(header, rows), ""]
@@ -129,7 +129,9 @@ def render_report(results: dict) -> str:
              *_load_note(meta),
              "Times are sums over the prompts (as the paper's tables). Total is wall time at the edge per "
              "generation; edge and cloud are compute; comm is measured at the edge: request to reply minus the "
-             "compute the cloud reports (for CE-CoLLM this includes waiting for rows still in flight). Bytes are "
+             "compute the cloud reports (for CE-CoLLM this includes waiting for rows still in flight). On the wire "
+             "is measured by the link emulator as it delivers: wall time during which the link carried bytes, "
+             "up plus down (parallel uploads count although they overlap edge compute). Bytes are "
              "what the link emulator carried (TCP payload, both directions). ROUGE-L and identical ids compare "
              "each output with the cloud-based output of the same prompt.", "",
              "## Speed (the paper's Table 2)", ""]

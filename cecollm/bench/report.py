@@ -59,6 +59,8 @@ def aggregate_dataset(dataset: str, indices: list[int], names: list[str], record
         recs = [records[(dataset, name, i)] for i in common]
         agg = {k: sum(r[k] for r in recs) for k in SUMMED}
         agg["tokens"] = sum(len(r["token_ids"]) for r in recs)
+        # time on the wire as the link measured it (records from before it was measured have none)
+        agg["wire_s"] = sum(r["wire_s"] for r in recs) if all("wire_s" in r for r in recs) else None
         agg["wire_bytes"] = agg["wire_up"] + agg["wire_down"]
         agg["problems"] = [f"#{r['index']}: {p}" for r in recs for p in r["problems"]]
         kind = BY_NAME[name].kind

@@ -122,7 +122,7 @@ def run_one(edge, cloud, strategy: Strategy, prompt: Prompt, ids: list[int], tok
     t0 = time.perf_counter()
     result = edge.generate(ids)
     total = time.perf_counter() - t0
-    wire_up, wire_down = cloud.wire_bytes()
+    wire_up, wire_down, wire_s = cloud.wire_bytes()
     s = result.stats
     problems = []
     if getattr(s, "timeouts", 0) or (s.fallback_tokens and not strategy.standalone):
@@ -136,6 +136,7 @@ def run_one(edge, cloud, strategy: Strategy, prompt: Prompt, ids: list[int], tok
         "text": tokenizer.decode(result.token_ids, skip_special_tokens=True),
         "decided_by": [t.decided_by for t in result.tokens],
         "total_s": total, "edge_s": s.edge_seconds, "cloud_s": s.cloud_seconds, "comm_s": s.comm_seconds,
+        "wire_s": wire_s,
         "cloud_requests": s.cloud_tokens, "edge_tokens": s.edge_tokens, "fallback_tokens": s.fallback_tokens,
         "wire_up": wire_up, "wire_down": wire_down, "app_up": s.bytes_up, "app_down": s.bytes_down,
         "problems": problems, "load_1m": os.getloadavg()[0],

@@ -35,6 +35,7 @@ class DirectionStats:
     writes: int = 0  # deliveries to the receiver (due packets are written together)
     late_s: float = 0.0  # per write: how much later than scheduled it went out (emulator lag, slow receiver)
     max_late_s: float = 0.0  # the latest write
+    transit_s: float = 0.0  # wall time with bytes inside the link (read, not yet delivered): time on the wire
 
     def __add__(self, other: "DirectionStats") -> "DirectionStats":
         merged = {}
@@ -96,6 +97,7 @@ class DelayLine:
         self._last_arrival = 0.0  # arrivals never go back in time: no reordering
         self._queue: deque[tuple[float, memoryview | None]] = deque()  # (arrival, packet or _EOF)
         self._queued = 0  # bytes scheduled and not yet delivered
+        self._busy_since: float | None = None  # when the link last went from empty to carrying bytes
         self._ready = asyncio.Event()  # the queue is not empty
         self._room = asyncio.Event()  # the queue is below its byte budget
 
@@ -106,6 +108,8 @@ class DelayLine:
     def schedule(self, data: bytes, now: float) -> list[float]:
         """Queue `data` read at `now`; returns each packet's arrival time."""
         view = memoryview(data)
+        if self._queued == 0 and self._busy_since is None and len(view):
+            self._busy_since = now
         arrivals = []
         delay = queueing = jitter = worst = 0.0
         busy_before = self._free_at
@@ -174,6 +178,9 @@ class DelayLine:
             if batch:
                 writer.write(b"".join(batch))
             self._queued -= size
+            if self._queued == 0 and self._busy_since is not None:  # the last byte in the link has arrived
+                self._counters.add(transit_s=now - self._busy_since)
+                self._busy_since = None
             self._room.set()
             if ended:
                 if writer.can_write_eof():
