@@ -169,6 +169,37 @@ def test_cli_trains_reports_and_rejects_bad_inputs(tiny_dirs, tmp_path):
         assert text.strip().count("\n") == 0 and text.startswith("error:") and message in text, text
 
 
+@pytest.mark.parametrize("option, value", [("--batch-rows", 0), ("--top-k", 0), ("--max-len", 0), ("--epochs", 0),
+                                           ("--vocab", -1), ("--rank", -1), ("--threads", 0), ("--holdout", -1)])
+def test_train_exits_rejects_numbers_out_of_range(tiny_dirs, tmp_path, option, value):
+    """Each of these used to crash later with a traceback (ZeroDivisionError, IndexError) or, for
+    --epochs 0, silently train one step."""
+    model0, _, data = tiny_dirs
+    code, text = _invoke("train-exits", "--model", model0, "--exits", "2,4", "--data", data,
+                         "--out", tmp_path / "h.safetensors", option, value)
+    assert code == 2 and "Traceback" not in text and option in text and "range" in text, text
+    assert not (tmp_path / "h.safetensors").exists()
+
+
+@pytest.mark.parametrize("line", ["5", "[1, 2]", '"text"', "null"])
+def test_jsonl_records_that_are_not_objects_are_one_line_errors(tiny_dirs, tmp_path, line):
+    model0, _, data = tiny_dirs
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "hi", "output": "yo"}\n' + line + "\n")
+    for args in (["train-exits", "--exits", "2,4", "--data", bad, "--out", tmp_path / "h.safetensors"],
+                 ["exits-report", "--prompts", bad, "--part", "all"]):
+        code, text = _invoke(*args, "--model", model0)
+        assert code == 2 and text.startswith("error:") and text.strip().count("\n") == 0, text
+        assert f"{bad}:2: a record is a JSON object" in text, text
+
+
+def test_exits_report_rejects_a_negative_count(tiny_dirs, tmp_path):
+    """--n -1 sliced off the last prompt ([:-1]) instead of failing."""
+    model0, _, data = tiny_dirs
+    code, text = _invoke("exits-report", "--model", model0, "--prompts", data, "--n", -1)
+    assert code == 2 and "--n" in text and "Traceback" not in text, text
+
+
 def _model_and_identity(model_dir):
     from cecollm.loading import load_model
 

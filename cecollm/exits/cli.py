@@ -16,6 +16,12 @@ from cecollm.split import parse_exits
 
 _T = TrainConfig()
 _D = DataConfig()
+# Option types: a number out of range is click's usage error (exit code 2), not a traceback later.
+_COUNT = click.IntRange(min=0)  # 0 = none / all / no limit
+_POSITIVE = click.IntRange(min=1)
+_LENGTH = click.IntRange(min=2)  # a sequence needs an input and a next token
+_NOT_NEGATIVE = click.FloatRange(min=0)
+_ABOVE_ZERO = click.FloatRange(min=0, min_open=True)
 
 
 def _arch_options(arch: str, rank: int | None, vocab: int) -> dict:
@@ -37,29 +43,29 @@ def _arch_options(arch: str, rank: int | None, vocab: int) -> dict:
 @click.option("--arch", default=_T.arch, show_default=True, type=click.Choice(["norm", "adapter", "layer"]),
               help="norm: the final norm alone; adapter: low-rank adapter + norm (optionally a reduced "
                    "vocabulary); layer: one extra decoder layer (teacher-forced measurement only).")
-@click.option("--rank", type=int, default=None, help="Adapter rank (adapter; 0 = norm only) [default: 64].")
-@click.option("--vocab", type=int, default=0, show_default=True,
+@click.option("--rank", type=_COUNT, default=None, help="Adapter rank (adapter; 0 = norm only) [default: 64].")
+@click.option("--vocab", type=_COUNT, default=0, show_default=True,
               help="Reduced vocabulary: the N tokens the full model picks most often plus an 'other' class "
                    "that defers (adapter; 0 = the full LM head). 8192 makes a SmolLM2 head 15x cheaper.")
 @click.option("--eval-data", multiple=True, metavar="FILE", help="Extra evaluation-only files (all records).")
-@click.option("--holdout", type=int, default=_D.holdout, show_default=True, help="Alpaca records held out at the end of each file.")
-@click.option("--max-tokens", type=int, default=_D.max_tokens, show_default=True, help="Token budget of the teacher pass (0 = all text).")
-@click.option("--max-len", type=int, default=_D.max_len, show_default=True, help="Tokens per sequence at most.")
-@click.option("--top-k", type=int, default=_D.top_k, show_default=True, help="Teacher probabilities cached per token.")
-@click.option("--epochs", type=float, default=_T.epochs, show_default=True)
-@click.option("--batch-rows", type=int, default=_T.batch_rows, show_default=True, help="Tokens per optimizer step.")
-@click.option("--lr", type=float, default=_T.lr, show_default=True, help="Peak learning rate (0 = per-architecture default).")
+@click.option("--holdout", type=_COUNT, default=_D.holdout, show_default=True, help="Alpaca records held out at the end of each file.")
+@click.option("--max-tokens", type=_COUNT, default=_D.max_tokens, show_default=True, help="Token budget of the teacher pass (0 = all text).")
+@click.option("--max-len", type=_LENGTH, default=_D.max_len, show_default=True, help="Tokens per sequence at most.")
+@click.option("--top-k", type=_POSITIVE, default=_D.top_k, show_default=True, help="Teacher probabilities cached per token.")
+@click.option("--epochs", type=_ABOVE_ZERO, default=_T.epochs, show_default=True)
+@click.option("--batch-rows", type=_POSITIVE, default=_T.batch_rows, show_default=True, help="Tokens per optimizer step.")
+@click.option("--lr", type=_NOT_NEGATIVE, default=_T.lr, show_default=True, help="Peak learning rate (0 = per-architecture default).")
 @click.option("--seed", type=int, default=_T.seed, show_default=True, help="Initialisation and data order (deterministic).")
 @click.option("--greedy-weight", type=click.FloatRange(0, 1), default=_T.greedy_weight, show_default=True,
               help="Mix the KL target with the final layer's greedy token: 0 = match its distribution, 1 = "
                    "predict its greedy choice (confidence then estimates agreement with the full model).")
-@click.option("--max-minutes", type=float, default=_T.max_minutes, show_default=True,
+@click.option("--max-minutes", type=_NOT_NEGATIVE, default=_T.max_minutes, show_default=True,
               help="Stop training after this long and write the heads (0 = no limit); run again to resume.")
 @click.option("--fresh", is_flag=True, help="Ignore a checkpoint (<out>.ckpt) instead of resuming from it.")
 @click.option("--cache", default=_D.cache, help="Teacher cache directory [default: under $CECOLLM_HOME/exit-cache].")
 @click.option("--cache-layers", default="", help="Extra layers to cache for later runs, e.g. 6,8,12.")
 @click.option("--half", is_flag=True, help="Store the heads as float16.")
-@click.option("--threads", type=int, default=1, show_default=True, help="Torch threads.")
+@click.option("--threads", type=_POSITIVE, default=1, show_default=True, help="Torch threads.")
 def train_exits_command(model, exits, data, out, arch, rank, vocab, eval_data, holdout, max_tokens, max_len, top_k,
                         epochs, batch_rows, lr, seed, greedy_weight, max_minutes, fresh, cache, cache_layers, half,
                         threads):
@@ -107,11 +113,11 @@ def train_exits_command(model, exits, data, out, arch, rank, vocab, eval_data, h
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="jsonl of prompt/response records (appended).")
 @click.option("--part", type=click.Choice(["train", "heldout"]), default="train", show_default=True,
               help="Training records, or the held-out Alpaca records (for evaluation).")
-@click.option("--holdout", type=int, default=HOLDOUT, show_default=True)
-@click.option("--n", "limit", type=int, default=0, show_default=True, help="Answer the first N prompts (0 = all).")
-@click.option("--max-new-tokens", type=int, default=96, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--holdout", type=_COUNT, default=HOLDOUT, show_default=True)
+@click.option("--n", "limit", type=_COUNT, default=0, show_default=True, help="Answer the first N prompts (0 = all).")
+@click.option("--max-new-tokens", type=_POSITIVE, default=96, show_default=True)
+@click.option("--batch-size", type=_POSITIVE, default=16, show_default=True)
+@click.option("--threads", type=_POSITIVE, default=1, show_default=True)
 def selfgen_command(model, data, out, part, holdout, limit, max_new_tokens, batch_size, threads):
     """Write the model's own greedy answers to prompts, as training text for train-exits.
 
@@ -137,13 +143,13 @@ def selfgen_command(model, data, out, part, holdout, limit, max_new_tokens, batc
               "prompt/question/text fields, or a text file with one prompt a line.")
 @click.option("--part", type=click.Choice(["heldout", "all"]), default="heldout", show_default=True,
               help="For Alpaca files: the held-out last --holdout records, or all.")
-@click.option("--holdout", type=int, default=HOLDOUT, show_default=True)
-@click.option("--n", "limit", type=int, default=0, show_default=True, help="Use the first N prompts (0 = all).")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--holdout", type=_COUNT, default=HOLDOUT, show_default=True)
+@click.option("--n", "limit", type=_COUNT, default=0, show_default=True, help="Use the first N prompts (0 = all).")
+@click.option("--max-new-tokens", type=_POSITIVE, default=64, show_default=True)
 @click.option("--thresholds", default="0.5,0.6,0.7,0.8,0.9,1.0", show_default=True)
 @click.option("--out", "out_dir", default="exits-report", show_default=True, type=click.Path(file_okay=False),
               help="Directory for exits-report.json, .md and .png.")
-@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--threads", type=_POSITIVE, default=1, show_default=True)
 def exits_report_command(model, heads, prompts, part, holdout, limit, max_new_tokens, thresholds, out_dir, threads):
     """Share of tokens decided on the edge, agreement and ROUGE-L against threshold 1.0, compute per token."""
     from cecollm.errors import UserError
@@ -182,8 +188,8 @@ def exits_report_command(model, heads, prompts, part, holdout, limit, max_new_to
 @click.option("--candidates", default="lens,norm,adapter:64,adapter:64:8192,layer", show_default=True,
               help="Heads to compare: lens (untrained), norm, adapter:RANK[:VOCAB], layer; a suffix @W "
                    "trains with greedy weight W (see train-exits --greedy-weight).")
-@click.option("--epochs", type=float, default=1.0, show_default=True)
-@click.option("--max-minutes", type=float, default=0.0, show_default=True, help="Training budget per candidate.")
+@click.option("--epochs", type=_ABOVE_ZERO, default=1.0, show_default=True)
+@click.option("--max-minutes", type=_NOT_NEGATIVE, default=0.0, show_default=True, help="Training budget per candidate.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--splits", default="", help="Subsets of the exits to measure as cascades, e.g. '12,24;16,24'.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the rows as JSON and a markdown table (.md).")

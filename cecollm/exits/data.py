@@ -54,16 +54,19 @@ def _from_record(record: dict, source: str) -> Example | None:
 
 
 def read_records(path: Path) -> list[dict]:
-    """The JSON records of a jsonl file; a UserError names the first bad line."""
+    """The JSON objects of a jsonl file; a UserError names the first bad line."""
     records = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}:{n}: not JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{n}: a record is a JSON object, got {type(record).__name__}")
+            records.append(record)
     return records
 
 
@@ -89,7 +92,7 @@ def read_file(path: str | Path, part: str = "train", holdout: int = HOLDOUT) -> 
         records = read_records(path)
         out = []
         for index, record in split_records(records, part, holdout):
-            example = _from_record(record, f"{path.name}:{index}") if isinstance(record, dict) else None
+            example = _from_record(record, f"{path.name}:{index}")
             if example is None:
                 raise UserError(f"{path}:{index + 1}: unknown record fields; see `cecollm train-exits --help`")
             if example.response.strip():
