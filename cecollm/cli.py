@@ -60,7 +60,7 @@ def cli(verbose: bool) -> None:
 @click.option("--max-new-tokens", type=int, default=_DEFAULTS.max_new_tokens, show_default=True)
 @click.option("--raw", is_flag=True, help="Use the prompt as is, without the chat template.")
 @click.option("--no-fp16", is_flag=True, help="Upload float32 hidden states instead of float16.")
-@click.option("--threads", type=int, default=None, help="Torch threads [default: torch's choice].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads [default: torch's choice].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text and stats.")
 def generate(model, prompt, mode, threshold, exits, upload_layer, heads, max_new_tokens, raw, no_fp16,
              threads, as_json):

@@ -51,6 +51,9 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def set_threads(threads: int | None) -> None:
+    """Torch's thread count; None leaves torch's choice. Below 1 is a UserError (torch raised a RuntimeError)."""
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}")
     if threads:
         import torch
 

@@ -71,6 +71,20 @@ def test_bad_input_is_one_line_exit_2(tiny_model_dir, case):
     assert "Traceback" not in res.output
 
 
+def test_threads_below_one_is_refused(tiny_model_dir):
+    """--threads -1 reached torch.set_num_threads and ended in a RuntimeError traceback."""
+    res = run(["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--threads", "-1"])
+    assert res.exit_code == 2 and "--threads" in res.stderr and "Traceback" not in res.output, res.output
+
+
+def test_set_threads_raises_user_error():
+    from cecollm.cliutil import set_threads
+    from cecollm.errors import UserError
+
+    with pytest.raises(UserError, match="--threads must be at least 1"):
+        set_threads(0)
+
+
 def test_unsupported_architecture(gpt2_dir):
     res = run(["generate", "--model", str(gpt2_dir), "--prompt", "hi"])
     assert res.exit_code == 2
