@@ -132,6 +132,25 @@ def test_heads_file_round_trips(tiny_dirs, tmp_path, arch, options):
                 assert trainer.heads[e].top1(hidden[:, -1:], loaded.model.lm_head) == back.heads[e].top1(hidden[:, -1:], loaded.model.lm_head)
 
 
+@pytest.mark.parametrize("key, value", [("arch_options", "{not json"), ("training", "[1]"), ("arch_options", "3"),
+                                        ("exits", "x")])
+def test_damaged_heads_metadata_is_a_user_error(tmp_path, key, value):
+    """Damaged arch_options or training metadata raised a JSONDecodeError / TypeError traceback."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from cecollm.errors import UserError
+
+    model = make_tiny_model("gqa")
+    path = tmp_path / "heads.safetensors"
+    HeadSet.lens(model, (2, 4)).save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata={**meta, key: value})
+    with pytest.raises(UserError, match="metadata is damaged"):
+        HeadSet.load(path, model, "")
+
+
 def _invoke(*args):
     result = CliRunner().invoke(cli, list(map(str, args)))
     return result.exit_code, result.output

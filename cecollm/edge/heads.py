@@ -249,12 +249,15 @@ class HeadSet:
         try:
             exits = tuple(int(e) for e in json.loads(meta["exits"]))
             arch = meta["arch"]
+            options = json.loads(meta.get("arch_options") or "{}")
+            training = json.loads(meta.get("training") or "{}")
+            if not isinstance(options, dict) or not isinstance(training, dict):
+                raise TypeError("arch_options and training are JSON objects")
         except (KeyError, ValueError, TypeError):
-            raise UserError(f"{path}: the heads file's metadata is damaged (exits, arch)") from None
+            raise UserError(f"{path}: the heads file's metadata is damaged (exits, arch, arch_options, training)") from None
         n_layers = model.config.num_hidden_layers
         if not exits or any(not 1 <= e < n_layers for e in exits):
             raise UserError(f"{path} has exits {','.join(map(str, exits))}, but this model has {n_layers} layers")
-        options = json.loads(meta.get("arch_options") or "{}")
         heads = {}
         for e in exits:
             head = build_head(arch, model, options)
@@ -271,5 +274,4 @@ class HeadSet:
                                     f"{tuple(value.shape)}, this model needs {tuple(target.shape)})")
             head.load_state_dict(state)
             heads[e] = head.eval()
-        training = json.loads(meta.get("training") or "{}")
         return cls(exits, heads, arch, options, meta.get("model_identity", ""), training)
