@@ -18,8 +18,9 @@ from cecollm.split import Split, default_exits
 
 
 def _bundled_defaults() -> dict:
-    data = resources.files("cecollm") / "data" / "defaults.json"
-    return json.loads(data.read_text()) if data.is_file() else {}
+    """defaults.json ships with the package: a missing file is a broken install, not "no defaults"
+    (silently falling back would give the default model untrained heads at other exits)."""
+    return json.loads((resources.files("cecollm") / "data" / "defaults.json").read_text())
 
 
 def choose_split(

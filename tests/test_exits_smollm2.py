@@ -23,8 +23,8 @@ def test_default_split_uses_trained_heads_and_the_edge_decides():
     loaded = load_model(DEFAULT_MODEL)
     split, heads = choose_split(loaded)
     assert split.exits == (22, 26) and heads.arch == "adapter" and heads.arch_options["vocab"] == 8192
-    same, _ = choose_split(loaded, exits=(22, 26))  # asking for the default exits gets the trained heads too
-    assert same == split
+    same, same_heads = choose_split(loaded, exits=(22, 26))  # asking for the default exits gets the trained heads too
+    assert same == split and same_heads.arch == "adapter" and same_heads.training == heads.training
     ids = encode_prompt(loaded.tokenizer, "Give three tips for staying healthy.")
     engine = SplitEngine(loaded.model, split, heads)
     result = engine.generate(ids, GenerationConfig(mode="collab", threshold=0.8, max_new_tokens=24))

@@ -14,6 +14,7 @@ from cecollm.edge.heads import HEADS_FORMAT
 def test_bundled_heads_match_their_defaults_entry():
     data = resources.files("cecollm") / "data"
     entries = json.loads((data / "defaults.json").read_text())
+    assert entries, "defaults.json has no entry: the default model would run with untrained heads"
     for identity, entry in entries.items():
         path = data / entry["heads"]
         assert path.is_file(), entry
