@@ -16,6 +16,7 @@ from cecollm.exits.config import TrainConfig
 from cecollm.exits.data import read_examples
 from cecollm.exits.train import ExitTrainer
 from cecollm.loading import model_identity
+from cecollm.split import Split
 from conftest import make_tiny_model
 
 SENTENCES = ["the quick brown fox jumps over the lazy dog", "a cat sat on the mat and looked at the dog",
@@ -149,6 +150,29 @@ def test_damaged_heads_metadata_is_a_user_error(tmp_path, key, value):
     save_file(tensors, str(path), metadata={**meta, key: value})
     with pytest.raises(UserError, match="metadata is damaged"):
         HeadSet.load(path, model, "")
+
+
+def test_report_checks_the_reference_output_against_the_full_model(monkeypatch):
+    """Agreement at threshold 1.0 was taken as 1 without a check, though float16 upload can flip
+    a token: with a full model that disagrees everywhere, every threshold's agreement is 0."""
+    from cecollm.exits import report
+    from cecollm.loading import LoadedModel
+    from conftest import make_tiny_tokenizer
+
+    model = make_tiny_model("gqa")
+    loaded = LoadedModel(model, make_tiny_tokenizer(model.config.vocab_size), None, "tiny")
+    calls = []
+
+    def disagreeing(model, prompt_ids, token_ids):
+        calls.append(len(token_ids))
+        return [-1] * len(token_ids)
+
+    monkeypatch.setattr(report, "_full_model_choices", disagreeing)
+    heads = HeadSet.lens(model, (2, 4))
+    out = report.run_report(loaded, Split.create(8, (2, 4)), heads, [("p:0", "The cat")], 4, (0.5, 1.0))
+    assert calls, "the reference output was never checked against the full model"
+    assert [r["agreement"] for r in out["rows"]] == [0.0, 0.0]
+    assert out["rows"][-1]["match_t1"] == 1.0
 
 
 def _invoke(*args):

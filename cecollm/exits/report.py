@@ -92,19 +92,22 @@ def run_report(loaded, split, heads, prompts, max_new_tokens: int, thresholds=TH
     order = sorted(thresholds, reverse=True)  # 1.0 first: the reference
     for source, prompt in tqdm(prompts, desc="exits-report", unit="prompt"):
         ids = encode_prompt(tok, prompt)
-        ref_ids, ref_text = None, None
+        ref_ids, ref_text, ref_choices = None, None, None
         for t in order:
             result = engine.generate(ids, GenerationConfig(mode="collab", threshold=t, max_new_tokens=max_new_tokens))
             out = result.token_ids
             text = tok.decode(out, skip_special_tokens=True)
             if ref_ids is None:
+                # The threshold-1.0 output is not the full model's by definition (float16 upload
+                # rounds), so its agreement is measured like every other output's.
                 ref_ids, ref_text = out, text
+                ref_choices = _full_model_choices(loaded.model, ids, out)
             row = rows[t]
             row.tokens += len(out)
             for rec in result.tokens:
                 if rec.decided_by != "cloud":
                     row.by_exit[rec.decided_by] = row.by_exit.get(rec.decided_by, 0) + 1
-            choices = ref_ids if out == ref_ids else _full_model_choices(loaded.model, ids, out)
+            choices = ref_choices if out == ref_ids else _full_model_choices(loaded.model, ids, out)
             row.agree += sum(a == b for a, b in zip(out, choices))
             row.match += sum(a == b for a, b in zip(out, ref_ids))
             row.identical += out == ref_ids
