@@ -175,6 +175,17 @@ def test_report_checks_the_reference_output_against_the_full_model(monkeypatch):
     assert out["rows"][-1]["match_t1"] == 1.0
 
 
+def test_selfgen_refuses_to_append_to_a_foreign_file(tiny_dirs, tmp_path):
+    """An --out file that is not exits-selfgen output was a JSONDecodeError / KeyError traceback."""
+    model0, _, data = tiny_dirs
+    for content in ("plain text\n", '{"prompt": "x"}\n'):
+        out = tmp_path / "answers.jsonl"
+        out.write_text(content)
+        code, text = _invoke("exits-selfgen", "--model", model0, "--data", data, "--out", out, "--n", 1)
+        assert code == 2 and text.startswith("error:") and "not an exits-selfgen record" in text, text
+        assert out.read_text() == content
+
+
 def _invoke(*args):
     result = CliRunner().invoke(cli, list(map(str, args)))
     return result.exit_code, result.output

@@ -28,12 +28,17 @@ def _prompt_ids(encoder: ChatEncoder, prompt: str, max_prompt: int) -> list[int]
 
 
 def answered(path: Path) -> set[str]:
+    """Sources already answered in `path` (an earlier run's output); a foreign file is a UserError."""
     if not path.is_file():
         return set()
     done = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
             done.add(json.loads(line)["source"])
+        except (ValueError, TypeError, KeyError):
+            raise UserError(f"{path}:{n}: not an exits-selfgen record; --out appends to its own earlier output") from None
     return done
 
 
