@@ -73,6 +73,17 @@ def _cache(model_dir, data, tmp_path, layers=(2, 4)):
     return loaded, collect(loaded.model, loaded.tokenizer, examples, layers, spec, tmp_path / "cache")
 
 
+def test_a_cache_without_the_asked_layers_is_a_user_error(tiny_dirs, tmp_path):
+    """exits-compare loads a cache at its --exits: a layer the cache lacks was a KeyError traceback."""
+    from cecollm.errors import UserError
+    from cecollm.exits.collect import load_cache
+
+    _cache(tiny_dirs[0], tiny_dirs[2], tmp_path, layers=(2, 4))
+    with pytest.raises(UserError, match=r"holds layers \[2, 4\], not all of \[2, 5\]"):
+        load_cache(tmp_path / "cache", (2, 5))
+    assert load_cache(tmp_path / "cache", (4,)).layers == (4,)
+
+
 def test_holdout_records_are_never_trained(tiny_dirs):
     _, _, data = tiny_dirs
     train = read_examples([data], "train", holdout=10)

@@ -28,7 +28,7 @@ class CacheSpec:
     """What a cache was made from; a cache is reused only when this matches."""
 
     model_identity: str
-    sources: tuple[str, ...]  # data file names with size and mtime
+    sources: tuple[str, ...]  # data file names with their sizes (see file_sources)
     holdout: int  # Alpaca records held out at the end of each Alpaca file
     part: str  # train | heldout
     max_len: int  # tokens per sequence at most
@@ -171,6 +171,8 @@ def load_cache(cache_dir: Path, layers: tuple[int, ...] | None = None) -> ExitCa
     if manifest is None or not manifest["shards"]:
         raise UserError(f"{cache_dir} holds no cached text (no usable training text?)")
     layers = tuple(layers or manifest["layers"])
+    if not set(layers) <= set(manifest["layers"]):
+        raise UserError(f"{cache_dir} holds layers {manifest['layers']}, not all of {list(layers)}")
     parts = [torch.load(cache_dir / s, weights_only=True) for s in manifest["shards"]]
     lengths = torch.cat([p["lengths"] for p in parts])
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
