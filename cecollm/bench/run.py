@@ -22,7 +22,7 @@ from cecollm.errors import CecollmError, UserError
 
 log = logging.getLogger(__name__)
 PROMPT_FORMAT = 1  # bump when data.py builds prompts differently (results are not comparable then)
-BROKER_CAPACITY = 1024  # positions per device session the broker holds by default
+BROKER_CAPACITY = 1024  # positions per device session: prompts are chosen to fit, and the broker is told so
 
 
 def heads_digest(heads) -> str:
@@ -182,7 +182,8 @@ def run_bench(config: BenchConfig, progress: bool = True) -> Path:
                   or any(k != "cloud" for _, k, _ in scaling))
         with CloudSide(config.model, config.exits, config.heads, config.threads, profile, plan,
                        Path(config.out_dir) / "raw" / "logs", broker=broker,  # raw/ is not committed
-                       baseline=bool(kinds & {"cloud", "full"})) as cloud:
+                       baseline=bool(kinds & {"cloud", "full"}),
+                       broker_extra=["--capacity", str(BROKER_CAPACITY)]) as cloud:
             if todo:
                 _run_todo(config, todo, cloud, loaded, split, heads, store, progress)
             if scaling:
