@@ -84,6 +84,18 @@ def test_a_cache_without_the_asked_layers_is_a_user_error(tiny_dirs, tmp_path):
     assert load_cache(tmp_path / "cache", (4,)).layers == (4,)
 
 
+def test_compare_checks_every_candidate_before_training(tiny_dirs, tmp_path, monkeypatch):
+    """A bad last candidate failed only after the earlier ones had trained; none at all was an IndexError."""
+    from cecollm.errors import UserError
+    from cecollm.exits import compare
+
+    loaded, cache = _cache(tiny_dirs[0], tiny_dirs[2], tmp_path)
+    monkeypatch.setattr(compare, "ExitTrainer", lambda *a, **k: pytest.fail("trained before checking"))
+    for candidates, message in [(["norm", "adapter:x"], "unknown candidate 'adapter:x'"), ([], "no candidates")]:
+        with pytest.raises(UserError, match=message):
+            compare.compare(loaded.model, (2, 4), cache, cache, candidates, TrainConfig())
+
+
 def test_holdout_records_are_never_trained(tiny_dirs):
     _, _, data = tiny_dirs
     train = read_examples([data], "train", holdout=10)

@@ -63,11 +63,13 @@ def merge_caches(caches: list[ExitCache]) -> ExitCache:
 def compare(model, exits, train_cache: ExitCache, eval_cache: ExitCache, candidates, base: TrainConfig,
             threshold: float = 0.8, cascades=()) -> list[dict]:
     """Train and measure each candidate; `cascades` are subsets of the exits measured as splits."""
+    parsed = [parse_candidate(text) for text in candidates]  # all checked before any training
+    if not parsed:
+        raise UserError("no candidates to compare")
     torch.set_num_threads(1)
     one_layer = layer_ms(model)
     rows = []
-    for text in candidates:
-        label, arch, options, trained, greedy = parse_candidate(text)
+    for label, arch, options, trained, greedy in parsed:
         t0 = time.monotonic()
         if trained:
             trainer = ExitTrainer(model, exits, train_cache, replace(base, arch=arch, arch_options=options,
