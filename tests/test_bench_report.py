@@ -33,6 +33,16 @@ def test_raw_store_resumes_and_survives_a_cut_line(tmp_path):
         store.check_settings({"model": "m", "max_new_tokens": 9})
 
 
+def test_an_out_that_is_a_file_is_a_user_error(tmp_path):
+    (tmp_path / "taken").write_text("not a directory")
+    with pytest.raises(UserError, match="cannot write results into"):
+        RawStore(tmp_path / "taken").check_settings({"model": "m"})
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "run.json").write_text("{cut")
+    with pytest.raises(UserError, match="not JSON"):
+        RawStore(tmp_path / "broken").check_settings({"model": "m"})
+
+
 def test_aggregate_ratios_and_goals():
     records = {}
     for i in range(2):

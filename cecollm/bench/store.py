@@ -27,15 +27,23 @@ class RawStore:
         """Write run.json, or check that an earlier run in this directory used the same settings."""
         path = self.out / "run.json"
         if path.is_file():
-            old = json.loads(path.read_text())
+            try:
+                old = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise UserError(f"{path} is not a run's settings (not JSON); give another --out") from None
+            if not isinstance(old, dict):
+                raise UserError(f"{path} is not a run's settings; give another --out")
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             if diff:
                 shown = "; ".join(f"{k}: {old.get(k)!r} then, {settings.get(k)!r} now" for k in diff)
                 raise UserError(f"{self.out} holds results made with other settings ({shown}); "
                                 f"give another --out")
             return
-        self.raw.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
+        try:
+            self.raw.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
+        except OSError as exc:  # --out names a file, or a place this user cannot write
+            raise UserError(f"cannot write results into {self.out}: {exc.strerror or exc}") from None
 
     def _file(self, dataset: str, strategy: str) -> Path:
         return self.raw / f"{dataset}__{strategy}.jsonl"
