@@ -96,6 +96,20 @@ def test_compare_checks_every_candidate_before_training(tiny_dirs, tmp_path, mon
             compare.compare(loaded.model, (2, 4), cache, cache, candidates, TrainConfig())
 
 
+def test_reduced_vocabulary_holds_only_ids_of_the_model():
+    """choose_vocab padded its counts to max seen id + 1 + size, so a reduced vocabulary close to
+    the model's took ids beyond it (an IndexError in the LM head)."""
+    from cecollm.exits.collect import ExitCache
+    from cecollm.exits.train import choose_vocab
+
+    top_idx = torch.tensor([[600], [5], [600]])
+    cache = ExitCache((2,), {}, top_idx, torch.ones(3, 1), torch.tensor([0, 3]), torch.ones(3, dtype=torch.bool),
+                      torch.ones(3, dtype=torch.bool))
+    tokens = choose_vocab(cache, 639, 640)
+    assert tokens[:2].tolist() == [600, 5] and len(set(tokens.tolist())) == 639 and int(tokens.max()) < 640
+    assert choose_vocab(cache, 4, 640).tolist() == [600, 5, 0, 1]
+
+
 def test_holdout_records_are_never_trained(tiny_dirs):
     _, _, data = tiny_dirs
     train = read_examples([data], "train", holdout=10)

@@ -23,10 +23,12 @@ from cecollm.exits.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-def choose_vocab(cache: ExitCache, size: int) -> torch.Tensor:
-    """The `size` tokens the teacher most often ranks first in the trained rows (ties: lower id)."""
+
+def choose_vocab(cache: ExitCache, size: int, n_vocab: int) -> torch.Tensor:
+    """The `size` tokens of a vocabulary of `n_vocab` that the teacher most often ranks first in
+    the trained rows (ties, unseen tokens included: lower id)."""
     best = cache.top_idx[cache.train, 0]
-    counts = torch.bincount(best, minlength=int(best.max()) + 1 + size)
+    counts = torch.bincount(best, minlength=n_vocab)  # [n_vocab]: never an id the model lacks
     order = torch.argsort(-counts.double() + torch.arange(len(counts)) * 1e-9)  # stable by id
     return order[:size].clone()
 
@@ -78,7 +80,7 @@ class ExitTrainer:
         vocab = config.arch_options.get("vocab", 0)
         self.coverage = None
         if vocab:
-            tokens = choose_vocab(cache, vocab)
+            tokens = choose_vocab(cache, vocab, model.lm_head.weight.shape[0])
             best = cache.top_idx[cache.train, 0]
             self.coverage = float(torch.isin(best, tokens).float().mean())
             for head in self.heads.values():
