@@ -87,3 +87,20 @@ def test_truthfulqa_runs_only_the_accuracy_grid():
     config = BenchConfig(strategies=("cloud", "naive", "ce-0.8", "ce-0.8-nocm"))
     assert [s.name for s in config.strategies_for("truthfulqa")] == ["cloud", "ce-0.8"]
     assert [s.name for s in config.strategies_for("xsum")] == ["cloud", "naive", "ce-0.8", "ce-0.8-nocm"]
+
+
+def test_data_files_are_read_or_refused_in_one_line(tmp_path):
+    from cecollm.bench.data import read_prompts
+
+    good = tmp_path / "alpaca.jsonl"
+    good.write_text('{"instruction": "Say \u2028 hi", "input": "", "output": "hi"}\n\n{"instruction": "Go"}\n')
+    prompts = read_prompts("alpaca", good)
+    assert [(p.index, p.text) for p in prompts] == [(0, "Say \u2028 hi"), (2, "Go")]
+    bad = tmp_path / "bad.jsonl"
+    for content, message in ((b"", "holds no prompts"), (b"{cut\n", "not JSON"), (b"\xff\xfe\n", "UTF-8"),
+                             (b'{"question": "q"}\n', "lacks a field")):
+        bad.write_bytes(content)
+        with pytest.raises(UserError, match=message):
+            read_prompts("alpaca" if b"question" not in content else "truthfulqa", bad)
+    with pytest.raises(UserError, match="no xsum file"):
+        read_prompts("xsum", tmp_path / "missing.jsonl")

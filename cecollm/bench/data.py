@@ -42,16 +42,19 @@ def read_prompts(dataset: str, path: str | Path) -> list[Prompt]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no {dataset} file at {path} (give --data-dir or --data {dataset}=PATH)")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): JSON may hold U+2028
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path} as UTF-8 text: {exc}") from None
     prompts = []
-    with path.open() as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{i + 1}: not JSON ({exc.msg})") from None
-            prompts.append(_prompt(dataset, i, record))
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{i + 1}: not JSON ({exc.msg})") from None
+        prompts.append(_prompt(dataset, i, record))
     if not prompts:
         raise UserError(f"{path} holds no prompts")
     return prompts
