@@ -151,6 +151,22 @@ def test_seed_makes_training_deterministic_and_resume_matches(tiny_dirs, tmp_pat
     assert not torch.equal(other.heads[2].down.weight, whole.heads[2].down.weight)
 
 
+def test_a_foreign_checkpoint_is_a_user_error(tiny_dirs, tmp_path):
+    from cecollm.errors import UserError
+
+    loaded, cache = _cache(tiny_dirs[0], tiny_dirs[2], tmp_path)
+    config = TrainConfig(arch="norm", epochs=1, batch_rows=64)
+    ckpt = tmp_path / "h.ckpt"
+    ExitTrainer(loaded.model, (2, 4), cache, config, checkpoint=ckpt).train(progress=False, stop_at=1)
+    other = ExitTrainer(loaded.model, (2, 4), cache, TrainConfig(arch="norm", epochs=1, batch_rows=64, seed=9),
+                        checkpoint=ckpt)
+    with pytest.raises(UserError, match="other settings; remove it or pass --fresh"):
+        other.resume()
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a train-exits checkpoint"):
+        other.resume()
+
+
 @pytest.mark.parametrize("arch, options", [("adapter", {"rank": 8, "vocab": 64}), ("norm", {}), ("layer", {})])
 def test_heads_file_round_trips(tiny_dirs, tmp_path, arch, options):
     loaded, cache = _cache(tiny_dirs[0], tiny_dirs[2], tmp_path)

@@ -203,9 +203,12 @@ class ExitTrainer:
         """Continue from the checkpoint if there is one for these settings."""
         if not self.checkpoint or not self.checkpoint.is_file():
             return False
-        state = torch.load(self.checkpoint, weights_only=False)
+        try:
+            state = torch.load(self.checkpoint, weights_only=True)  # tensors and plain data only: no unpickling
+        except Exception as exc:  # torch raises several types for a damaged or foreign file
+            raise UserError(f"{self.checkpoint} is not a train-exits checkpoint ({exc}); remove it or pass --fresh") from None
         if state["config"] != asdict(self.config) or state["exits"] != list(self.exits):
-            raise UserError(f"{self.checkpoint} is a checkpoint of other settings; remove it or train without --resume")
+            raise UserError(f"{self.checkpoint} is a checkpoint of other settings; remove it or pass --fresh")
         for e, h in self.heads.items():
             h.load_state_dict(state["heads"][e])
         self.optim.load_state_dict(state["optim"])
