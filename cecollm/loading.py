@@ -182,7 +182,13 @@ def load_model(spec: str) -> LoadedModel:
     except Exception as exc:
         raise UserError(f"{path}: cannot read config.json ({exc})") from None
     _check_architecture(getattr(config, "architectures", None), str(spec))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    from safetensors import SafetensorError
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    except (OSError, SafetensorError) as exc:  # no weights file, or a damaged one
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{path}: cannot load the weights ({reason})") from None
     model.eval()
     tokenizer = None
     if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():

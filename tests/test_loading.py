@@ -38,6 +38,24 @@ def test_missing_and_wrong_paths(tmp_path):
         load_model(str(tmp_path / "weights.bin"))
 
 
+def test_missing_or_damaged_weights_are_user_errors(tiny_model_dir, tmp_path):
+    """A directory with a config but no weights, or truncated weights, was an OSError /
+    SafetensorError traceback."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", bare)
+    with pytest.raises(UserError, match="cannot load the weights"):
+        load_model(str(bare))
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_model_dir, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(UserError, match="cannot load the weights"):
+        load_model(str(damaged))
+
+
 def test_gguf_of_another_architecture_is_refused(tmp_path, monkeypatch):
     gguf = pytest.importorskip("gguf")
     monkeypatch.setenv("CECOLLM_HOME", str(tmp_path / "home"))
