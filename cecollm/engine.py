@@ -24,6 +24,7 @@ from cecollm.layers import DecoderRunner, top1
 from cecollm.prompting import eos_ids
 from cecollm.split import Split
 
+
 @dataclass
 class TokenRecord:
     position: int  # position of the generated token in the whole sequence

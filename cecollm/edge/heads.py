@@ -125,8 +125,8 @@ class AdapterHead(ExitHead):
         if not self.vocab:
             return logits
         n_vocab = lm_head.weight.shape[0]
-        rest = logits[..., -1:] - math.log(n_vocab - self.vocab)
-        full = rest.expand(*logits.shape[:-1], n_vocab).clone()
+        rest = logits[..., -1:] - math.log(n_vocab - self.vocab)  # [..., 1]
+        full = rest.expand(*logits.shape[:-1], n_vocab).clone()  # [..., 1] -> [..., n_vocab]
         full[..., self.token_ids] = logits[..., :-1]
         return full
 

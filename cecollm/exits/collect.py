@@ -27,7 +27,7 @@ CACHE_FORMAT = "cecollm-exit-cache/1"
 class CacheSpec:
     """What a cache was made from; a cache is reused only when this matches."""
 
-    model_identity: str
+    model_identity: str  # the teacher model (cecollm.loading.model_identity)
     sources: tuple[str, ...]  # data file names with their sizes (see file_sources)
     holdout: int  # Alpaca records held out at the end of each Alpaca file
     part: str  # train | heldout

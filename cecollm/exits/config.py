@@ -17,7 +17,7 @@ class TrainConfig:
     epochs: float = 2.0  # passes over the cached training rows
     batch_rows: int = 256  # rows (tokens) per optimizer step
     lr: float = 0.0  # peak learning rate; 0 = the architecture's default (DEFAULT_LR)
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW weight decay of the heads' parameters
     greedy_weight: float = 0.5  # weight of cross-entropy to the final layer's greedy token (0 = pure KL; measured best)
     seed: int = 0  # heads' initialisation and data order
     max_minutes: float = 0.0  # stop training after this long (0 = no limit); the checkpoint stays

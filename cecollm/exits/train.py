@@ -101,7 +101,7 @@ class ExitTrainer:
     def _units(self) -> torch.Tensor:
         """What an epoch shuffles: trained row indices, or sequence indices for sequence heads."""
         if self.positionwise:
-            return torch.nonzero(self.cache.train).squeeze(1)
+            return torch.nonzero(self.cache.train).squeeze(1)  # [n, 1] -> [n] row indices
         return torch.arange(len(self.cache.offsets) - 1)
 
     def _unit_rows(self) -> int:
