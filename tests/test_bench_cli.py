@@ -82,6 +82,8 @@ def test_bench_end_to_end(bench_run):
         assert strategies["cloud"]["wire_s"] >= 0.9 * 2 * 0.0005 * 2
         for name in ("naive", "ce-0.8", "ce-1.0-fp32", "ce-0.8-nocm"):
             assert strategies[name]["wire_s"] >= 0.9 * 2 * 0.0005 * strategies[name]["cloud_requests"], name
+        for name, agg in strategies.items():  # a union over both directions: never more than the wall time
+            assert agg["wire_s"] <= agg["total_s"] + 0.01 * len(results["datasets"][dataset]["prompts"]), name
         for name, agg in strategies.items():
             assert agg["tokens"] > 0 and agg["total_s"] > 0, name
             assert not agg["problems"], (name, agg["problems"])

@@ -174,6 +174,21 @@ def test_round_trip_takes_twice_the_one_way_latency():
     # time on the wire, measured when the bytes are delivered: one latency per ping each way, not less
     for direction in (stats.up, stats.down):
         assert 8 * 0.9 * 0.020 <= direction.transit_s < 8 * (0.020 + SLACK_S), direction
+    # the link as a whole: pings go up, then down, never both at once, so the union is the sum
+    assert stats.busy_s == pytest.approx(stats.up.transit_s + stats.down.transit_s, rel=0.05)
+
+
+def test_time_on_the_wire_counts_overlapping_directions_once():
+    """An echo of a large payload keeps both directions busy at once: the union is far below the sum."""
+    profile = resolve_profile(latency_ms=(20.0, 20.0), bandwidth_mbit=(16.0, 16.0))  # 2 MB/s each way
+    with ProbeServer() as server, link_to(server.endpoint, profile) as link:
+        t0 = time.perf_counter()
+        echo_through(link.listening[0], os.urandom(400_000))  # ~0.2 s serializing each way, overlapped
+        elapsed = time.perf_counter() - t0
+        stats = link.stats()
+    assert stats.up.transit_s >= 0.9 * 0.2 and stats.down.transit_s >= 0.9 * 0.2
+    assert stats.busy_s < 0.8 * (stats.up.transit_s + stats.down.transit_s)
+    assert 0.9 * 0.24 <= stats.busy_s <= elapsed
 
 
 def test_latency_is_set_per_direction():

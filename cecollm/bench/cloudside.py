@@ -167,9 +167,9 @@ class CloudSide:
         return 0
 
     def wire_bytes(self) -> tuple[int, int, float]:
-        """(up bytes, down bytes, seconds on the wire up + down) the link delivered since the last reset,
-        after letting in-flight bytes land. The seconds are measured by the link as it delivers: wall time
-        during which each direction carried bytes."""
+        """(up bytes, down bytes, seconds on the wire) the link delivered since the last reset, after letting
+        in-flight bytes land. The seconds are measured by the link as it delivers: wall time during which
+        any direction carried bytes (a union: an upload and a reply in flight together count once)."""
         if self.link is None:
             return 0, 0, 0.0
         last = None
@@ -182,7 +182,7 @@ class CloudSide:
             last = now
             time.sleep(0.02)
         s = self.link.stats()
-        return s.up.bytes_out, s.down.bytes_out, s.up.transit_s + s.down.transit_s
+        return s.up.bytes_out, s.down.bytes_out, s.busy_s
 
     def reset_link(self) -> None:
         if self.link is not None:

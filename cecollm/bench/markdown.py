@@ -130,8 +130,8 @@ def render_report(results: dict) -> str:
              "Times are sums over the prompts (as the paper's tables). Total is wall time at the edge per "
              "generation; edge and cloud are compute; comm is measured at the edge: request to reply minus the "
              "compute the cloud reports (for CE-CoLLM this includes waiting for rows still in flight). On the wire "
-             "is measured by the link emulator as it delivers: wall time during which the link carried bytes, "
-             "up plus down (parallel uploads count although they overlap edge compute). Bytes are "
+             "is measured by the link emulator as it delivers: wall time during which the link carried bytes in "
+             "either direction (parallel uploads count although they overlap edge compute). Bytes are "
              "what the link emulator carried (TCP payload, both directions). ROUGE-L and identical ids compare "
              "each output with the cloud-based output of the same prompt.", "",
              "## Speed (the paper's Table 2)", ""]

@@ -76,6 +76,39 @@ class DirectionCounters:
             return DirectionStats(**self._sums)
 
 
+class LinkOccupancy:
+    """Wall time during which any direction of any connection carried bytes (the union, not a sum)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._carrying = 0  # directions with bytes inside the link now
+        self._since = 0.0  # when that count last went from 0 to 1
+        self._busy = 0.0  # finished busy spells since the last reset
+
+    def enter(self, now: float) -> None:
+        with self._lock:
+            if self._carrying == 0:
+                self._since = now
+            self._carrying += 1
+
+    def leave(self, now: float) -> None:
+        with self._lock:
+            assert self._carrying > 0, "a direction left the link without entering it"
+            self._carrying -= 1
+            if self._carrying == 0:
+                self._busy += now - self._since
+
+    def busy_s(self) -> float:
+        """Finished busy spells (a spell still open counts from when the link emptied)."""
+        with self._lock:
+            return self._busy
+
+    def reset(self, now: float) -> None:
+        with self._lock:
+            self._busy = 0.0
+            self._since = now
+
+
 _EOF = None  # the queue entry that carries the sender's end of stream
 
 
@@ -83,7 +116,8 @@ class DelayLine:
     """Bytes in from one socket, the same bytes out to another, each packet at its arrival time."""
 
     def __init__(self, path: PathProfile, packet_bytes: int, queue_bytes: int, rng: random.Random,
-                 counters: DirectionCounters, clock: Callable[[], float]) -> None:
+                 counters: DirectionCounters, clock: Callable[[], float],
+                 occupancy: LinkOccupancy | None = None) -> None:
         self.path = path
         self._latency = path.latency_ms / 1e3
         self._jitter = path.jitter_ms / 1e3
@@ -93,6 +127,7 @@ class DelayLine:
         self._rng = rng
         self._counters = counters
         self._clock = clock
+        self._occupancy = occupancy
         self._free_at = 0.0  # when the link has serialized everything scheduled so far
         self._last_arrival = 0.0  # arrivals never go back in time: no reordering
         self._queue: deque[tuple[float, memoryview | None]] = deque()  # (arrival, packet or _EOF)
@@ -110,6 +145,8 @@ class DelayLine:
         view = memoryview(data)
         if self._queued == 0 and self._busy_since is None and len(view):
             self._busy_since = now
+            if self._occupancy is not None:
+                self._occupancy.enter(now)
         arrivals = []
         delay = queueing = jitter = worst = 0.0
         busy_before = self._free_at
@@ -133,6 +170,15 @@ class DelayLine:
                            queueing_s=queueing, serialization_s=busy, jitter_s=jitter)
         self._ready.set()
         return arrivals
+
+    def close(self) -> None:
+        """The connection is over: bytes still inside the link are dropped and stop counting as carried."""
+        if self._busy_since is not None:
+            now = self._clock()
+            self._counters.add(transit_s=now - self._busy_since)
+            self._busy_since = None
+            if self._occupancy is not None:
+                self._occupancy.leave(now)
 
     def schedule_eof(self, now: float) -> float:
         """The sender closed: the end of stream follows the last byte, one latency behind the link."""
@@ -181,6 +227,8 @@ class DelayLine:
             if self._queued == 0 and self._busy_since is not None:  # the last byte in the link has arrived
                 self._counters.add(transit_s=now - self._busy_since)
                 self._busy_since = None
+                if self._occupancy is not None:
+                    self._occupancy.leave(now)
             self._room.set()
             if ended:
                 if writer.can_write_eof():

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from cecollm.errors import UserError
-from cecollm.linkem.delayline import DelayLine, DirectionCounters, DirectionStats
+from cecollm.linkem.delayline import DelayLine, DirectionCounters, DirectionStats, LinkOccupancy
 from cecollm.linkem.profile import Endpoint, Forward, LinkProfile
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class LinkStats:
 
     profile: str
     forwards: tuple[ForwardStats, ...]
+    busy_s: float = 0.0  # wall time any direction of any connection carried bytes (union; measured at delivery)
 
     @property
     def up(self) -> DirectionStats:
@@ -55,7 +56,7 @@ class LinkStats:
         return sum((f.down for f in self.forwards), DirectionStats())
 
     def to_dict(self) -> dict:
-        return {"profile": self.profile, "up": self.up.to_dict(), "down": self.down.to_dict(),
+        return {"profile": self.profile, "busy_s": self.busy_s, "up": self.up.to_dict(), "down": self.down.to_dict(),
                 "forwards": [{"forward": f.forward, "accepted": f.accepted, "active": f.active,
                               "refused": f.refused, "up": f.up.to_dict(), "down": f.down.to_dict()}
                              for f in self.forwards]}
@@ -94,6 +95,7 @@ class LinkEmulator:
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         self._relays: set[asyncio.Task] = set()
+        self._occupancy = LinkOccupancy()
 
     # -- the caller's thread ------------------------------------------------------------------
 
@@ -139,7 +141,7 @@ class LinkEmulator:
     def stats(self) -> LinkStats:
         return LinkStats(self.profile.name, tuple(
             ForwardStats(str(fw), s.accepted, s.active, s.refused, s.up.snapshot(), s.down.snapshot())
-            for fw, s in zip(self.forwards, self._forwards)))
+            for fw, s in zip(self.forwards, self._forwards)), self._occupancy.busy_s())
 
     def reset_stats(self) -> None:
         """Start the byte and delay counts (and accepted/refused) from zero, e.g. between benchmark runs."""
@@ -156,6 +158,7 @@ class LinkEmulator:
             state.up.reset()
             state.down.reset()
             state.accepted = state.refused = 0
+        self._occupancy.reset(self._loop.time() if self._loop is not None else 0.0)
 
     def describe(self) -> str:
         """One line: the forwards and the profile."""
@@ -233,7 +236,8 @@ class LinkEmulator:
         state.active += 1
         loop = asyncio.get_running_loop()
         p = self.profile
-        lines = [DelayLine(path, p.packet_bytes, p.queue_bytes, self._rng(state, number, side), counters, loop.time)
+        lines = [DelayLine(path, p.packet_bytes, p.queue_bytes, self._rng(state, number, side), counters, loop.time,
+                           self._occupancy)
                  for side, path, counters in (("up", p.up, state.up), ("down", p.down, state.down))]
         pumps = [lines[0].feed(client_reader), lines[0].deliver(target_writer),
                  lines[1].feed(target_reader), lines[1].deliver(client_writer)]
@@ -255,6 +259,8 @@ class LinkEmulator:
             raise
         finally:
             state.active -= 1
+            for line in lines:
+                line.close()
 
 
 def _abort(writers, tasks) -> None:
