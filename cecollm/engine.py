@@ -58,6 +58,26 @@ class GenerationResult:
         return out
 
 
+def decode_greedily(prompt_ids, max_new_tokens: int, eos: set[int], decide, result: GenerationResult,
+                    on_token: Callable[[TokenRecord], None] | None = None) -> None:
+    """The generation loop shared by the in-process engine and the edge client.
+
+    `decide(input_ids)` feeds the next inputs (the prompt, then the last token) and returns
+    (token, decided_by, confidence); records go into `result` and to `on_token` as they come.
+    """
+    inputs, position = list(prompt_ids), len(prompt_ids)
+    for _ in range(max_new_tokens):
+        token, decided_by, conf = decide(inputs)
+        record = TokenRecord(position, token, decided_by, conf)
+        result.token_ids.append(token)
+        result.tokens.append(record)
+        if on_token:
+            on_token(record)
+        if token in eos:
+            break
+        inputs, position = [token], position + 1
+
+
 class SplitEngine:
     """One model, split by `split`, generating greedily in this process."""
 
@@ -80,19 +100,8 @@ class SplitEngine:
         step = self._whole_model_steps() if config.mode == "cloud" else self._split_steps(config)
         next(step)
         result = GenerationResult([], [], GenerationStats(prompt_tokens=len(prompt_ids)))
-        inputs = list(prompt_ids)
-        position = len(prompt_ids)
-        for _ in range(config.max_new_tokens):
-            token, decided_by, conf = step.send((inputs, result.stats))
-            record = TokenRecord(position, token, decided_by, conf)
-            result.token_ids.append(token)
-            result.tokens.append(record)
-            if on_token:
-                on_token(record)
-            if token in self.eos:
-                break
-            inputs = [token]
-            position += 1
+        decode_greedily(prompt_ids, config.max_new_tokens, self.eos, lambda ids: step.send((ids, result.stats)),
+                        result, on_token)
         step.close()
         return result
 

@@ -35,6 +35,29 @@ def random_prompt(model, length, seed):
     return torch.randint(0, model.config.vocab_size, (length,), generator=g).tolist()
 
 
+def run_split(edge, cloud, ids, steps, after_step=None):
+    """Drive an edge and a cloud partition by hand for `steps` tokens (appended to `ids`), then one
+    last step with exits off, which carries every early-exited position through all the layers.
+    Returns the set of deciders seen (exit layer counts, None for the cloud)."""
+    inputs, deciders = list(ids), set()
+    for _ in range(steps):
+        step = edge.step(inputs)
+        if after_step:
+            after_step()
+        for up in step.uploads:
+            cloud.receive(up.start, up.hidden)
+        token = cloud.decide(step.position)[0] if step.token is None else step.token
+        deciders.add(step.exit)
+        ids.append(token)
+        inputs = [token]
+    edge.threshold = 1.0
+    step = edge.step(inputs)
+    for up in step.uploads:
+        cloud.receive(up.start, up.hidden)
+    cloud.decide(step.position)
+    return deciders
+
+
 @pytest.mark.parametrize("length", [1, 2, 7, 33, 64])
 @pytest.mark.parametrize("mode", ["cloud", "collab"])
 def test_threshold_one_equals_transformers_generate(tiny_model, length, mode):
@@ -116,24 +139,7 @@ def test_every_kv_entry_equals_the_full_model():
     edge = EdgePartition(runner, split, confident_heads(model, split.exits), threshold=0.9)
     cloud = CloudPartition(runner, split)
     ids = random_prompt(model, 11, seed=5)
-    inputs, exits_taken = list(ids), set()
-    for _ in range(40):
-        step = edge.step(inputs)
-        for up in step.uploads:
-            cloud.receive(up.start, up.hidden)
-        if step.token is None:
-            token, _ = cloud.decide(step.position)
-        else:
-            token = step.token
-            exits_taken.add(step.exit)
-        ids.append(token)
-        inputs = [token]
-    # A last step with exits off carries every early-exited position through all the layers.
-    edge.threshold = 1.0
-    step = edge.step(inputs)
-    for up in step.uploads:
-        cloud.receive(up.start, up.hidden)
-    cloud.decide(step.position)
+    exits_taken = run_split(edge, cloud, ids, 40) - {None}
     assert exits_taken == {2, 5}
     ref = model(torch.tensor([ids]), use_cache=True).past_key_values
     for layer in range(8):
@@ -217,21 +223,9 @@ def test_kv_exact_with_several_pending_depths(upload):
     edge = EdgePartition(runner, split, confident_heads(model, split.exits, scale=6.0), threshold=0.5)
     cloud = CloudPartition(runner, split)  # receive() raises on a missing or repeated row
     ids = random_prompt(model, 5, seed=5)
-    inputs, exits_taken, most_groups = list(ids), set(), 0
-    for _ in range(60):
-        step = edge.step(inputs)
-        most_groups = max(most_groups, len(edge._pending))
-        for up in step.uploads:
-            cloud.receive(up.start, up.hidden)
-        token = cloud.decide(step.position)[0] if step.token is None else step.token
-        exits_taken.add(step.exit)
-        ids.append(token)
-        inputs = [token]
-    edge.threshold = 1.0
-    step = edge.step(inputs)
-    for up in step.uploads:
-        cloud.receive(up.start, up.hidden)
-    cloud.decide(step.position)
+    groups = []
+    exits_taken = run_split(edge, cloud, ids, 60, after_step=lambda: groups.append(len(edge._pending)))
+    most_groups = max(groups)
     assert exits_taken == {2, 4, 6, None}
     assert most_groups >= 2, "no step left two pending groups: the multi-group path was not exercised"
     ref = model(torch.tensor([ids]), use_cache=True).past_key_values

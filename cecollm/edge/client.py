@@ -25,7 +25,7 @@ from cecollm.broker.wire import ErrorCode, ProtocolError
 from cecollm.edge.heads import HeadSet
 from cecollm.edge.partition import EdgePartition
 from cecollm.edge.sender import UploadSender
-from cecollm.engine import GenerationResult, TokenRecord
+from cecollm.engine import GenerationResult, TokenRecord, decode_greedily
 from cecollm.errors import UserError
 from cecollm.layers import DecoderRunner
 from cecollm.prompting import eos_ids
@@ -229,17 +229,7 @@ class EdgeClient:
                           result.stats)
         self._start(gen)
         try:  # whatever happens (an exception in on_token, Ctrl-C), the cloud hears that it ended
-            inputs, position = list(prompt_ids), len(prompt_ids)
-            for _ in range(c.max_new_tokens):
-                token, by, conf = self._step(gen, inputs)
-                record = TokenRecord(position, token, by, conf)
-                result.token_ids.append(token)
-                result.tokens.append(record)
-                if on_token:
-                    on_token(record)
-                if token in self.eos:
-                    break
-                inputs, position = [token], position + 1
+            decode_greedily(prompt_ids, c.max_new_tokens, self.eos, lambda ids: self._step(gen, ids), result, on_token)
         finally:
             self._finish(gen)
         return result
