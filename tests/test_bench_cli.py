@@ -107,8 +107,8 @@ def test_bench_end_to_end(bench_run):
         (d, k, n) for d in ("alpaca", "xsum") for k in kinds for n in (1, 2)}
     assert all(not r.get("errors") and not r.get("error") for r in scaling["rows"])
     report = (out / "report.md").read_text()
-    for heading in ("Speed (the paper's Table 2)", "Ablation at threshold 0.8", "Accuracy", "Goal check",
-                    "Scaling"):
+    for heading in ("Speed (the paper's Table 2)", "Ablation at threshold 0.8", "What each removal shows",
+                    "Accuracy", "Goal check", "Scaling"):
         assert heading in report
     raw = list((out / "raw").glob("*__*.jsonl"))
     assert sum(len(p.read_text().splitlines()) for p in raw) == 2 * 2 * len(STRATEGIES) + 2 * len(ACCURACY)
@@ -137,6 +137,34 @@ def test_bench_resumes_and_refuses_other_settings(bench_run):
     swapped = _bench(*args, "--data", f"alpaca={other}")
     assert swapped.returncode == 2 and "another prompt text" in swapped.stderr, swapped.stderr[-2000:]
     assert "Traceback" not in swapped.stderr
+
+
+def test_bench_report_only_rewrites_the_same_report_from_results_json(bench_run, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from cecollm.cli import cli
+
+    out, _, _ = bench_run
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(out / "results.json", copy / "results.json")  # no raw/, no report, no plots
+    result = CliRunner().invoke(cli, ["bench", "--report-only", "--out", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert (copy / "report.md").read_text() == (out / "report.md").read_text()
+    assert (copy / "time_breakdown.png").is_file() and (copy / "scaling.png").is_file()
+    assert not (copy / "raw").exists()
+    for content, message in ((None, "no results.json"), ("{cut", "cannot read"), ("[]", "not a results.json"),
+                             ('{"meta": {}, "datasets": {}, "accuracy": {}, "goals": [], "scaling": {}}',
+                              "lacks what the report needs")):
+        bad = tmp_path / f"bad{len(message)}"
+        bad.mkdir()
+        if content is not None:
+            (bad / "results.json").write_text(content)
+        result = CliRunner().invoke(cli, ["bench", "--report-only", "--out", str(bad)])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("args, message", [

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from cecollm.bench.config import BenchConfig
-from cecollm.bench.report import RougeL, aggregate_dataset, check_goals, explain_bytes, explain_time
+from cecollm.bench.explain import explain_ablations, explain_bytes, explain_scaling, explain_time
+from cecollm.bench.report import RougeL, aggregate_dataset, check_goals
 from cecollm.bench.store import RawStore
 from cecollm.errors import UserError
 
@@ -73,7 +74,56 @@ def test_aggregate_ratios_and_goals():
     text = explain_time(ds, {"n_layers": 30, "exits": [22, 26], "upload_layer": 26, "layer_params": 3,
                              "lm_head_params": 10})  # whole = 100: edge 0.78, a cloud request 0.22
     assert "0.78 + 0.22 x 0.50 = 0.89" in text
+    assert "Measured" not in text  # a pass needs no budget
     assert "Bytes vs naive" in explain_bytes(ds)
+
+
+def _agg(total, edge, cloud, comm, wire, requests, tokens=100, **extra):
+    return {"total_s": total, "edge_s": edge, "cloud_s": cloud, "comm_s": comm, "wire_bytes": wire,
+            "cloud_requests": requests, "tokens": tokens, "edge_tokens": tokens - requests,
+            "cloud_request_rate": requests / tokens, **extra}
+
+
+def test_a_missed_time_goal_gets_the_request_budget():
+    ds = {"prompts": [0], "strategies": {"cloud": _agg(10.0, 0, 9.8, 0.2, 100, 0),
+                                         "ce-0.8": _agg(12.0, 7.0, 2.0, 3.0, 1000, 50)}}
+    text = explain_time(ds, None)
+    # 0.85 x 10 s = 8.5 s; the edge's part (12 - 2 - 3 = 7 s) leaves 1.5 s; a request costs 5 s / 50 = 100 ms
+    assert "is 0.70 of cloud-based" in text and "100.0 ms" in text and "about 15 requests in 100 tokens" in text
+    ds["strategies"]["ce-0.8"] = _agg(12.0, 9.0, 1.0, 1.0, 1000, 50)
+    assert "already over 0.85: no request rate closes it" in explain_time(ds, None)
+
+
+def test_ablations_name_the_moved_terms_and_the_verdict():
+    s = {"ce-0.8": _agg(100.0, 60.0, 20.0, 20.0, 1_000_000, 60),
+         "ce-0.8-fp32": _agg(101.0, 61.0, 20.0, 20.0, 2_000_000, 60),  # same work: a 1% edge wobble
+         "ce-1.0": _agg(120.0, 60.0, 33.0, 27.0, 1_000_000, 100),
+         "ce-0.8-nocm": _agg(150.0, 60.0, 60.0, 30.0, 30_000_000, 60),
+         "naive": _agg(300.0, 60.0, 140.0, 100.0, 100_000_000, 100, total_vs_cloud=2.5)}
+    lines = explain_ablations({"prompts": [0], "strategies": s}, up_mbit=100.0)
+    assert len(lines) == 4
+    fp32, no_exit, no_cm, naive = lines
+    assert "total 101%" in fp32 and "no clear difference" in fp32
+    assert "at most 0.08 s" in fp32  # 1 MB at 100 Mbit/s
+    assert "edge's compute differs by +1.00 s" in fp32
+    assert "total 120%" in no_exit and "the paper's direction" in no_exit and "40 more requests" in no_exit
+    assert "500.0 ms" in no_exit  # (13 s more cloud + 7 s more communication) / 40 requests
+    assert "x30 bytes" in no_cm and "cloud compute x3.0" in no_cm
+    assert "2.50 of cloud-based" in naive and "x100 bytes" in naive
+    s["ce-0.8-fp32"] = _agg(90.0, 50.0, 20.0, 20.0, 2_000_000, 60)
+    assert "not the paper's direction" in explain_ablations({"prompts": [0], "strategies": s}, None)[0]
+    assert explain_ablations({"prompts": [0], "strategies": {"naive": s["naive"]}}, None) == []
+
+
+def test_scaling_compares_the_largest_common_device_count():
+    rows = [{"dataset": "alpaca", "kind": kind, "devices": k, "wall_seconds": wall, "latency_p99_ms": 50.0 * k}
+            for kind, walls in (("ce-0.8", (10.0, 12.0, 30.0)), ("cloud", (8.0, 16.0))) for k, wall in
+            zip((1, 2, 3), walls)]
+    rows.append({"dataset": "alpaca", "kind": "cloud", "devices": 3, "error": "boom"})
+    (line,) = explain_scaling({"rows": rows})
+    assert "at 2 devices" in line and "(0.75; at 1: 1.25)" in line
+    assert "cloud-based grew x2.00" in line and "CE-CoLLM grew x1.20" in line and "from 50 to 100 ms" in line
+    assert explain_scaling({"rows": []}) == []
 
 
 def test_identical_texts_score_one_even_without_words():

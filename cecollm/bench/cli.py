@@ -63,8 +63,10 @@ def _scaling(text: str) -> tuple[int, ...]:
 @click.option("--scaling", default=",".join(map(str, _B.scaling)), show_default=True,
               help="Device counts for the scaling section, or 'none'.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--report-only", is_flag=True, help="Run nothing: rewrite report.md, the plots and the explanations "
+              "in results.json from the --out directory's results.json (raw/ not needed).")
 def bench_command(model, heads, exits, n, max_new_tokens, link, datasets, strategies, out, data_dir, data_files,
-                  threads, no_pin, timeout, scaling, quiet):
+                  threads, no_pin, timeout, scaling, quiet, report_only):
     """Run deployment strategies on the same prompts through an emulated link and write
     results/<run>/: raw/*.jsonl (one line per finished generation; a rerun skips those), results.json,
     report.md (the paper's Tables 2, 3 and 4, ratios, the goal check) and PNG plots.
@@ -74,6 +76,12 @@ def bench_command(model, heads, exits, n, max_new_tokens, link, datasets, strate
     (float16 and float32) through the real broker, and the ablation without the content manager
     and parallel upload. The edge runs in this process on one core, the cloud processes on another.
     """
+    if report_only:
+        from cecollm.bench.report import rewrite_report
+
+        path = rewrite_report(BenchConfig(link=link, out=out).out_dir)
+        click.echo(f"rewrote {path}/report.md from {path}/results.json")
+        return
     from cecollm.bench.run import run_bench
 
     config = BenchConfig(model=model, heads=heads, exits=exits, n=n, max_new_tokens=max_new_tokens, link=link,

@@ -53,6 +53,12 @@ def _table4(name: str, ds: dict) -> list[str]:
     return [f"### {name}", "", *_table(header, rows), ""]
 
 
+def _ablation_notes(results: dict) -> list[str]:
+    lines = [f"- {name}: {line}" for name, ds in results["datasets"].items()
+             for line in ds.get("ablation_explanation") or []]
+    return ["### What each removal shows", "", *lines, ""] if lines else []
+
+
 def _table3(results: dict) -> list[str]:
     acc = results["accuracy"]
     rows = [[BY_NAME[k].label + (" (float32)" if k == "cloud" else ""), _f(acc[k]["truthfulqa"], 4),
@@ -106,7 +112,8 @@ def _scaling(scaling: dict) -> list[str]:
                   "real); cloud-based: K concurrent devices against the one-core baseline cloud.", "",
                   *_table(["Dataset", "Strategy", "Devices", "Wall (s)", "Cloud (s)", "Request p50 / p99 (ms)",
                            "Errors"], rows), ""]
-    return lines
+    lines += [f"- {line}" for line in scaling.get("explanation") or []]
+    return lines + ([""] if scaling.get("explanation") else [])
 
 
 def _load_note(meta: dict) -> list[str]:
@@ -144,7 +151,7 @@ def render_report(results: dict) -> str:
         lines += ["## Ablation at threshold 0.8 (the paper's Table 4)", "",
                   "\"Without early exit\" is the threshold-1.0 run (float16, content manager on). \"Without "
                   "content manager\" sends every row so far with each request, synchronously, to a stateless "
-                  "cloud.", "", *ablation]
+                  "cloud.", "", *ablation, *_ablation_notes(results)]
     lines += _table3(results)
     lines += _goals(results)
     lines += _scaling(results["scaling"])

@@ -11,17 +11,13 @@ import json
 import logging
 from pathlib import Path
 
-from cecollm.bench.config import ACCURACY, BY_NAME, SPEED_DATASETS, BenchConfig
+from cecollm.bench.config import ACCURACY, BY_NAME, GOALS, SPEED_DATASETS, BenchConfig
+from cecollm.bench.explain import add_explanations, explain_scaling
+from cecollm.errors import UserError
+from cecollm.linkem.profile import resolve_profile
 
 log = logging.getLogger(__name__)
 
-# The issue's goals for CE-CoLLM at threshold 0.8 (the paper's figures per dataset, for the report).
-GOALS = (
-    ("total_vs_cloud", "total time vs cloud-based", "<=", 0.85, {"alpaca": 0.86, "xsum": 0.96}),
-    ("cloud_vs_cloud", "cloud compute vs cloud-based", "<=", 0.30, {"alpaca": 0.30, "xsum": 0.15}),
-    ("bytes_vs_naive", "bytes vs naive cloud-edge", "<=", 0.01, {"alpaca": 0.0085, "xsum": 0.0056}),
-    ("rouge_vs_cloud", "ROUGE-L vs cloud-based output", ">=", 0.95, {"alpaca": 0.95, "xsum": 0.92}),
-)
 SUMMED = ("total_s", "edge_s", "cloud_s", "comm_s", "cloud_requests", "edge_tokens", "fallback_tokens",
           "wire_up", "wire_down", "app_up", "app_down", "prompt_tokens")
 
@@ -114,96 +110,6 @@ def _goal(dataset, what, value, op, target, paper) -> dict:
             "status": "pass" if ok else "miss", "margin": value - target}
 
 
-def explain_time(dataset: dict, split: dict | None) -> str | None:
-    """Which term makes CE-CoLLM 0.8's total what it is, against cloud-based, and what would close a miss."""
-    s = dataset["strategies"]
-    ce, base = s.get("ce-0.8"), s.get("cloud")
-    if not ce or not base or not base["total_s"]:
-        return None
-    t0, target = base["total_s"], GOALS[0][3]
-    parts = {"edge compute": ce["edge_s"], "cloud compute": ce["cloud_s"], "communication": ce["comm_s"]}
-    parts["other (edge client overhead)"] = max(0.0, ce["total_s"] - sum(parts.values()))
-    worst = max(parts, key=parts.get)
-    shares = ", ".join(f"{k} {v / t0:.2f}" for k, v in parts.items())
-    rate = ce["cloud_request_rate"] or 0.0
-    text = (f"CE-CoLLM 0.8 total = {ce['total_s'] / t0:.2f} of cloud-based ({shares}, as fractions of the "
-            f"cloud-based total); the largest term is {worst}; {rate:.0%} of tokens still asked the cloud.")
-    predicted = None
-    if split:
-        words, edge_share, cloud_share = _split_shares(split)
-        text += " " + words
-        if edge_share is not None:
-            predicted = edge_share + cloud_share * rate
-            text += (f" On equal cores the split predicts a total of about {edge_share:.2f} + {cloud_share:.2f} x "
-                     f"{rate:.2f} = {predicted:.2f} of cloud-based before link time and exit heads.")
-            extra = parts["edge compute"] / t0 - edge_share
-            if extra > 0.05:
-                text += (f" The edge measured {extra:.2f} more than its layers' share: the exit heads and the "
-                         "edge's per-token overhead (and any load on its core).")
-    if ce["total_s"] / t0 <= target:
-        return text
-    if predicted is not None and predicted > target:
-        need = (target - edge_share) / cloud_share
-        text += (f" The split alone predicts more than {target} at this request rate: it needs at most "
-                 f"{max(0.0, need):.0%} of tokens to ask the cloud before any link time and exit-head cost, or exits "
-                 "earlier in the model (a smaller edge partition, as in the paper), or an edge faster per layer.")
-    elif parts["edge compute"] / t0 > target:
-        text += (f" The edge's own compute is over {target} by itself: exits earlier in the model or a faster edge "
-                 "would close it.")
-    elif worst == "communication":
-        per = 1e3 * ce["comm_s"] / max(1, ce["cloud_requests"])
-        text += (f" Communication costs {per:.1f} ms per cloud request (link round trip, broker routing, waiting "
-                 "for rows in flight): fewer requests (better exit heads) or a faster path would close it.")
-    else:
-        text += " Fewer cloud requests (more confident exits) would close it."
-    return text
-
-
-def _split_shares(split: dict) -> tuple[str, float | None, float | None]:
-    """(words, edge share, cloud-request share) of a whole-model token by weights, from the split alone."""
-    n, u = split["n_layers"], split["upload_layer"]
-    text = f"The edge runs {u} of {n} layers for every token (exits at {', '.join(map(str, split['exits']))})"
-    layer, head = split.get("layer_params"), split.get("lm_head_params")
-    if not layer or head is None:
-        return text + ".", None, None
-    whole = n * layer + head
-    edge, cloud = u * layer / whole, ((n - u) * layer + head) / whole
-    return (text + f"; by weights that is {edge:.2f} of a whole-model token, and a cloud request ({n - u} layers "
-            f"plus the {head / 1e6:.0f}M-weight LM head) {cloud:.2f}.", edge, cloud)
-
-
-def explain_bytes(dataset: dict) -> str | None:
-    """Why the byte ratio to naive is what it is: naive grows with tokens x positions, CE-CoLLM with positions."""
-    s = dataset["strategies"]
-    ce, naive = s.get("ce-0.8"), s.get("naive")
-    if not ce or not naive or not naive["wire_bytes"] or not naive["tokens"]:
-        return None
-    n = len(dataset["prompts"]) or 1
-    t, p = naive["tokens"] / n, naive["prompt_tokens"] / n
-    rows_naive = t * (p + (t - 1) / 2)  # every request carries all positions so far (float32)
-    rows_ce = p + t  # each row once (float16: half the bytes)
-    return (f"Bytes vs naive = {ce['wire_bytes'] / naive['wire_bytes']:.4f}: naive sends all positions every "
-            f"token ({t:.0f} tokens after {p:.0f}-token prompts: ~{rows_naive:.0f} float32 rows per generation), "
-            f"CE-CoLLM each row once in float16 (~{rows_ce:.0f} rows), so the ratio is about "
-            f"{rows_ce / (2 * rows_naive):.4f} before message overheads; it falls as answers get longer "
-            f"(about 1/(2 x tokens) for long prompts).")
-
-
-def explain_rouge(dataset: dict) -> str | None:
-    """Why CE-CoLLM 0.8's output differs from cloud-based, when it does."""
-    s = dataset["strategies"]
-    ce = s.get("ce-0.8")
-    if not ce or ce.get("rouge_vs_cloud") is None or ce["rouge_vs_cloud"] >= GOALS[3][3]:
-        return None
-    higher = ", ".join(f"{k} {s[k]['rouge_vs_cloud']:.3f}" for k in ("ce-0.9", "ce-1.0") if k in s
-                       and s[k].get("rouge_vs_cloud") is not None)
-    return (f"ROUGE-L vs cloud-based = {ce['rouge_vs_cloud']:.3f}: exits decided "
-            f"{ce['edge_tokens'] / max(1, ce['tokens']):.0%} of tokens, and under greedy decoding one exit token "
-            f"that differs from the full model's sends the rest of the answer elsewhere "
-            f"({ce['identical_to_cloud']:.0%} of outputs stayed identical). Exit heads that agree more with the "
-            f"final layer at 0.8 confidence, or a higher threshold, close it ({higher or 'no higher threshold run'}).")
-
-
 def build_results(config: BenchConfig, prompts: dict, records: dict, meta: dict) -> dict:
     rouge = RougeL()
     datasets = {}
@@ -212,17 +118,15 @@ def build_results(config: BenchConfig, prompts: dict, records: dict, meta: dict)
         references = {p.index: p.references for p, _ in picked}
         datasets[dataset] = aggregate_dataset(dataset, [p.index for p, _ in picked], names, records, rouge,
                                               references)
-        speed = dataset in SPEED_DATASETS
-        datasets[dataset]["explanation"] = explain_time(datasets[dataset], meta.get("split")) if speed else None
-        datasets[dataset]["bytes_explanation"] = explain_bytes(datasets[dataset]) if speed else None
-        datasets[dataset]["rouge_explanation"] = explain_rouge(datasets[dataset]) if speed else None
     loads = [r["load_1m"] for r in records.values() if "load_1m" in r]
     meta["load_average"] = {"mean": _mean(loads), "max": max(loads), "cores": meta.get("cpu_count")} if loads else None
     accuracy = {name: {"xsum": datasets.get("xsum", {}).get("strategies", {}).get(name, {}).get("rouge_vs_reference"),
                        "truthfulqa": datasets.get("truthfulqa", {}).get("strategies", {}).get(name, {})
                        .get("max_rouge_vs_true_answers")}
                 for name in ACCURACY if name in config.strategies}
-    return {"meta": meta, "datasets": datasets, "accuracy": accuracy, "goals": check_goals(datasets)}
+    results = {"meta": meta, "datasets": datasets, "accuracy": accuracy, "goals": check_goals(datasets)}
+    add_explanations(results)
+    return results
 
 
 def write_outputs(config: BenchConfig, prompts: dict, records: dict, meta: dict) -> Path:
@@ -231,9 +135,46 @@ def write_outputs(config: BenchConfig, prompts: dict, records: dict, meta: dict)
     from cecollm.bench.plots import plot_breakdown, plot_scaling
     from cecollm.bench.scaling import run_scaling_section
 
+    from cecollm.bench.scaling import run_scaling_section
+
     out = Path(config.out_dir)
     results = build_results(config, prompts, records, meta)
     results["scaling"] = run_scaling_section(config, out)
+    results["scaling"]["explanation"] = explain_scaling(results["scaling"])
+    return _write(out, results)
+
+
+def rewrite_report(out_dir: str | Path) -> Path:
+    """Rewrite report.md, the plots and results.json's explanations from results.json alone (no raw/ needed)."""
+    out = Path(out_dir)
+    path = out / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"no results.json in {out}: run cecollm bench into it first") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    if not isinstance(results, dict) or not {"meta", "datasets", "accuracy", "goals", "scaling"} <= results.keys():
+        raise UserError(f"{path} is not a results.json written by cecollm bench")
+    meta = results["meta"]
+    if meta.get("link_up_mbit") is None:  # runs from before it was stored: the preset's rate
+        try:
+            meta["link_up_mbit"] = resolve_profile(meta["config"]["link"]).up.bandwidth_mbit
+        except (KeyError, UserError):
+            pass
+    try:
+        add_explanations(results)
+        return _write(out, results)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{path} lacks what the report needs ({exc!r}); was it written by another version of "
+                        "cecollm bench?") from None
+
+
+def _write(out: Path, results: dict) -> Path:
+    """results.json, report.md and the plots in `out`; `out`."""
+    from cecollm.bench.markdown import render_report
+    from cecollm.bench.plots import plot_breakdown, plot_scaling
+
     plots = [p for p in (plot_breakdown(results, out / "time_breakdown.png"),
                          plot_scaling(results["scaling"], out / "scaling.png")) if p]
     results["plots"] = [p.name for p in plots]

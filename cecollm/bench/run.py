@@ -193,7 +193,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> Path:
                   "layer_params": sum(p.numel() for p in model.model.layers[0].parameters()),
                   "lm_head_params": model.lm_head.weight.numel()}
     meta = {"settings": settings, "split": split_info, "config": asdict(config), "cores": plan.note,
-            "cpu_count": os.cpu_count(),
+            "cpu_count": os.cpu_count(), "link_up_mbit": profile.up.bandwidth_mbit,
             "skipped_too_long": skipped, "strategies": {n: asdict(BY_NAME[n]) for n in config.strategies}}
     return write_outputs(config, prompts, store.load(), meta)
 
