@@ -345,3 +345,15 @@ def test_selfgen_writes_answers_and_resumes(tiny_dirs, tmp_path):
     assert [r["source"] for r in lines] == ["alpaca.jsonl:0", "alpaca.jsonl:1", "alpaca.jsonl:2"]
     code, text = _invoke(*args)
     assert code == 0 and "0 new answers" in text, text
+
+
+def test_cache_sources_change_when_a_file_is_edited_to_the_same_size(tmp_path):
+    from cecollm.exits.collect import file_sources
+
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text('{"instruction": "Say hi"}\n')
+    before = file_sources([data])
+    data.write_text('{"instruction": "Say ho"}\n')  # same name, same size, other text
+    after = file_sources([data])
+    assert before != after and before[0].startswith("alpaca.jsonl:26:")
+    assert file_sources([data]) == after

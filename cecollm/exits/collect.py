@@ -28,7 +28,7 @@ class CacheSpec:
     """What a cache was made from; a cache is reused only when this matches."""
 
     model_identity: str  # the teacher model (cecollm.loading.model_identity)
-    sources: tuple[str, ...]  # data file names with their sizes (see file_sources)
+    sources: tuple[str, ...]  # data file names, sizes and content digests (see file_sources)
     holdout: int  # Alpaca records held out at the end of each Alpaca file
     part: str  # train | heldout
     max_len: int  # tokens per sequence at most
@@ -40,10 +40,14 @@ class CacheSpec:
 
 
 def file_sources(paths) -> tuple[str, ...]:
+    """Each data file as name:size:content digest, so an edited file (even one of the same size) is new data."""
     out = []
     for p in paths:
-        st = os.stat(p)
-        out.append(f"{Path(p).name}:{st.st_size}")
+        digest = hashlib.blake2b(digest_size=8)
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        out.append(f"{Path(p).name}:{os.stat(p).st_size}:{digest.hexdigest()}")
     return tuple(out)
 
 
