@@ -80,7 +80,9 @@ def test_a_recorded_trace_holds_every_row_and_the_clouds_tokens(trace_path):
 
 def test_three_devices_replay_the_trace_and_get_its_tokens(broker, model_dir, prompts_file, trace_path):
     trace = Trace.load(trace_path)
-    report = run_fanout(_config(broker, model_dir, prompts_file, clients=3, mode="replay", trace=str(trace_path)))
+    # segments live only while a generation runs (tens of ms on the tiny model): sample often enough to see them
+    report = run_fanout(_config(broker, model_dir, prompts_file, clients=3, mode="replay", trace=str(trace_path),
+                                memory_interval=0.005))
     decides = sum(len(g.decides) for g in trace.generations)
     assert (report.errors, report.timeouts, report.mismatches) == (0, 0, 0), report.error_messages
     assert report.generations == 3 * len(PROMPTS)
