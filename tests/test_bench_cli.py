@@ -155,16 +155,22 @@ def test_bench_report_only_rewrites_the_same_report_from_results_json(bench_run,
     assert (copy / "report.md").read_text() == (out / "report.md").read_text()
     assert (copy / "time_breakdown.png").is_file() and (copy / "scaling.png").is_file()
     assert not (copy / "raw").exists()
-    for content, message in ((None, "no results.json"), ("{cut", "cannot read"), ("[]", "not a results.json"),
-                             ('{"meta": {}, "datasets": {}, "accuracy": {}, "goals": [], "scaling": {}}',
-                              "lacks what the report needs")):
-        bad = tmp_path / f"bad{len(message)}"
+    results = json.loads((out / "results.json").read_text())
+    del results["meta"]["settings"]["model"]
+    nan = (out / "results.json").read_text().replace('"total_s": ', '"total_s": NaN, "x": ', 1)
+    cases = ((None, "no results.json"), ("{cut", "cannot read"), ("[]", "not a results.json"),
+             ('{"meta": {}, "datasets": {}, "accuracy": {}, "goals": [], "scaling": {}}', "not a results.json"),
+             (json.dumps(results), "lacks 'model'"), (nan, "NaN is not a number"))
+    for number, (content, message) in enumerate(cases):
+        bad = tmp_path / f"bad{number}"
         bad.mkdir()
         if content is not None:
             (bad / "results.json").write_text(content)
         result = CliRunner().invoke(cli, ["bench", "--report-only", "--out", str(bad)])
         assert result.exit_code == 2 and message in result.output, result.output
         assert "Traceback" not in result.output
+    result = CliRunner().invoke(cli, ["bench", "--report-only", "--out", str(copy), "--n", "3"])
+    assert result.exit_code == 2 and "drop --n" in result.output, result.output
 
 
 @pytest.mark.parametrize("args, message", [

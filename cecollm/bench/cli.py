@@ -79,6 +79,14 @@ def bench_command(model, heads, exits, n, max_new_tokens, link, datasets, strate
     if report_only:
         from cecollm.bench.report import rewrite_report
 
+        ctx = click.get_current_context()
+        allowed = ("out", "link", "quiet", "report_only")
+        given = [f"--{name.replace('_', '-')}" for name in ctx.params if name not in allowed
+                 and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise UserError(f"--report-only runs nothing and takes only --out (or --link for the default "
+                            f"directory); drop {', '.join(given)}")
+
         path = rewrite_report(BenchConfig(link=link, out=out).out_dir)
         click.echo(f"rewrote {path}/report.md from {path}/results.json")
         return

@@ -53,7 +53,7 @@ def _table4(name: str, ds: dict) -> list[str]:
     return [f"### {name}", "", *_table(header, rows), ""]
 
 
-def _ablation_notes(results: dict) -> list[str]:
+def _render_ablation_notes(results: dict) -> list[str]:
     lines = [f"- {name}: {line}" for name, ds in results["datasets"].items()
              for line in ds.get("ablation_explanation") or []]
     return ["### What each removal shows", "", *lines, ""] if lines else []
@@ -151,7 +151,7 @@ def render_report(results: dict) -> str:
         lines += ["## Ablation at threshold 0.8 (the paper's Table 4)", "",
                   "\"Without early exit\" is the threshold-1.0 run (float16, content manager on). \"Without "
                   "content manager\" sends every row so far with each request, synchronously, to a stateless "
-                  "cloud.", "", *ablation, *_ablation_notes(results)]
+                  "cloud.", "", *ablation, *_render_ablation_notes(results)]
     lines += _table3(results)
     lines += _goals(results)
     lines += _scaling(results["scaling"])

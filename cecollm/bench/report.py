@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from cecollm.bench.config import ACCURACY, BY_NAME, GOALS, SPEED_DATASETS, BenchConfig
-from cecollm.bench.explain import add_explanations, explain_scaling
+from cecollm.bench.explain import add_explanations
 from cecollm.errors import UserError
 from cecollm.linkem.profile import resolve_profile
 
@@ -124,23 +124,17 @@ def build_results(config: BenchConfig, prompts: dict, records: dict, meta: dict)
                        "truthfulqa": datasets.get("truthfulqa", {}).get("strategies", {}).get(name, {})
                        .get("max_rouge_vs_true_answers")}
                 for name in ACCURACY if name in config.strategies}
-    results = {"meta": meta, "datasets": datasets, "accuracy": accuracy, "goals": check_goals(datasets)}
-    add_explanations(results)
-    return results
+    return {"meta": meta, "datasets": datasets, "accuracy": accuracy, "goals": check_goals(datasets)}
 
 
 def write_outputs(config: BenchConfig, prompts: dict, records: dict, meta: dict) -> Path:
     """results.json, report.md and the plots in the run's directory; the directory."""
-    from cecollm.bench.markdown import render_report
-    from cecollm.bench.plots import plot_breakdown, plot_scaling
-    from cecollm.bench.scaling import run_scaling_section
-
     from cecollm.bench.scaling import run_scaling_section
 
     out = Path(config.out_dir)
     results = build_results(config, prompts, records, meta)
     results["scaling"] = run_scaling_section(config, out)
-    results["scaling"]["explanation"] = explain_scaling(results["scaling"])
+    add_explanations(results)
     return _write(out, results)
 
 
@@ -148,14 +142,7 @@ def rewrite_report(out_dir: str | Path) -> Path:
     """Rewrite report.md, the plots and results.json's explanations from results.json alone (no raw/ needed)."""
     out = Path(out_dir)
     path = out / "results.json"
-    try:
-        results = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"no results.json in {out}: run cecollm bench into it first") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
-    if not isinstance(results, dict) or not {"meta", "datasets", "accuracy", "goals", "scaling"} <= results.keys():
-        raise UserError(f"{path} is not a results.json written by cecollm bench")
+    results = _read_results(path)
     meta = results["meta"]
     if meta.get("link_up_mbit") is None:  # runs from before it was stored: the preset's rate
         try:
@@ -165,9 +152,31 @@ def rewrite_report(out_dir: str | Path) -> Path:
     try:
         add_explanations(results)
         return _write(out, results)
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise UserError(f"{path} lacks what the report needs ({exc!r}); was it written by another version of "
+    except KeyError as exc:
+        raise UserError(f"{path} lacks {exc}, which the report needs; was it written by another version of "
                         "cecollm bench?") from None
+
+
+def _read_results(path: Path) -> dict:
+    """results.json, checked for the shape the report reads; a UserError in one line otherwise."""
+    def refuse_constant(name):  # NaN and Infinity: results.json never holds them
+        raise ValueError(f"{name} is not a number results.json may hold")
+
+    try:
+        results = json.loads(path.read_text(), parse_constant=refuse_constant)
+    except FileNotFoundError:
+        raise UserError(f"no results.json in {path.parent}: run cecollm bench into it first") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    shape = {"meta": dict, "datasets": dict, "accuracy": dict, "goals": list, "scaling": dict}
+    ok = isinstance(results, dict) and all(isinstance(results.get(k), t) for k, t in shape.items())
+    ok = ok and all(isinstance(results["meta"].get(k), dict) for k in ("settings", "config"))
+    ok = ok and all(isinstance(ds, dict) and isinstance(ds.get("strategies"), dict)
+                    and isinstance(ds.get("prompts"), list) for ds in results["datasets"].values())
+    ok = ok and all(isinstance(a, dict) for ds in results["datasets"].values() for a in ds["strategies"].values())
+    if not ok:
+        raise UserError(f"{path} is not a results.json written by cecollm bench")
+    return results
 
 
 def _write(out: Path, results: dict) -> Path:
@@ -175,9 +184,12 @@ def _write(out: Path, results: dict) -> Path:
     from cecollm.bench.markdown import render_report
     from cecollm.bench.plots import plot_breakdown, plot_scaling
 
-    plots = [p for p in (plot_breakdown(results, out / "time_breakdown.png"),
-                         plot_scaling(results["scaling"], out / "scaling.png")) if p]
-    results["plots"] = [p.name for p in plots]
-    (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
-    (out / "report.md").write_text(render_report(results))
+    try:
+        plots = [p for p in (plot_breakdown(results, out / "time_breakdown.png"),
+                             plot_scaling(results["scaling"], out / "scaling.png")) if p]
+        results["plots"] = [p.name for p in plots]
+        (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
+        (out / "report.md").write_text(render_report(results))
+    except OSError as exc:
+        raise UserError(f"cannot write the report into {out}: {exc}") from None
     return out
