@@ -6,7 +6,7 @@ returns sentences; nothing here runs a model, so a report can be rewritten from 
 
 from __future__ import annotations
 
-from cecollm.bench.config import GOALS
+from cecollm.bench.config import GOALS, SPEED_DATASETS
 
 TARGETS = {key: target for key, _, _, target, _ in GOALS}
 TIME_TARGET = TARGETS["total_vs_cloud"]  # total time vs cloud-based, at most
@@ -23,7 +23,7 @@ def add_explanations(results: dict) -> None:
     meta = results["meta"]
     pinned = bool(meta.get("config", {}).get("pin"))
     for name, ds in results["datasets"].items():
-        speed = name in ("alpaca", "xsum")
+        speed = name in SPEED_DATASETS
         ds["explanation"] = explain_time(ds, meta.get("split"), pinned) if speed else None
         ds["bytes_explanation"] = explain_bytes(ds) if speed else None
         ds["rouge_explanation"] = explain_rouge(ds) if speed else None

@@ -14,7 +14,6 @@ from pathlib import Path
 from cecollm.bench.config import ACCURACY, BY_NAME, GOALS, SPEED_DATASETS, BenchConfig
 from cecollm.bench.explain import add_explanations
 from cecollm.errors import UserError
-from cecollm.linkem.profile import resolve_profile
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +142,6 @@ def rewrite_report(out_dir: str | Path) -> Path:
     out = Path(out_dir)
     path = out / "results.json"
     results = _read_results(path)
-    meta = results["meta"]
-    if meta.get("link_up_mbit") is None:  # runs from before it was stored: the preset's rate
-        try:
-            meta["link_up_mbit"] = resolve_profile(meta["config"]["link"]).up.bandwidth_mbit
-        except (KeyError, UserError):
-            pass
     try:
         add_explanations(results)
         return _write(out, results)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,11 +42,12 @@ def file_sources(paths) -> tuple[str, ...]:
     """Each data file as name:size:content digest, so an edited file (even one of the same size) is new data."""
     out = []
     for p in paths:
-        digest = hashlib.blake2b(digest_size=8)
+        digest, size = hashlib.blake2b(digest_size=8), 0
         with open(p, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
-        out.append(f"{Path(p).name}:{os.stat(p).st_size}:{digest.hexdigest()}")
+                size += len(block)
+        out.append(f"{Path(p).name}:{size}:{digest.hexdigest()}")
     return tuple(out)
 
 
