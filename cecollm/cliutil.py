@@ -1,7 +1,8 @@
-"""What every entry point shares: one-line errors for user mistakes, logging, quiet libraries."""
+"""What every command line shares: one-line errors for user mistakes, logging, the model options."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -9,6 +10,8 @@ import sys
 import click
 
 from cecollm.errors import UserError
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class _UserErrorExit(click.ClickException):
@@ -37,17 +40,16 @@ class GuardedCommand(_Guard, click.Command):
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Log lines to stderr; quiet transformers' own warnings and progress bars."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    """Log lines to stderr; transformers' and the hub's own warnings and progress bars stay quiet."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # already imported: tell it directly
+        import transformers
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
 
 
 def set_threads(threads: int | None) -> None:
@@ -58,3 +60,29 @@ def set_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def model_options(command):
+    """Click options --model, --exits, --upload-layer, --heads (defaults: ModelSpec's); the command
+    gets them as one `spec` (a ModelSpec) argument."""
+    from cecollm.spec import ModelSpec
+
+    default = ModelSpec()
+
+    @functools.wraps(command)
+    def with_spec(*args, model, exits, upload_layer, heads, **kwargs):
+        return command(*args, spec=ModelSpec.from_options(model, exits, upload_layer, heads), **kwargs)
+
+    options = [
+        click.option("--model", default=default.model, show_default=True,
+                     help="A transformers directory, a .gguf file, or the default model's name."),
+        click.option("--exits", default="", help="Exits as numbers of decoder layers run, e.g. 8,15 "
+                     "[default: the model's default split]; edge and cloud must use the same."),
+        click.option("--upload-layer", type=click.IntRange(min=0), default=default.upload_layer,
+                     help="Layer whose output the cloud receives [default: the last exit]."),
+        click.option("--heads", default=default.heads, help="Exit heads file (from `cecollm train-exits`) "
+                     "[default: the model's trained heads, if it has any]."),
+    ]
+    for option in reversed(options):
+        with_spec = option(with_spec)
+    return with_spec

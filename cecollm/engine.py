@@ -10,7 +10,6 @@ Modes:
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -18,64 +17,13 @@ import torch
 from cecollm.cloud.partition import CloudPartition
 from cecollm.edge.heads import HeadSet
 from cecollm.edge.partition import EdgePartition
-from cecollm.config import GenerationConfig  # noqa: F401 (re-exported: callers import it from here)
+from cecollm.cache.kv import KVCache
+from cecollm.config import GenerationConfig
 from cecollm.errors import UserError
+from cecollm.generation import GenerationResult, GenerationStats, TokenRecord, decode_greedily
 from cecollm.layers import DecoderRunner, top1
 from cecollm.prompting import eos_ids
 from cecollm.split import Split
-
-
-@dataclass
-class TokenRecord:
-    position: int  # position of the generated token in the whole sequence
-    token_id: int
-    decided_by: int | str  # the exit's layer count, or "cloud"
-    confidence: float  # top-1 probability where it was decided
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    edge_tokens: int = 0  # tokens decided by an exit
-    cloud_tokens: int = 0  # tokens decided by the cloud partition (or the whole model)
-    edge_seconds: float = 0.0  # compute in the edge partition
-    cloud_seconds: float = 0.0  # compute in the cloud partition (or the whole model)
-    upload_bytes: int = 0  # bytes the cloud would receive: hidden states on the wire
-
-
-@dataclass
-class GenerationResult:
-    token_ids: list[int]
-    tokens: list[TokenRecord]
-    stats: GenerationStats = field(default_factory=GenerationStats)
-
-    def to_dict(self, text: str | None = None) -> dict:
-        out = {"token_ids": self.token_ids}
-        if text is not None:
-            out["text"] = text
-        out["tokens"] = [asdict(t) for t in self.tokens]
-        out["stats"] = asdict(self.stats)
-        return out
-
-
-def decode_greedily(prompt_ids, max_new_tokens: int, eos: set[int], decide, result: GenerationResult,
-                    on_token: Callable[[TokenRecord], None] | None = None) -> None:
-    """The generation loop shared by the in-process engine and the edge client.
-
-    `decide(input_ids)` feeds the next inputs (the prompt, then the last token) and returns
-    (token, decided_by, confidence); records go into `result` and to `on_token` as they come.
-    """
-    inputs, position = list(prompt_ids), len(prompt_ids)
-    for _ in range(max_new_tokens):
-        token, decided_by, conf = decide(inputs)
-        record = TokenRecord(position, token, decided_by, conf)
-        result.token_ids.append(token)
-        result.tokens.append(record)
-        if on_token:
-            on_token(record)
-        if token in eos:
-            break
-        inputs, position = [token], position + 1
 
 
 class SplitEngine:
@@ -108,7 +56,7 @@ class SplitEngine:
     def _whole_model_steps(self):
         """Coroutine: receives (input ids, stats), yields (token, "cloud", confidence)."""
         runner = self.runner
-        cache = runner.new_cache(0, runner.n_layers)
+        cache = KVCache.for_runner(runner, 0, runner.n_layers)
         length = 0
         reply = None
         while True:
@@ -122,7 +70,7 @@ class SplitEngine:
             token, conf = top1(runner.logits(x[:, -1:])[0, -1])
             stats.cloud_seconds += time.perf_counter() - t0
             stats.cloud_tokens += 1
-            stats.upload_bytes += 4 * len(ids)  # the cloud-based deployment receives token ids
+            stats.bytes_up += 4 * len(ids)  # the cloud-based deployment receives token ids
             reply = (token, "cloud", conf)
 
     def _split_steps(self, config: GenerationConfig):
@@ -153,5 +101,5 @@ class SplitEngine:
     def _upload(cloud: CloudPartition, uploads, config: GenerationConfig, stats: GenerationStats) -> None:
         for up in uploads:
             wire = up.hidden.to(config.wire_dtype)  # what crosses the network
-            stats.upload_bytes += wire.numel() * wire.element_size()
+            stats.bytes_up += wire.numel() * wire.element_size()
             cloud.receive(up.start, wire)

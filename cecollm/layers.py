@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from cecollm.cache.kv import KVCache
 
 
 class DecoderRunner:
@@ -33,20 +32,16 @@ class DecoderRunner:
         self._attention = ALL_ATTENTION_FUNCTIONS["sdpa"]
         self.layer_calls = 0  # layers run so far, counted per call (tests assert on it)
 
-    def new_cache(self, first_layer: int, n_layers: int, capacity: int = 256) -> KVCache:
-        dtype = self.embed.weight.dtype
-        return KVCache(first_layer, n_layers, self.n_kv_heads, self.head_dim, capacity, dtype)
-
     def rope(self, start: int, end: int, like: torch.Tensor):
         """cos, sin for positions [start, end), each [1, end-start, head_dim]."""
         positions = torch.arange(start, end).unsqueeze(0)  # [1, T]
         return self.rotary(like, positions)
 
-    def run_layer(self, index: int, x: torch.Tensor, start: int, cache: KVCache, rope) -> torch.Tensor:
+    def run_layer(self, index: int, x: torch.Tensor, start: int, cache, rope) -> torch.Tensor:
         """Run layer `index` on rows x [1, T, hidden] at positions [start, start+T).
 
-        `rope` is (cos, sin) for exactly those positions. The cache must hold [0, start) at
-        this layer; afterwards it holds [0, start+T).
+        `rope` is (cos, sin) for exactly those positions. `cache` (a cache.KVCache) must hold
+        [0, start) at this layer; afterwards it holds [0, start+T).
         """
         self.layer_calls += 1
         layer = self.layers[index]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from cecollm.config import DEFAULT_MODEL  # noqa: F401 (re-exported)
+from cecollm.config import DEFAULT_MODEL
 from cecollm.errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)

@@ -9,11 +9,11 @@ import pytest
 import torch
 import zmq
 
-from cecollm.bench import protocol as bp
-from cecollm.bench.baseline import StatelessCloud, serve
-from cecollm.bench.baseline_edge import BaselineCloudError, CloudBasedEdge, FullUploadEdge
-from cecollm.broker.rpc import RpcSocket
-from cecollm.broker.wire import ErrorCode
+from cecollm.bench.baselines import protocol as bp
+from cecollm.bench.baselines.server import StatelessCloud, serve
+from cecollm.bench.baselines.edge import BaselineCloudError, CloudBasedEdge, FullUploadEdge
+from cecollm.wire.rpc import RpcSocket
+from cecollm.wire.wire import ErrorCode
 from cecollm.config import GenerationConfig
 from cecollm.edge.heads import HeadSet
 from cecollm.engine import SplitEngine

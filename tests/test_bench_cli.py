@@ -10,7 +10,6 @@ import sys
 import pytest
 
 from cecollm.bench.config import ACCURACY, STRATEGIES
-from cecollm.bench.scaling import fanout_available
 
 ALPACA = [{"instruction": "Tell me a story about a cat.", "input": "", "output": "The cat and the dog."},
           {"instruction": "The capital of France is", "input": "Paris", "output": "Paris."}]
@@ -98,11 +97,7 @@ def test_bench_end_to_end(bench_run):
     assert all(g["status"] in ("pass", "miss") for g in results["goals"])
     scaling = results["scaling"]
     kinds = ("ce-0.8", "cloud")
-    if fanout_available():  # the fanout module is another engineer's: without it, the section says TODO
-        assert scaling["status"].startswith("TODO"), scaling["status"]
-        kinds = ("cloud",)
-    else:
-        assert scaling["status"] == "complete", scaling["status"]
+    assert scaling["status"] == "complete", scaling["status"]
     assert {(r["dataset"], r["kind"], r["devices"]) for r in scaling["rows"]} == {
         (d, k, n) for d in ("alpaca", "xsum") for k in kinds for n in (1, 2)}
     assert all(not r.get("errors") and not r.get("error") for r in scaling["rows"])

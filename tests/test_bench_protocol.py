@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import struct
 
+import msgspec
 import numpy as np
 import pytest
 
-from cecollm.bench import protocol as bp
-from cecollm.broker.wire import ErrorCode, ProtocolError
+from cecollm.bench.baselines import protocol as bp
+from cecollm.wire.wire import ErrorCode, ProtocolError
 
 
 def _wire(frames):
@@ -41,17 +42,23 @@ def test_requests_and_replies_are_told_apart():
     assert isinstance(bp.parse(frames, bp.REPLIES), bp.Token)
 
 
+def _msg(command, *fields, extra=()):
+    return [struct.pack("!2sBB", b"BL", bp.VERSION, command), msgspec.msgpack.encode(list(fields)), *extra]
+
+
 @pytest.mark.parametrize("frames, match", [
     ([], "empty"),
-    ([b"BL\x02\x01", b"", b""], "version"),
-    ([b"CE\x01\x01", b"", b""], "tag"),
-    ([b"BL\x01\x63", b""], "unknown command"),
-    ([struct.pack("!2sBB", b"BL", 1, 1), struct.pack("!II", 1, 4)], "frames"),
-    ([struct.pack("!2sBB", b"BL", 1, 1), struct.pack("!II", 1, 4), b"\x00\x00\x01"], "multiple of 4"),
-    ([struct.pack("!2sBB", b"BL", 1, 1), struct.pack("!II", 1, 4), b""], "token ids"),
-    ([struct.pack("!2sBB", b"BL", 1, 1), struct.pack("!II", 1, 0), b"\x00\x00\x00\x01"], "max_new_tokens"),
-    ([struct.pack("!2sBB", b"BL", 1, 1), struct.pack("!I", 1), b"\x00\x00\x00\x01"], "bytes"),
-    ([struct.pack("!2sBB", b"BL", 1, 5), struct.pack("!IB", 1, 200), b"x"], "unknown code"),
+    ([b"BL\x09\x01", b"", b""], "version"),
+    ([b"CE\x02\x01", b"", b""], "tag"),
+    ([b"BL\x02\x63", b""], "unknown command"),
+    (_msg(1, 1, 4), "length 3"),
+    (_msg(1, 1, 4, [1], extra=[b"x"]), "frames"),
+    (_msg(1, 1, 4, []), "length >= 1"),
+    (_msg(1, 1, 0, [1]), "max_new_tokens|>= 1"),
+    (_msg(1, 1, 4, [-1]), ">= 0"),
+    (_msg(1, 1, 4, list(range(bp.MAX_IDS + 1))), "length <= 8192"),
+    (_msg(1, 1, 4, "1"), "Expected `array`"),
+    (_msg(5, 1, 200, "x"), "enum"),
 ])
 def test_malformed_messages_raise_protocol_error(frames, match):
     with pytest.raises(ProtocolError, match=match):
@@ -62,7 +69,9 @@ def test_decide_full_checks_its_tensor():
     good = _wire(bp.DecideFull(1, np.zeros((2, 3), np.float32)).to_frames())
     with pytest.raises(ProtocolError, match="needs"):
         bp.parse([*good[:3], good[3][:-1]])  # buffer shorter than the shape
+    with pytest.raises(ProtocolError, match="rank 1"):
+        bp.parse([*good[:2], struct.pack("!BBI", 2, 1, 6), b"\0" * 24])  # rank 1
     with pytest.raises(ProtocolError, match=r"\[n >= 1"):
-        bp.parse(_wire(bp.DecideFull(1, np.zeros((6,), np.float32)).to_frames()))  # rank 1
+        bp.parse([*good[:2], struct.pack("!BBII", 2, 2, 0, 3), b""])  # no rows
     with pytest.raises(ProtocolError, match="dtype"):
         bp.parse([*good[:2], b"\x09" + good[2][1:], good[3]])

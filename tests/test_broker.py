@@ -15,12 +15,13 @@ import torch
 import zmq
 from click.testing import CliRunner
 
-from cecollm.broker import edge_protocol as ep
+from cecollm.wire import edge_cloud as ep
 from cecollm.broker.launch import BrokerProcess
-from cecollm.broker.wire import ErrorCode
+from cecollm.wire.wire import ErrorCode
 from cecollm.edge.client import EdgeClient, EdgeConfig, EdgeStats
 from cecollm.edge.heads import HeadSet, NormHead
-from cecollm.engine import GenerationConfig, SplitEngine
+from cecollm.config import GenerationConfig
+from cecollm.engine import SplitEngine
 from cecollm.errors import UserError
 from cecollm.loading import load_model
 from cecollm.split import Split
@@ -196,7 +197,7 @@ def _full(msg):
 
 
 def _run_against(loaded, split, answer, **options):
-    from cecollm.broker.launch import free_ports
+    from cecollm.runtime import free_ports
 
     port, upload = free_ports(2)
     stop = threading.Event()
@@ -283,7 +284,7 @@ def test_a_worker_started_by_hand_edges_over_ipc_and_sigint(loaded, split, model
     base = f"ipc://{tmp_path}/cecollm"
     b = BrokerProcess(str(model_dir), workers=0, log_path=tmp_path / "broker.log", ipc_base=base,
                       extra=["--exits", "2,4"])
-    worker = subprocess.Popen([sys.executable, "-c", "from cecollm.broker.cli import worker_main; worker_main()",
+    worker = subprocess.Popen([sys.executable, "-c", "from cecollm.cloud.cli import main; main()",
                                "--broker", b.worker_address], stderr=subprocess.DEVNULL)
     try:
         config = EdgeConfig(device_id=12, broker=f"{base}.requests", threshold=1.0, max_new_tokens=10, timeout=60,
@@ -311,7 +312,7 @@ def _capacity_refused(msg):
 
 def test_an_edge_that_goes_alone_releases_its_cloud_state(loaded, split):
     """The cloud's state for a session the edge gave up on is released now, not after the idle TTL."""
-    from cecollm.broker.launch import free_ports
+    from cecollm.runtime import free_ports
 
     port, upload = free_ports(2)
     pull = zmq.Context.instance().socket(zmq.PULL)
@@ -336,8 +337,8 @@ def test_an_edge_that_goes_alone_releases_its_cloud_state(loaded, split):
 
 def test_a_killed_broker_leaves_no_content_manager_behind(model_dir, tmp_path):
     """SIGKILL gives the broker no chance to clean up: its content manager notices and goes, with its segments."""
-    from cecollm.broker import state_protocol as sp
-    from cecollm.broker.rpc import RpcSocket
+    from cecollm.wire import worker_state as sp
+    from cecollm.wire.rpc import RpcSocket
 
     b = BrokerProcess(str(model_dir), workers=0, extra=["--exits", "2,4"], log_path=tmp_path / "broker.log")
     (manager,) = [c for c in psutil.Process(b.proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
@@ -355,6 +356,6 @@ def test_a_killed_broker_leaves_no_content_manager_behind(model_dir, tmp_path):
         if manager.is_running():
             manager.kill()
             manager.wait(10)
-        from cecollm.broker.shm import remove_leftovers
+        from cecollm.cache.shm import remove_leftovers
 
         remove_leftovers(f"cecollm-{b.proc.pid}-")

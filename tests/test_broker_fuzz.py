@@ -14,11 +14,13 @@ import pytest
 import torch
 import zmq
 
-from cecollm.broker import edge_protocol as ep
-from cecollm.broker import state_protocol as sp
-from cecollm.broker import worker_protocol as wp
+from cecollm.wire import edge_cloud as ep
+from cecollm.wire import worker_state as sp
+from cecollm.wire import broker_worker as wp
 from cecollm.broker.launch import BrokerProcess
-from cecollm.broker.wire import pack_header
+import msgspec
+
+from cecollm.wire.wire import Frames, pack_header
 from cecollm.edge.client import EdgeClient, EdgeConfig
 from cecollm.edge.heads import HeadSet
 from cecollm.loading import load_model
@@ -51,8 +53,15 @@ def _garbage(rng: random.Random, module) -> list[bytes]:
         return frames
 
 
+def _random_body(rng: random.Random):
+    """A MessagePack array of random values: a body of the right format with the wrong fields."""
+    values = [rng.randrange(-(1 << 40), 1 << 40), rng.random(), "x" * rng.randrange(5), b"\0", None, True, [1, "a"],
+              {"k": 1}, -1, 1 << 33]
+    return msgspec.msgpack.encode([rng.choice(values) for _ in range(rng.randrange(8))])
+
+
 def _any_garbage(rng: random.Random, module) -> list[bytes]:
-    kind = rng.randrange(6)
+    kind = rng.randrange(7)
     if kind == 0:
         return [rng.randbytes(rng.randrange(12)) for _ in range(rng.randrange(1, 6))]
     command = rng.choice(list(module.Command))
@@ -64,6 +73,8 @@ def _any_garbage(rng: random.Random, module) -> list[bytes]:
         return [pack_header(module.TAG, module.VERSION, rng.randrange(len(module.Command) + 1, 256)), b"x"]
     if kind == 4:
         return [pack_header(rng.choice([b"CE", b"CW", b"CS", b"ZZ"]), 1, command), b"\0" * rng.choice([4, 8, 16, 20])]
+    if kind == 5:
+        return [pack_header(module.TAG, module.VERSION, command), _random_body(rng)] + [rng.randbytes(8)] * rng.randrange(3)
     return _semantic(rng, module)
 
 
@@ -86,8 +97,8 @@ def _semantic(rng: random.Random, module) -> list[bytes]:
             return ep.UploadShm(device, 1, 0, 0, n).to_frames()
         return ep.End(device, 1).to_frames()
     if module is wp:
-        return rng.choice([wp.Heartbeat(), wp.Reply(rng.randrange(1 << 40), (b"x",)), wp.Config("x", "y", (1,), 1, "z", 1, 1),
-                           wp.Request(1, (b"x",))]).to_frames()
+        return rng.choice([wp.Heartbeat(), wp.Reply(rng.randrange(1 << 40), Frames((b"x",))), wp.Config("x", "y", (1,), 1, "z", 1, 1),
+                           wp.Request(1, Frames((b"x",)))]).to_frames()
     return rng.choice([sp.Lease(device, 1, 1, 3), sp.Commit(device, 5, 5, 1, 0.5), sp.Open(device, 77),
                        sp.Grant(1, 1, 1, 1, 1, "x")]).to_frames()
 

@@ -6,7 +6,8 @@ import logging
 
 import zmq
 
-from cecollm.broker.loop import drain
+from cecollm.wire.dispatch import drain
+from cecollm.wire.wire import Frames
 
 
 def test_a_failing_handler_is_logged_and_the_rest_are_served(caplog):
@@ -54,7 +55,7 @@ def _frames(*parts):
 
 
 def _jobs_sent(backend):
-    from cecollm.broker import worker_protocol as wp
+    from cecollm.wire import broker_worker as wp
 
     out = []
     for identity, *rest in backend.sent:
@@ -65,9 +66,9 @@ def _jobs_sent(backend):
 
 
 def test_least_recently_used_dispatch_and_a_worker_that_starts_over():
-    from cecollm.broker import edge_protocol as ep
-    from cecollm.broker import worker_protocol as wp
-    from cecollm.broker.broker import Broker
+    from cecollm.wire import edge_cloud as ep
+    from cecollm.wire import broker_worker as wp
+    from cecollm.broker.router import Broker
 
     front, back = _Collect(), _Collect()
     broker = Broker(front, back, wp.Config("/m", "id", (2,), 2, "ipc:///x", 250, 4))
@@ -78,7 +79,7 @@ def test_least_recently_used_dispatch_and_a_worker_that_starts_over():
         broker.on_edge(_frames(b"edge", b"", *ep.Decide(1, seq, 1, seq).to_frames()))
     broker.dispatch()
     assert _jobs_sent(back) == [(b"w1", 1), (b"w2", 2)]  # ready first, used first
-    broker.on_worker(_frames(b"w1", *wp.Reply(1, (b"answer",)).to_frames()))
+    broker.on_worker(_frames(b"w1", *wp.Reply(1, Frames((b"answer",))).to_frames()))
     assert front.sent[-1] == [b"edge", b"", b"answer"]
     back.sent.clear()
     broker.on_worker(_frames(b"w2", *wp.Connect(2).to_frames()))  # w2 starts over: job 2 must not be lost

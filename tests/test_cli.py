@@ -30,7 +30,7 @@ def test_generate_json(tiny_model_dir):
     assert positions == list(range(positions[0], positions[0] + len(positions)))
     stats = out["stats"]
     assert stats["cloud_tokens"] == len(out["token_ids"]) and stats["edge_tokens"] == 0
-    assert stats["upload_bytes"] > 0 and stats["cloud_seconds"] > 0
+    assert stats["bytes_up"] > 0 and stats["cloud_seconds"] > 0
 
 
 def test_generate_standalone_text(tiny_model_dir):

@@ -8,11 +8,11 @@ import time
 import numpy as np
 import pytest
 
-from cecollm.broker import edge_protocol as ep
-from cecollm.broker import shm
-from cecollm.broker import state_protocol as sp
-from cecollm.broker.content_manager import ContentManager, ContentManagerConfig
-from cecollm.broker.wire import DTYPE_CODES, ErrorCode
+from cecollm.wire import edge_cloud as ep
+from cecollm.cache import shm
+from cecollm.wire import worker_state as sp
+from cecollm.cache.content_manager import ContentManager, ContentManagerConfig
+from cecollm.wire.wire import DTYPE_CODES, ErrorCode
 
 F16 = DTYPE_CODES["float16"]
 HIDDEN = 1024  # one float16 row = 2 KiB, so two rows fill a page
@@ -64,27 +64,27 @@ def test_open_upload_lease_commit_and_release(manager):
     assert dev.received == 3
     begin, end = dev.layout.rows_span(0, 3)
     assert np.all(np.frombuffer(dev.segment.buf[begin:end], dtype=np.float16) == 2.0)
-    manager.lease(b"w1", sp.Lease(3, opened.session, 1, 2))
+    manager.lease(sp.Lease(3, opened.session, 1, 2), b"w1")
     (peer, grant), = manager.state.take()
     assert peer == b"w1" and isinstance(grant, sp.Grant) and (grant.folded, grant.received) == (0, 3)
     assert manager.commit(sp.Commit(3, grant.token, 3, 0, 0.0)) is None
     assert dev.folded == 3 and dev.lease_token == 0
     manager.on_upload([bytes(f) for f in ep.End(3, opened.session).to_frames()])
     assert 3 not in manager.devices and not os.path.exists(f"/dev/shm/{opened.segment}")
-    manager.lease(b"w1", sp.Lease(3, opened.session, 2, 3))
+    manager.lease(sp.Lease(3, opened.session, 2, 3), b"w1")
     (_, err), = manager.state.take()
     assert err.code == ErrorCode.UNKNOWN_DEVICE and "ended" in err.message
 
 
 def test_lease_waits_for_rows_in_flight_then_times_out(manager):
     opened = _open(manager)
-    manager.lease(b"w1", sp.Lease(3, opened.session, 1, 1))
+    manager.lease(sp.Lease(3, opened.session, 1, 1), b"w1")
     assert manager.state.take() == []  # parked: position 1 not here yet
     _upload(manager, 3, opened.session, 0, 0, 2)
     (_, grant), = manager.state.take()
     assert isinstance(grant, sp.Grant)
     manager.commit(sp.Commit(3, grant.token, 2, 0, 0.0))
-    manager.lease(b"w1", sp.Lease(3, opened.session, 2, 5))
+    manager.lease(sp.Lease(3, opened.session, 2, 5), b"w1")
     manager.housekeeping(time.monotonic() + 1.0)
     (_, err), = manager.state.take()
     assert err.code == ErrorCode.MISSING
@@ -93,11 +93,11 @@ def test_lease_waits_for_rows_in_flight_then_times_out(manager):
 def test_one_worker_at_a_time_and_a_retried_request_supersedes(manager):
     opened = _open(manager)
     _upload(manager, 3, opened.session, 0, 0, 4)
-    manager.lease(b"w1", sp.Lease(3, opened.session, 7, 1))
+    manager.lease(sp.Lease(3, opened.session, 7, 1), b"w1")
     (_, first), = manager.state.take()
-    manager.lease(b"w2", sp.Lease(3, opened.session, 8, 2))  # another request: waits for the lease
+    manager.lease(sp.Lease(3, opened.session, 8, 2), b"w2")  # another request: waits for the lease
     assert manager.state.take() == []
-    manager.lease(b"w3", sp.Lease(3, opened.session, 7, 1))  # request 7 again (w1 died): takes over
+    manager.lease(sp.Lease(3, opened.session, 7, 1), b"w3")  # request 7 again (w1 died): takes over
     (peer, second), = manager.state.take()
     assert peer == b"w3" and second.token != first.token
     assert "not current" in manager.commit(sp.Commit(3, first.token, 2, 0, 0.0))  # w1's lease is gone
@@ -110,7 +110,7 @@ def test_one_worker_at_a_time_and_a_retried_request_supersedes(manager):
 def test_bad_uploads_break_the_session_and_leases_hear_why(manager):
     opened = _open(manager)
     _upload(manager, 3, opened.session, 1, 0, 1)  # seq gap
-    manager.lease(b"w1", sp.Lease(3, opened.session, 1, 0))
+    manager.lease(sp.Lease(3, opened.session, 1, 0), b"w1")
     (_, err), = manager.state.take()
     assert err.code == ErrorCode.MISSING and "seq" in err.message
     other = _open(manager, 4)
@@ -124,7 +124,7 @@ def test_bad_uploads_break_the_session_and_leases_hear_why(manager):
 
 def test_capacity_and_stale_positions(manager):
     opened = _open(manager)
-    manager.lease(b"w", sp.Lease(3, opened.session, 1, 64))
+    manager.lease(sp.Lease(3, opened.session, 1, 64), b"w")
     assert manager.state.take()[0][1].code == ErrorCode.CAPACITY
     _upload(manager, 3, opened.session, 0, 0, 60)
     _upload(manager, 3, opened.session, 1, 60, 5)  # beyond capacity
@@ -139,12 +139,12 @@ def test_budget_evicts_least_recently_used_idle_device(manager):
     _upload(manager, 1, a.session, 0, 0, 1)  # device 1 used last: device 2 is the LRU one
     _open(manager, 3)
     assert sorted(manager.devices) == [1, 3]
-    manager.lease(b"w", sp.Lease(2, b.session, 1, 0))
+    manager.lease(sp.Lease(2, b.session, 1, 0), b"w")
     assert "byte budget" in manager.state.take()[0][1].message
     _upload(manager, 1, a.session, 1, 1, 1)
-    manager.lease(b"w", sp.Lease(1, a.session, 1, 0))  # device 1 is busy now
+    manager.lease(sp.Lease(1, a.session, 1, 0), b"w")  # device 1 is busy now
     manager.state.take()
-    manager.lease(b"w", sp.Lease(3, manager.devices[3].session, 1, 0))  # parked: device 3 is not idle either
+    manager.lease(sp.Lease(3, manager.devices[3].session, 1, 0), b"w")  # parked: device 3 is not idle either
     refused = manager.open(sp.Open(4, F16))
     assert refused.code == ErrorCode.BUDGET
 
@@ -161,7 +161,7 @@ def test_folded_rows_are_dropped(manager):
     opened = _open(manager)
     _upload(manager, 3, opened.session, 0, 0, 8, 3.0)
     dev = manager.devices[3]
-    manager.lease(b"w", sp.Lease(3, opened.session, 1, 4))
+    manager.lease(sp.Lease(3, opened.session, 1, 4), b"w")
     (_, grant), = manager.state.take()
     manager.commit(sp.Commit(3, grant.token, 5, 0, 0.0))
     begin, end = dev.layout.rows_span(0, 8)
@@ -182,13 +182,13 @@ def test_a_retried_request_whose_worker_died_after_committing_gets_the_answer(ma
     retry (same request seq) cannot compute again (the KV holds the position), so it is told the answer."""
     opened = _open(manager)
     _upload(manager, 3, opened.session, 0, 0, 4)
-    manager.lease(b"w1", sp.Lease(3, opened.session, 7, 3))
+    manager.lease(sp.Lease(3, opened.session, 7, 3), b"w1")
     (_, grant), = manager.state.take()
     assert manager.commit(sp.Commit(3, grant.token, 4, 1234, 0.75)) is None
-    manager.lease(b"w2", sp.Lease(3, opened.session, 7, 3))  # the broker retries request 7
+    manager.lease(sp.Lease(3, opened.session, 7, 3), b"w2")  # the broker retries request 7
     (peer, answer), = manager.state.take()
     assert peer == b"w2" and answer == sp.Decided(3, 1234, 0.75)
-    manager.lease(b"w2", sp.Lease(3, opened.session, 8, 3))  # another request for a decided position
+    manager.lease(sp.Lease(3, opened.session, 8, 3), b"w2")  # another request for a decided position
     assert manager.state.take()[0][1].code == ErrorCode.STALE
 
 

@@ -5,28 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cecollm.edge.cli import read_prompts
 from cecollm.edge.client import EdgeConfig, _TappingRunner
 from cecollm.edge.heads import HeadSet
 from cecollm.edge.partition import EdgePartition
 from cecollm.errors import UserError
 from cecollm.split import Split
 from conftest import make_tiny_model
-
-
-def test_prompts_from_jsonl(tmp_path):
-    path = tmp_path / "p.jsonl"
-    path.write_text('{"prompt": "a"}\n\n{"instruction": "b", "input": "c"}\n{"instruction": "d", "input": ""}\n')
-    assert read_prompts(None, str(path)) == ["a", "b\n\nc", "d"]
-    assert read_prompts("x", str(path)) == ["x"]
-    path.write_text('{"text": "a"}\n')
-    with pytest.raises(UserError, match=":1: needs"):
-        read_prompts(None, str(path))
-    path.write_text("not json\n")
-    with pytest.raises(UserError, match="not JSON"):
-        read_prompts(None, str(path))
-    with pytest.raises(UserError, match="cannot read"):
-        read_prompts(None, str(tmp_path / "missing.jsonl"))
 
 
 def test_upload_address_and_shm_follow_the_broker_address():
@@ -61,7 +45,7 @@ def test_the_tapped_row_gives_the_standalone_token():
 def _pull(address_holder: list):
     import zmq
 
-    from cecollm.broker.launch import free_ports
+    from cecollm.runtime import free_ports
 
     sock = zmq.Context.instance().socket(zmq.PULL)
     sock.setsockopt(zmq.LINGER, 0)
@@ -72,7 +56,7 @@ def _pull(address_holder: list):
 
 
 def _received(sock, count: int) -> list:
-    from cecollm.broker import edge_protocol as ep
+    from cecollm.wire import edge_cloud as ep
 
     out = []
     for _ in range(count):
@@ -96,7 +80,7 @@ def test_a_bad_segment_name_from_the_cloud_does_not_stop_the_sender():
     import numpy as np
     import zmq
 
-    from cecollm.broker import edge_protocol as ep
+    from cecollm.wire import edge_cloud as ep
     from cecollm.edge.sender import UploadSender
 
     where: list = []
@@ -122,7 +106,7 @@ def test_the_sender_lets_go_of_a_segment_when_its_session_ends():
     import numpy as np
     import zmq
 
-    from cecollm.broker import edge_protocol as ep
+    from cecollm.wire import edge_cloud as ep
     from cecollm.edge.sender import UploadSender
 
     name = f"cecollm-test-sender-{os.getpid()}"

@@ -8,7 +8,8 @@ import torch
 from cecollm.cloud.partition import CloudPartition
 from cecollm.edge.heads import HeadSet, NormHead
 from cecollm.edge.partition import EdgePartition
-from cecollm.engine import GenerationConfig, SplitEngine
+from cecollm.config import GenerationConfig
+from cecollm.engine import SplitEngine
 from cecollm.errors import UserError
 from cecollm.layers import DecoderRunner
 from cecollm.split import Split
@@ -171,7 +172,7 @@ def test_standalone_never_runs_a_cloud_layer(monkeypatch):
         result = engine.generate(random_prompt(model, 8, 0), GenerationConfig(mode="standalone", threshold=threshold,
                                                                               max_new_tokens=20))
         assert len(result.token_ids) == 20
-        assert result.stats.cloud_tokens == 0 and result.stats.upload_bytes == 0
+        assert result.stats.cloud_tokens == 0 and result.stats.bytes_up == 0
         assert all(r.decided_by in split.exits for r in result.tokens)
     assert layers_run and max(layers_run) < split.last_exit, "a cloud layer ran in standalone mode"
     assert not lm_head_calls, "the cloud's final norm ran in standalone mode"
@@ -201,8 +202,8 @@ def test_stats_count_bytes_on_the_wire():
     r16 = engine.generate(prompt, GenerationConfig(mode="collab", threshold=1.0, max_new_tokens=5, fp16=True))
     r32 = engine.generate(prompt, GenerationConfig(mode="collab", threshold=1.0, max_new_tokens=5, fp16=False))
     # Every position but the last generated one is uploaded once: (10 + 4) rows of 64 values.
-    assert r16.stats.upload_bytes == 14 * 64 * 2
-    assert r32.stats.upload_bytes == 14 * 64 * 4
+    assert r16.stats.bytes_up == 14 * 64 * 2
+    assert r32.stats.bytes_up == 14 * 64 * 4
     assert r16.stats.edge_seconds > 0 and r16.stats.cloud_seconds > 0
 
 

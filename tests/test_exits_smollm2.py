@@ -7,9 +7,12 @@ import importlib.util
 
 import pytest
 
-from cecollm.defaults import choose_split
-from cecollm.engine import GenerationConfig, SplitEngine
-from cecollm.loading import DEFAULT_MODEL, load_model
+from cecollm.edge.heads import edge_setup
+from cecollm.spec import ModelSpec
+from cecollm.config import GenerationConfig
+from cecollm.engine import SplitEngine
+from cecollm.config import DEFAULT_MODEL
+from cecollm.loading import load_model
 from cecollm.prompting import encode_prompt
 
 pytestmark = [
@@ -21,9 +24,9 @@ pytestmark = [
 
 def test_default_split_uses_trained_heads_and_the_edge_decides():
     loaded = load_model(DEFAULT_MODEL)
-    split, heads = choose_split(loaded)
+    split, heads = edge_setup(ModelSpec(), loaded)
     assert split.exits == (22, 26) and heads.arch == "adapter" and heads.arch_options["vocab"] == 8192
-    same, same_heads = choose_split(loaded, exits=(22, 26))  # asking for the default exits gets the trained heads too
+    same, same_heads = edge_setup(ModelSpec(exits=(22, 26)), loaded)  # asking for the default exits gets the trained heads too
     assert same == split and same_heads.arch == "adapter" and same_heads.training == heads.training
     ids = encode_prompt(loaded.tokenizer, "Give three tips for staying healthy.")
     engine = SplitEngine(loaded.model, split, heads)

@@ -13,9 +13,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cecollm.bench.fanout import FanoutConfig, record_trace, run_fanout
-from cecollm.bench.fanout_trace import Trace
-from cecollm.broker.launch import BrokerProcess, free_ports
+from cecollm.loadgen.config import FanoutConfig
+from cecollm.loadgen.fanout import run_fanout
+from cecollm.loadgen.live import record_trace
+from cecollm.loadgen.trace import Trace
+from cecollm.broker.launch import BrokerProcess
+from cecollm.runtime import free_ports
 from cecollm.loading import load_model
 from cecollm.prompting import encode_prompt
 from conftest import hf_greedy

@@ -9,7 +9,8 @@ import torch
 
 from cecollm import loading
 from cecollm.errors import UserError
-from cecollm.loading import DEFAULT_MODEL, load_model, model_identity
+from cecollm.config import DEFAULT_MODEL
+from cecollm.loading import load_model, model_identity
 from conftest import make_tiny_model
 
 

@@ -13,10 +13,12 @@ import time
 import pytest
 import torch
 
-from cecollm.broker.launch import BrokerProcess, free_ports
+from cecollm.broker.launch import BrokerProcess
+from cecollm.runtime import free_ports
 from cecollm.edge.client import EdgeClient, EdgeConfig
 from cecollm.edge.heads import HeadSet, NormHead
-from cecollm.engine import GenerationConfig, SplitEngine
+from cecollm.config import GenerationConfig
+from cecollm.engine import SplitEngine
 from cecollm.loading import load_model
 from cecollm.split import Split
 from conftest import hf_greedy
@@ -26,14 +28,14 @@ PROMPT = [100, 7, 7, 300, 41, 12, 3]
 # the worker's process: any shared-memory attachment is an error, so a fallback to /dev/shm cannot pass
 NO_SHM_WORKER = """
 import sys
-from cecollm.broker import shm
+from cecollm.cache import shm
 def forbidden(name):
     raise RuntimeError(f"remote worker touched shared memory ({name})")
 shm.attach = forbidden
 shm.Attachment = forbidden
-from cecollm.broker.cli import worker_main
+from cecollm.cloud.cli import main
 sys.argv[0] = "cecollm-worker"
-worker_main()
+main()
 """
 
 
@@ -59,7 +61,7 @@ def cloud(model_dir, tmp_path_factory):
     (state_port,) = free_ports(1)
     with BrokerProcess(str(model_dir), workers=0, log_path=logs / "broker.log",
                        extra=["--exits", "2,4", "--state-address", f"tcp://*:{state_port}"]) as b:
-        assert f"state tcp://*:{state_port}" in b.startup_line
+        assert b.info["state"] == f"tcp://*:{state_port}"
         worker_log = open(logs / "worker.log", "w")
         # no --state: a remote worker finds the content manager on the broker's host, at the port it names
         worker = subprocess.Popen([sys.executable, "-c", NO_SHM_WORKER, "--broker", b.worker_address, "--remote"],
@@ -142,7 +144,7 @@ def test_a_local_worker_that_cannot_find_the_segment_says_to_run_remote(loaded, 
 def test_worker_cli_bad_addresses_are_one_line_exit_2():
     from click.testing import CliRunner
 
-    from cecollm.broker.cli import worker_command
+    from cecollm.cloud.cli import worker_command
 
     for args in (["--broker", "udp://x:1"], ["--broker", "ipc:///tmp/x", "--remote"],
                  ["--broker", "tcp://h:1", "--remote", "--state", "ipc:///tmp/s"]):

@@ -8,8 +8,8 @@ import time
 import pytest
 import zmq
 
-from cecollm.broker.launch import free_ports
-from cecollm.broker.rpc import CallTimeout, RpcSocket
+from cecollm.runtime import free_ports
+from cecollm.wire.rpc import CallTimeout, RpcSocket
 
 
 def _late_server(address: str, ready: threading.Event, got_first: threading.Event) -> None:

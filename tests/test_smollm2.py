@@ -7,9 +7,12 @@ import importlib.util
 import pytest
 
 from cecollm import loading
-from cecollm.defaults import choose_split
-from cecollm.engine import GenerationConfig, SplitEngine
-from cecollm.loading import DEFAULT_MODEL, load_model, resolve_model_dir
+from cecollm.edge.heads import edge_setup
+from cecollm.spec import ModelSpec
+from cecollm.config import GenerationConfig
+from cecollm.engine import SplitEngine
+from cecollm.config import DEFAULT_MODEL
+from cecollm.loading import load_model, resolve_model_dir
 from cecollm.prompting import encode_prompt
 from conftest import hf_greedy
 
@@ -45,7 +48,7 @@ def test_converted_once_then_cached(smollm2, monkeypatch):
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_threshold_one_equals_generate(smollm2, prompt):
     ids = encode_prompt(smollm2.tokenizer, prompt)
-    split, heads = choose_split(smollm2)
+    split, heads = edge_setup(ModelSpec(), smollm2)
     engine = SplitEngine(smollm2.model, split, heads)
     ref = hf_greedy(smollm2.model, ids, 32)
     got = engine.generate(ids, GenerationConfig(mode="collab", threshold=1.0, max_new_tokens=32, fp16=False))

@@ -40,8 +40,8 @@ def bare_rtts(n: int) -> list[float]:
     """REQ/REP round trips to an echo server in another process, same message size as DECIDE."""
     import zmq
 
-    from cecollm.broker import edge_protocol as ep
-    from cecollm.broker.launch import free_ports
+    from cecollm.wire import edge_cloud as ep
+    from cecollm.runtime import free_ports
 
     address = f"tcp://127.0.0.1:{free_ports(1)[0]}"
     server = multiprocessing.get_context("spawn").Process(target=_echo_server, args=(address, n + 50))
@@ -81,8 +81,8 @@ def broker_rtts(broker, identity: str, n: int) -> tuple[list[float], list[float]
     """(round trips, round trips minus the worker's compute) of n DECIDEs on a prefilled session."""
     import zmq
 
-    from cecollm.broker import edge_protocol as ep
-    from cecollm.broker.rpc import RpcSocket
+    from cecollm.wire import edge_cloud as ep
+    from cecollm.wire.rpc import RpcSocket
 
     context = zmq.Context.instance()
     rpc = RpcSocket(context, broker.request_address)
@@ -114,9 +114,9 @@ def upload_throughput(broker, identity: str, state_address: str, shm: bool, rows
     """Rows per second from the edge's sender until the content manager holds them all."""
     import zmq
 
-    from cecollm.broker import edge_protocol as ep
-    from cecollm.broker import state_protocol as sp
-    from cecollm.broker.rpc import RpcSocket
+    from cecollm.wire import edge_cloud as ep
+    from cecollm.wire import worker_state as sp
+    from cecollm.wire.rpc import RpcSocket
     from cecollm.edge.sender import UploadSender
 
     context = zmq.Context.instance()
@@ -152,12 +152,14 @@ def worker_memory(workers: int) -> tuple[float, float, float]:
     import psutil
 
     from cecollm.broker.launch import BrokerProcess
-    from cecollm.defaults import choose_split
+    from cecollm.edge.heads import edge_setup
+    from cecollm.spec import ModelSpec
     from cecollm.edge.client import EdgeClient, EdgeConfig
-    from cecollm.loading import DEFAULT_MODEL, load_model
+    from cecollm.config import DEFAULT_MODEL
+    from cecollm.loading import load_model
 
     loaded = load_model(DEFAULT_MODEL)
-    split, heads = choose_split(loaded)
+    split, heads = edge_setup(ModelSpec(), loaded)
     with tempfile.NamedTemporaryFile(suffix=".log") as log:
         with BrokerProcess(DEFAULT_MODEL, workers, log_path=log.name) as broker:
             config = EdgeConfig(1, broker.request_address, broker.upload_address, threshold=1.0, max_new_tokens=8,
@@ -213,7 +215,8 @@ def main(memory: bool, n: int, total_rows: int) -> None:
     for k in (1, 128):
         print(f"  shared memory / TCP at {k} rows a message: {rates[(True, k)] / rates[(False, k)]:.2f}x")
     if memory:
-        from cecollm.loading import DEFAULT_MODEL, resolve_model_dir
+        from cecollm.config import DEFAULT_MODEL
+        from cecollm.loading import resolve_model_dir
 
         size = sum(f.stat().st_size for f in resolve_model_dir(DEFAULT_MODEL).glob("*.safetensors")) / 2**20
         print(f"worker memory with {DEFAULT_MODEL} (float32 weights file {size:.0f} MiB), after generating:")

@@ -20,10 +20,13 @@ import orjson
 import torch
 
 from cecollm.cliutil import GuardedCommand, setup_logging
-from cecollm.defaults import choose_split
-from cecollm.engine import GenerationConfig, SplitEngine
+from cecollm.edge.heads import edge_setup
+from cecollm.spec import ModelSpec
+from cecollm.config import GenerationConfig
+from cecollm.engine import SplitEngine
 from cecollm.errors import UserError
-from cecollm.loading import DEFAULT_MODEL, load_model
+from cecollm.config import DEFAULT_MODEL
+from cecollm.loading import load_model
 from cecollm.prompting import encode_prompt
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "alpaca.jsonl"
@@ -69,7 +72,7 @@ def main(model, prompts, n, max_new_tokens, repeats, threads):
     setup_logging()
     torch.set_num_threads(threads)
     loaded = load_model(model)
-    split, heads = choose_split(loaded)
+    split, heads = edge_setup(ModelSpec(model), loaded)
     engine = SplitEngine(loaded.model, split, heads)
     cloud = GenerationConfig(mode="cloud", max_new_tokens=max_new_tokens)
     collab = GenerationConfig(mode="collab", threshold=1.0, max_new_tokens=max_new_tokens, fp16=False)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Many edge devices against one broker, each with its own device id (cecollm.bench.fanout).
+"""Many edge devices against one broker, each with its own device id (cecollm.loadgen.fanout).
 
     # record what one real edge sends (at threshold 0.8), then replay it as 1..5 devices
     .venv/bin/python tools/fanout.py --record --trace /tmp/t.jsonl --prompts ../shared/data/alpaca.jsonl \\
@@ -14,7 +14,7 @@ import sys
 import click
 import orjson
 
-from cecollm.bench.fanout import FanoutConfig
+from cecollm.loadgen.config import FanoutConfig
 from cecollm.cliutil import GuardedCommand, setup_logging
 from cecollm.errors import UserError
 
@@ -95,14 +95,16 @@ def main(record: bool, no_fp16: bool, no_rotate: bool, json_path: str | None, ve
 
     Exit code 1 when a request failed, timed out or (replay) got another token than recorded;
     2 for bad input (one line)."""
-    from cecollm.bench.fanout import check_config, read_prompt_texts, record_trace, run_fanout
+    from cecollm.loadgen.config import check_config, read_prompt_texts
+    from cecollm.loadgen.fanout import run_fanout
+    from cecollm.loadgen.live import record_trace
 
     config = FanoutConfig(fp16=not no_fp16, rotate=not no_rotate, **options)
     check_config(config)
     setup_logging(verbose)
     from tqdm import tqdm
 
-    from cecollm.bench.fanout_trace import Trace
+    from cecollm.loadgen.trace import Trace
 
     if record or config.mode == "live" or config.prompts:
         texts = read_prompt_texts(config)  # a bad --prompts is an error even where replay does not need it

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import psutil
 
-from cecollm.bench.baseline import STARTUP_PREFIX
-from cecollm.broker.launch import BrokerProcess, DaemonProcess, free_ports
+from cecollm.broker.launch import BrokerProcess
+from cecollm.runtime import DaemonProcess, free_ports
 from cecollm.errors import CecollmError, UserError
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def pin_tree(pid: int, cores: tuple[int, ...]) -> int:
 
 
 class BaselineProcess(DaemonProcess):
-    """`python -m cecollm.bench.baseline` on a free port; `with` stops it (SIGTERM) and waits."""
+    """`python -m cecollm.bench.baselines.server` on a free port; `with` stops it (SIGTERM) and waits."""
 
     what = "baseline cloud"
 
@@ -73,13 +73,13 @@ class BaselineProcess(DaemonProcess):
                  log_path: str | Path | None = None, start_timeout: float = 180.0) -> None:
         (port,) = free_ports(1)
         self.address = f"tcp://127.0.0.1:{port}"
-        args = [sys.executable, "-m", "cecollm.bench.baseline", "--address", self.address, "--model", str(model),
+        args = [sys.executable, "-m", "cecollm.bench.baselines.server", "--address", self.address, "--model", str(model),
                 "--threads", str(threads)]
         if exits:
             args += ["--exits", exits]
         if heads:
             args += ["--heads", heads]
-        super().__init__(args, STARTUP_PREFIX, threads, log_path, start_timeout)
+        super().__init__(args, threads, log_path, start_timeout)
 
 
 @dataclass(frozen=True)

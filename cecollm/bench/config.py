@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cecollm.config import DEFAULT_MODEL
+from cecollm.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODEL
 from cecollm.errors import UserError
 
 DATASETS = ("alpaca", "xsum", "truthfulqa")
@@ -61,7 +61,7 @@ class BenchConfig:
     heads: str = ""  # exit heads file; "" = the model's default heads
     exits: str = ""  # exits, "8,15"; "" = the model's default split
     n: int = 20  # prompts per dataset
-    max_new_tokens: int = 64  # tokens per generation at most
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # tokens per generation at most
     link: str = "wifi"  # link emulator preset between edge and cloud
     datasets: tuple[str, ...] = DATASETS  # which data sets
     strategies: tuple[str, ...] = tuple(s.name for s in STRATEGIES)  # which strategies

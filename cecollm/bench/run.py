@@ -90,7 +90,7 @@ class EdgeSet:
     def _make(self, s: Strategy, number: int):
         import zmq
 
-        from cecollm.bench.baseline_edge import CloudBasedEdge, FullUploadEdge
+        from cecollm.bench.baselines.edge import CloudBasedEdge, FullUploadEdge
         from cecollm.edge.client import EdgeClient, EdgeConfig
 
         c, a = self.config, self.cloud.addresses
@@ -151,16 +151,15 @@ def run_bench(config: BenchConfig, progress: bool = True) -> Path:
     from cecollm.bench.config import BY_NAME
     from cecollm.bench.report import write_outputs
     from cecollm.bench.scaling import run_scaling, scaling_todo
-    from cecollm.defaults import choose_split
+    from cecollm.edge.heads import edge_setup
     from cecollm.linkem import resolve_profile
-    from cecollm.loading import load_model
-    from cecollm.split import parse_exits
+    from cecollm.spec import ModelSpec
 
     torch.set_num_threads(config.threads)
     profile = resolve_profile(config.link)
-    loaded = load_model(config.model)
-    split, heads = choose_split(loaded, parse_exits(config.exits) if config.exits else None, None,
-                                config.heads or None)
+    spec = ModelSpec.from_options(config.model, config.exits, heads=config.heads)
+    loaded = spec.load()
+    split, heads = edge_setup(spec, loaded)
     max_positions = min(BROKER_CAPACITY, getattr(loaded.model.config, "max_position_embeddings", BROKER_CAPACITY))
     store = RawStore(config.out_dir)
     settings = {"model": config.model, "identity": loaded.identity, "split": split.describe(),

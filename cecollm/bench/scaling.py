@@ -1,6 +1,6 @@
 """Multi-device scaling (the paper's scaling figure): 1..K devices against one cloud.
 
-CE-CoLLM at 0.8: the fanout engineer's `cecollm.bench.fanout.run_fanout` in replay mode, from a
+CE-CoLLM at 0.8: the load generator's fanout (`cecollm.loadgen.fanout.run_fanout`) in replay mode, from a
 trace recorded by one real edge on the same prompts (through the same link); the cloud does its
 real work for K devices while the edge side sleeps its recorded compute time.
 Cloud-based: K threads, each a CloudBasedEdge generating the same prompts at once against the
@@ -41,27 +41,15 @@ def load_scaling(out: Path) -> dict[tuple[str, str, int], dict]:
 
 def scaling_todo(config: BenchConfig) -> list[tuple[str, str, int]]:
     done = load_scaling(Path(config.out_dir))
-    kinds = [k for k in KINDS if k in config.strategies and (k == "cloud" or not fanout_available())]
+    kinds = [k for k in KINDS if k in config.strategies]
     return [(d, k, n) for d in config.datasets if d in SPEED_DATASETS for k in kinds for n in config.scaling
             if (d, k, n) not in done]
-
-
-def fanout_available() -> str:
-    """'' when the fanout API is importable, else why not."""
-    try:
-        from cecollm.bench.fanout import FanoutConfig, run_fanout  # noqa: F401
-    except ImportError as exc:
-        return f"cecollm.bench.fanout is not available ({exc})"
-    return ""
 
 
 def run_scaling(config: BenchConfig, cloud, prompts: dict, progress: bool = True) -> None:
     """Run every missing scaling point while the cloud side is up."""
     out = Path(config.out_dir)
     todo = scaling_todo(config)
-    why = fanout_available()
-    if why and "ce-0.8" in config.strategies:
-        log.warning("scaling of CE-CoLLM left out (TODO): %s", why)
     for dataset, kind, devices in todo:
         picked = prompts.get(dataset, [])
         if not picked:
@@ -85,7 +73,7 @@ def run_scaling(config: BenchConfig, cloud, prompts: dict, progress: bool = True
 def _cloud_based(config: BenchConfig, cloud, prompt_ids: list[list[int]], devices: int) -> dict:
     import zmq
 
-    from cecollm.bench.baseline_edge import CloudBasedEdge
+    from cecollm.bench.baselines.edge import CloudBasedEdge
 
     context = zmq.Context()
     edges = [CloudBasedEdge(cloud.addresses.baseline, config.max_new_tokens, config.timeout * devices, context)
@@ -120,7 +108,9 @@ def _cloud_based(config: BenchConfig, cloud, prompt_ids: list[list[int]], device
 
 
 def _fanout(config: BenchConfig, cloud, dataset: str, texts: list[str], devices: int, out: Path) -> dict:
-    from cecollm.bench.fanout import FanoutConfig, record_trace, run_fanout
+    from cecollm.loadgen.config import FanoutConfig
+    from cecollm.loadgen.fanout import run_fanout
+    from cecollm.loadgen.live import record_trace
 
     a = cloud.addresses
     trace = out / "raw" / f"trace-{dataset}.json"
@@ -147,10 +137,7 @@ def run_scaling_section(config: BenchConfig, out: Path) -> dict:
     rows = [done[k] for k in sorted(done) if k[0] in config.datasets and k[2] in config.scaling
             and k[1] in config.strategies]
     missing = scaling_todo(config)
-    why = fanout_available()
     notes = []
-    if why and "ce-0.8" in config.strategies:
-        notes.append(f"TODO: CE-CoLLM scaling not measured: {why}")
     if missing:
         notes.append(f"missing points: {', '.join(f'{d}/{k}/{n}' for d, k, n in missing)}")
     failed = [r for r in rows if r.get("error")]

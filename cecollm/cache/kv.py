@@ -40,6 +40,11 @@ class KVCache:
         self.storage = storage
         self.lengths = [0] * n_layers
 
+    @classmethod
+    def for_runner(cls, runner, first_layer: int, n_layers: int, capacity: int = 256) -> "KVCache":
+        """A growable cache of the shape and dtype of `runner`'s model (a layers.DecoderRunner)."""
+        return cls(first_layer, n_layers, runner.n_kv_heads, runner.head_dim, capacity, runner.embed.weight.dtype)
+
     @property
     def capacity(self) -> int:
         return self.storage.shape[3]

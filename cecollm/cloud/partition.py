@@ -27,7 +27,7 @@ class CloudPartition:
         self.runner = runner
         self.split = split
         first = split.upload_layer
-        self.cache = cache if cache is not None else runner.new_cache(first, split.n_layers - first)
+        self.cache = cache if cache is not None else KVCache.for_runner(runner, first, split.n_layers - first)
         self.folded = 0  # positions already in the KV cache
         self._received: list[torch.Tensor] = []  # rows [folded, received), each [1, n, hidden]
         self.received = 0  # positions received so far

@@ -22,11 +22,11 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from cecollm.broker import edge_protocol as ep
-from cecollm.broker import shm
-from cecollm.broker import state_protocol as sp
-from cecollm.broker.rpc import CallTimeout, RpcSocket
-from cecollm.broker.wire import DTYPE_CODES, DTYPES, ErrorCode, ProtocolError
+from cecollm.wire import edge_cloud as ep
+from cecollm.cache import shm
+from cecollm.wire import worker_state as sp
+from cecollm.wire.rpc import CallTimeout, RpcSocket
+from cecollm.wire.wire import DTYPE_CODES, DTYPES, ErrorCode, ProtocolError
 from cecollm.cache.kv import KVCache
 from cecollm.cloud.partition import CloudPartition
 from cecollm.layers import DecoderRunner

@@ -7,43 +7,12 @@ import sys
 import click
 import orjson
 
-from cecollm.cliutil import GuardedCommand, set_threads, setup_logging
+from cecollm.cliutil import GuardedCommand, model_options, set_threads, setup_logging
 from cecollm.edge.client import EdgeConfig
 from cecollm.errors import UserError
-from cecollm.loading import DEFAULT_MODEL
-from cecollm.split import parse_exits
+from cecollm.prompting import read_prompts
 
 _E = EdgeConfig()
-
-
-def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
-    """--prompt, else --prompts FILE.jsonl ("prompt", or "instruction" + "input"), else stdin lines."""
-    if prompt is not None:
-        return [prompt]
-    if prompts_file:
-        out = []
-        try:
-            lines = open(prompts_file, encoding="utf-8").read().splitlines()
-        except OSError as exc:
-            raise UserError(f"cannot read {prompts_file}: {exc.strerror}") from None
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                raise UserError(f"{prompts_file}:{number}: not JSON") from None
-            if isinstance(row, dict) and isinstance(row.get("prompt"), str):
-                out.append(row["prompt"])
-            elif isinstance(row, dict) and isinstance(row.get("instruction"), str):
-                extra = row.get("input") or ""
-                out.append(row["instruction"] + ("\n\n" + extra if extra else ""))
-            else:
-                raise UserError(f"{prompts_file}:{number}: needs a \"prompt\" or an \"instruction\" field")
-        return out
-    if sys.stdin.isatty():
-        raise UserError("give --prompt, --prompts FILE.jsonl, or prompts on stdin (one a line)")
-    return [line for line in sys.stdin.read().splitlines() if line.strip()]
 
 
 @click.command(cls=GuardedCommand, context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,11 +24,7 @@ def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
               "or ipc://...uploads].")
 @click.option("--shm/--no-shm", default=None, help="Hand hidden states over through shared memory "
               "(same host only) [default: on for ipc:// addresses].")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True,
-              help="A transformers directory, a .gguf file, or the default model's name.")
-@click.option("--exits", default=None, help="Exits, e.g. 8,15 [default: the model's default split].")
-@click.option("--heads", default=None, help="Exit heads file.")
-@click.option("--upload-layer", type=int, default=None, help="Layer whose output is uploaded [default: last exit].")
+@model_options
 @click.option("--threshold", type=float, default=_E.threshold, show_default=True,
               help="An exit decides when its top-1 probability reaches this; 1.0 disables early exit.")
 @click.option("--standalone", is_flag=True, help="Never ask the cloud: the last exit decides.")
@@ -68,14 +33,14 @@ def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
 @click.option("--timeout", type=float, default=_E.timeout, show_default=True,
               help="Seconds a single-token request may take before the edge decides the token itself.")
 @click.option("--prompt", default=None, help="One prompt.")
-@click.option("--prompts", "prompts_file", default=None, help="A JSONL file of prompts (\"prompt\", or "
-              "\"instruction\" and \"input\").")
+@click.option("--prompts", "prompts_file", default=None, help="A JSONL file of prompts (fields \"prompt\", "
+              "\"instruction\" + \"input\", \"document\", \"question\" or \"text\"), or a text file, one a line.")
 @click.option("--raw", is_flag=True, help="Use prompts as they are, without the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON line per generation instead of text and stats.")
-@click.option("--threads", type=int, default=1, show_default=True, help="Torch threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Torch threads.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def edge_command(device_id, broker, upload, shm, model, exits, heads, upload_layer, threshold, standalone, no_fp16,
-                 max_new_tokens, timeout, prompt, prompts_file, raw, as_json, threads, verbose) -> None:
+def edge_command(spec, device_id, broker, upload, shm, threshold, standalone, no_fp16, max_new_tokens, timeout,
+                 prompt, prompts_file, raw, as_json, threads, verbose) -> None:
     """Generate on this edge device; tokens no exit is sure of are asked of the cloud broker.
 
     Tokens stream to stdout as they are decided; each generation's stats go to stderr."""
@@ -91,35 +56,25 @@ def edge_command(device_id, broker, upload, shm, model, exits, heads, upload_lay
         raise UserError(str(exc)) from None
     texts = read_prompts(prompt, prompts_file)
     set_threads(threads)
-    from cecollm.defaults import choose_split
     from cecollm.edge.client import EdgeClient
-    from cecollm.loading import load_model
-    from cecollm.prompting import encode_prompt
+    from cecollm.edge.heads import edge_setup
+    from cecollm.prompting import TextStream, encode_prompt
 
-    loaded = load_model(model)
-    split, head_set = choose_split(loaded, parse_exits(exits) if exits else None, upload_layer, heads)
+    loaded = spec.load()
+    split, head_set = edge_setup(spec, loaded)
     tok = loaded.tokenizer
     with EdgeClient(loaded.model, loaded.identity, split, head_set, config) as client:
         for text in texts:
             ids = encode_prompt(tok, text, raw)
-            shown: list[int] = []
-            printed = [0]
-
-            def stream(record) -> None:
-                shown.append(record.token_id)
-                full = tok.decode(shown, skip_special_tokens=True)
-                sys.stdout.write(full[printed[0]:])
-                sys.stdout.flush()
-                printed[0] = len(full)
-
-            result = client.generate(ids, None if as_json else stream)
+            stream = None if as_json else TextStream(tok)
+            result = client.generate(ids, stream and stream.add)
             if as_json:
                 out = result.to_dict(tok.decode(result.token_ids, skip_special_tokens=True))
                 out["device_id"] = device_id
                 sys.stdout.buffer.write(orjson.dumps(out) + b"\n")
                 sys.stdout.flush()
                 continue
-            sys.stdout.write("\n")
+            stream.finish()
             click.echo(f"[device {device_id} | {split.describe()} | threshold {threshold}] {stats_line(result)}",
                        err=True)
 

@@ -19,13 +19,14 @@ from typing import Callable
 import torch
 import zmq
 
-from cecollm.broker import edge_protocol as ep
-from cecollm.broker.rpc import CallTimeout, RpcSocket
-from cecollm.broker.wire import ErrorCode, ProtocolError
+from cecollm.wire import edge_cloud as ep
+from cecollm.wire.rpc import CallTimeout, RpcSocket
+from cecollm.wire.wire import ErrorCode, ProtocolError
 from cecollm.edge.heads import HeadSet
 from cecollm.edge.partition import EdgePartition
 from cecollm.edge.sender import UploadSender
-from cecollm.engine import GenerationResult, TokenRecord, decode_greedily
+from cecollm.generation import GenerationResult, TokenRecord, decode_greedily
+from cecollm.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_THRESHOLD
 from cecollm.errors import UserError
 from cecollm.layers import DecoderRunner
 from cecollm.prompting import eos_ids
@@ -42,10 +43,10 @@ class EdgeConfig:
     broker: str = "tcp://127.0.0.1:5555"  # the broker's request address
     upload: str = ""  # the upload address; "" = derived from `broker` (tcp port + 1, ipc ...requests -> ...uploads)
     shm: bool | None = None  # write rows into the cloud's shared memory; None = yes for ipc:// addresses
-    threshold: float = 0.8  # an exit decides when its top-1 probability reaches this; 1.0 disables exits
+    threshold: float = DEFAULT_THRESHOLD  # an exit decides when its top-1 probability reaches this; 1.0: no exits
     standalone: bool = False  # never ask the cloud
     fp16: bool = True  # upload float16 rows (False: float32)
-    max_new_tokens: int = 64  # stop after this many tokens (or at EOS)
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # stop after this many tokens (or at EOS)
     timeout: float = 5.0  # seconds a single-token request may take before the edge decides it itself
     hello_timeout: float = 10.0  # seconds to wait for the cloud to open a session
     max_timeouts: int = 3  # timeouts in a row after which the rest is decided on the edge

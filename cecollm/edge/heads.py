@@ -4,8 +4,7 @@ An exit head reads the hidden state after `exit` decoder layers and ends in the 
 LM head (shared, never copied or saved). The default head, before any training, is a copy of
 the model's final norm: the "logit lens".
 
-A heads file is safetensors: tensors named `exit{N}.{param}` and metadata recording the
-format, the model identity, the exits, the head architecture and the training settings.
+A heads file is safetensors (its format and metadata: spec.py): tensors named `exit{N}.{param}`.
 """
 
 from __future__ import annotations
@@ -22,9 +21,8 @@ from safetensors.torch import save_file
 
 from cecollm.errors import UserError
 from cecollm.layers import top1
-
-HEADS_FORMAT = "cecollm-heads/1"
-
+from cecollm.spec import HEADS_FORMAT, ModelSpec, Resolved, read_heads_meta
+from cecollm.split import Split
 
 class ExitHead(torch.nn.Module):
     """Base of exit heads: hidden [1, T, H] -> logits [1, T, vocab] through the shared LM head."""
@@ -231,33 +229,10 @@ class HeadSet:
     def load(cls, path: str | Path, model: torch.nn.Module, model_identity: str) -> "HeadSet":
         """Load heads for `model`; a file made for another model fails with a UserError."""
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"heads file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:  # safetensors raises several types for a bad file
-            raise UserError(f"{path} is not a heads file: {exc}") from None
-        if meta.get("format") != HEADS_FORMAT:
-            raise UserError(f"{path} is not a cecollm heads file (format {meta.get('format')!r})")
-        if meta.get("model_identity") and meta["model_identity"] != model_identity:
-            raise UserError(
-                f"{path} was trained for another model (identity {meta['model_identity'][:12]}, "
-                f"this model is {model_identity[:12]})"
-            )
-        try:
-            exits = tuple(int(e) for e in json.loads(meta["exits"]))
-            arch = meta["arch"]
-            options = json.loads(meta.get("arch_options") or "{}")
-            training = json.loads(meta.get("training") or "{}")
-            if not isinstance(options, dict) or not isinstance(training, dict):
-                raise TypeError("arch_options and training are JSON objects")
-        except (KeyError, ValueError, TypeError):
-            raise UserError(f"{path}: the heads file's metadata is damaged (exits, arch, arch_options, training)") from None
-        n_layers = model.config.num_hidden_layers
-        if not exits or any(not 1 <= e < n_layers for e in exits):
-            raise UserError(f"{path} has exits {','.join(map(str, exits))}, but this model has {n_layers} layers")
+        meta = read_heads_meta(path, model_identity, model.config.num_hidden_layers)
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        exits, arch, options = meta.exits, meta.arch, meta.arch_options
         heads = {}
         for e in exits:
             head = build_head(arch, model, options)
@@ -274,4 +249,22 @@ class HeadSet:
                                     f"{tuple(value.shape)}, this model needs {tuple(target.shape)})")
             head.load_state_dict(state)
             heads[e] = head.eval()
-        return cls(exits, heads, arch, options, meta.get("model_identity", ""), training)
+        return cls(exits, heads, arch, options, meta.model_identity, meta.training)
+
+
+def load_heads(resolved: Resolved, loaded) -> HeadSet:
+    """The heads a resolved spec names (the logit lens when it names no file), for its split."""
+    split = resolved.split
+    if resolved.heads is None:
+        return HeadSet.lens(loaded.model, split.exits)
+    heads = HeadSet.load(resolved.heads, loaded.model, loaded.identity)
+    if heads.exits != split.exits:
+        raise UserError(f"{resolved.heads} holds heads for exits {','.join(map(str, heads.exits))}, "
+                        f"the split has {','.join(map(str, split.exits))}")
+    return heads
+
+
+def edge_setup(spec: ModelSpec, loaded) -> tuple[Split, HeadSet]:
+    """The split and exit heads `spec` gives for `loaded` (a loading.LoadedModel)."""
+    resolved = spec.resolve(loaded)
+    return resolved.split, load_heads(resolved, loaded)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cecollm.cache.kv import KVCache
 from cecollm.edge.heads import HeadSet
 from cecollm.layers import DecoderRunner
 from cecollm.split import Split
@@ -64,7 +65,7 @@ class EdgePartition:
         self.threshold = threshold
         self.standalone = standalone
         self.upload = upload and not standalone
-        self.cache = runner.new_cache(0, split.last_exit)
+        self.cache = KVCache.for_runner(runner, 0, split.last_exit)
         self.length = 0  # positions seen so far
         self._pending: list[_Pending] = []
 

@@ -161,17 +161,18 @@ def exits_report_command(model, heads, prompts, part, holdout, limit, max_new_to
     if not ts or any(not 0 <= t <= 1 for t in ts):
         raise UserError("thresholds must be in [0, 1]")
     set_threads(threads)
-    from cecollm.defaults import choose_split
+    from cecollm.edge.heads import edge_setup
     from cecollm.exits.report import format_table, read_prompts, run_report, write_outputs
-    from cecollm.loading import load_model
+    from cecollm.spec import ModelSpec
 
     chosen = read_prompts(prompts, part, holdout)
     if limit:
         chosen = chosen[:limit]
     if not chosen:
         raise UserError(f"{prompts}: no prompts ({part})")
-    loaded = load_model(model)
-    split, head_set = choose_split(loaded, heads_path=heads)
+    spec = ModelSpec.from_options(model, heads=heads)
+    loaded = spec.load()
+    split, head_set = edge_setup(spec, loaded)
     report = run_report(loaded, split, head_set, chosen, max_new_tokens, ts)
     click.echo(f"exits {','.join(map(str, split.exits))} of {split.n_layers}, {len(chosen)} prompts "
                f"({chosen[0][0]} ... {chosen[-1][0]}), max {max_new_tokens} new tokens")

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from cecollm.cache.kv import KVCache
 from cecollm.edge.heads import ExitHead
 from cecollm.exits.collect import ExitCache
 from cecollm.layers import DecoderRunner
@@ -84,7 +85,7 @@ def _median_ms(fn, repeats: int) -> float:
 def layer_ms(model, context: int = 64, repeats: int = 50) -> float:
     """Milliseconds of one decoder layer for one new token after `context` cached positions."""
     runner = DecoderRunner(model)
-    cache = runner.new_cache(0, 1, capacity=context + repeats + 8)
+    cache = KVCache.for_runner(runner, 0, 1, capacity=context + repeats + 8)
     x = torch.randn(1, context, runner.hidden_size)
     runner.run_layer(0, x, 0, cache, runner.rope(0, context, x))
     state = {"pos": context}

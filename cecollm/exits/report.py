@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cecollm.engine import GenerationConfig, SplitEngine
+from cecollm.config import GenerationConfig
+from cecollm.engine import SplitEngine
 from cecollm.errors import UserError
 from cecollm.exits.config import HOLDOUT
 from cecollm.exits.data import alpaca_prompt, is_alpaca, read_records, split_records

@@ -1,17 +1,21 @@
-"""Wire protocols: every message round-trips; bad frames raise ProtocolError, never anything else."""
+"""Wire protocols: every message round-trips; bad frames raise ProtocolError, never anything else.
+
+Bodies are MessagePack arrays of a message's fields in declaration order (wire/wire.py); the
+hostile frames below are written by hand in that format, each breaking one declared bound."""
 
 from __future__ import annotations
 
 import random
 import struct
 
+import msgspec
 import numpy as np
 import pytest
 
-from cecollm.broker import edge_protocol as ep
-from cecollm.broker import state_protocol as sp
-from cecollm.broker import worker_protocol as wp
-from cecollm.broker.wire import ErrorCode, ProtocolError, pack_header
+from cecollm.wire import edge_cloud as ep
+from cecollm.wire import worker_state as sp
+from cecollm.wire import broker_worker as wp
+from cecollm.wire.wire import MAX_BODY, ErrorCode, Frames, ProtocolError, pack_header
 
 EDGE_MESSAGES = [
     ep.Hello(3, 1, "ab" * 16, 30, (8, 15), 15, "float16", False),
@@ -25,7 +29,7 @@ EDGE_MESSAGES = [
 ]
 WORKER_MESSAGES = [
     wp.Connect(1234), wp.Config("/m", "id", (2, 4), 4, "ipc:///tmp/x", 250, 4), wp.Ready(), wp.Heartbeat(),
-    wp.Request(7, (b"a", b"bc")), wp.Reply(2**63, (b"z",)), wp.Disconnect(), wp.Error("bad"),
+    wp.Request(7, Frames((b"a", b"bc"))), wp.Reply(2**63 - 1, Frames((b"z",))), wp.Disconnect(), wp.Error("bad"),
 ]
 STATE_MESSAGES = [
     sp.Open(3, 1), sp.Opened(5, 1024, 8192, "seg"), sp.Lease(3, 5, 9, 40), sp.Grant(11, 3, 41, 1024, 2, "seg"),
@@ -58,26 +62,46 @@ def _tensor_head(code, shape):
     return struct.pack("!BB", code, len(shape)) + struct.pack(f"!{len(shape)}I", *shape)
 
 
+def _body(*fields) -> bytes:
+    return msgspec.msgpack.encode(list(fields))
+
+
+def _head(module, command):
+    return pack_header(module.TAG, module.VERSION, command)
+
+
 def _upload_frames(head, data):
-    return [pack_header(ep.TAG, ep.VERSION, ep.Command.UPLOAD), struct.pack("!IIII", 1, 1, 0, 0), head, data]
+    return [_head(ep, ep.Command.UPLOAD), _body(1, 1, 0, 0, 0), head, data]
+
+
+def _hello(**change):
+    fields = dict(zip(["device_id", "seq", "identity", "n_layers", "exits", "upload_layer", "wire_dtype", "shm"],
+                      [1, 1, "x", 6, [2], 2, "float16", False]))
+    fields.update(change)
+    return [_head(ep, ep.Command.HELLO), _body(*fields.values())]
 
 
 BAD_EDGE = {
     "empty": [],
-    "short header": [b"CE\x01"],
-    "wrong tag": [pack_header(b"XX", ep.VERSION, ep.Command.DECIDE), b"\0" * 16],
-    "wrong version": [pack_header(ep.TAG, 9, ep.Command.DECIDE), b"\0" * 16],
+    "short header": [b"CE\x02"],
+    "wrong tag": [pack_header(b"XX", ep.VERSION, ep.Command.DECIDE), _body(1, 1, 1, 1)],
+    "wrong version": [pack_header(ep.TAG, 9, ep.Command.DECIDE), _body(1, 1, 1, 1)],
+    "the old version": [pack_header(ep.TAG, 1, ep.Command.DECIDE), struct.pack("!IIII", 1, 1, 1, 1)],
     "unknown command": [pack_header(ep.TAG, ep.VERSION, 200), b""],
-    "missing frame": [pack_header(ep.TAG, ep.VERSION, ep.Command.DECIDE)],
-    "short fields": [pack_header(ep.TAG, ep.VERSION, ep.Command.DECIDE), b"\0" * 15],
-    "hello not json": [pack_header(ep.TAG, ep.VERSION, ep.Command.HELLO), b"{"],
-    "hello json list": [pack_header(ep.TAG, ep.VERSION, ep.Command.HELLO), b"[1]"],
-    "hello bad exits": ep.Hello(1, 1, "x", 6, (2,), 2, "float16", False).to_frames()[:1]
-    + [b'{"device_id":1,"seq":1,"identity":"x","n_layers":6,"exits":["2"],"upload_layer":2,"wire_dtype":"float16","shm":false}'],
-    "hello bad dtype": [pack_header(ep.TAG, ep.VERSION, ep.Command.HELLO),
-                        b'{"device_id":1,"seq":1,"identity":"x","n_layers":6,"exits":[2],"upload_layer":2,"wire_dtype":"int8","shm":false}'],
-    "hello negative id": [pack_header(ep.TAG, ep.VERSION, ep.Command.HELLO),
-                          b'{"device_id":-1,"seq":1,"identity":"x","n_layers":6,"exits":[2],"upload_layer":2,"wire_dtype":"float16","shm":false}'],
+    "missing body": [_head(ep, ep.Command.DECIDE)],
+    "body not msgpack": [_head(ep, ep.Command.DECIDE), b"\xc1"],
+    "body a map": [_head(ep, ep.Command.DECIDE), msgspec.msgpack.encode({"device_id": 1})],
+    "too few fields": [_head(ep, ep.Command.DECIDE), _body(1, 1, 1)],
+    "too many fields": [_head(ep, ep.Command.DECIDE), _body(1, 1, 1, 1, 1)],
+    "extra frame": [_head(ep, ep.Command.DECIDE), _body(1, 1, 1, 1), b"x"],
+    "body too large": [_head(ep, ep.Command.ERROR), _body(1, 1, "x" * (MAX_BODY + 1))],
+    "hello exits as strings": _hello(exits=["2"]),
+    "hello no exits": _hello(exits=[]),
+    "hello bad dtype": _hello(wire_dtype="int8"),
+    "hello negative id": _hello(device_id=-1),
+    "hello id past 32 bits": _hello(device_id=1 << 32),
+    "hello shm as int": _hello(shm=1),
+    "hello long identity": _hello(identity="x" * 5000),
     "tensor dtype": _upload_frames(_tensor_head(7, (1, 4)), b"\0" * 8),
     "tensor rank 0": _upload_frames(struct.pack("!BB", 1, 0), b""),
     "tensor rank 3": _upload_frames(_tensor_head(1, (1, 1, 4)), b"\0" * 8),
@@ -88,9 +112,11 @@ BAD_EDGE = {
     # 2**31 * 2**31 * 4 elements: an int64 product wraps to 0 and would match an empty buffer
     "tensor size overflow": _upload_frames(_tensor_head(1, (1 << 31, 1 << 31, 4)), b""),
     "tensor size overflow 2d": _upload_frames(_tensor_head(1, ((1 << 32) - 1, (1 << 32) - 1)), b""),
-    "upload_shm count 0": [pack_header(ep.TAG, ep.VERSION, ep.Command.UPLOAD_SHM), b"\0" * 20],
-    "error bad code": [pack_header(ep.TAG, ep.VERSION, ep.Command.ERROR), struct.pack("!IB", 1, 250), b"x"],
-    "error not utf8": [pack_header(ep.TAG, ep.VERSION, ep.Command.ERROR), struct.pack("!IB", 1, 1), b"\xff\xfe"],
+    "tensor frames missing": _upload_frames(_tensor_head(1, (1, 4)), b"\0" * 8)[:3],
+    "tensor placeholder not 0": [_head(ep, ep.Command.UPLOAD), _body(1, 1, 0, 0, 5), _tensor_head(1, (1, 4)), b"\0" * 8],
+    "upload_shm count 0": [_head(ep, ep.Command.UPLOAD_SHM), _body(1, 1, 0, 0, 0)],
+    "error bad code": [_head(ep, ep.Command.ERROR), _body(1, 250, "x")],
+    "error not utf8": [_head(ep, ep.Command.ERROR), b"\x93\x01\x01\xa2\xff\xfe"],
 }
 
 
@@ -109,13 +135,19 @@ def test_command_not_allowed_on_this_channel():
 
 def test_worker_and_state_validation():
     with pytest.raises(ProtocolError):
-        wp.parse([pack_header(wp.TAG, wp.VERSION, wp.Command.REQUEST), struct.pack("!Q", 1)])  # no payload
+        wp.parse([_head(wp, wp.Command.REQUEST), _body(1, 0)])  # no payload
     with pytest.raises(ProtocolError):
-        wp.parse([pack_header(wp.TAG, wp.VERSION, wp.Command.REQUEST), b"\0" * 8] + [b""] * 20)  # too many frames
+        wp.parse([_head(wp, wp.Command.REQUEST), _body(1, 1)])  # a payload frame announced, none sent
     with pytest.raises(ProtocolError):
-        wp.parse([pack_header(wp.TAG, wp.VERSION, wp.Command.CONFIG), b'{"model_dir": 3}'])
+        wp.parse([_head(wp, wp.Command.REQUEST), _body(1, 20)] + [b""] * 20)  # too many frames
     with pytest.raises(ProtocolError):
-        sp.parse([pack_header(sp.TAG, sp.VERSION, sp.Command.ERROR), b"\x63", b"x"])  # unknown code
+        wp.parse([_head(wp, wp.Command.REQUEST), _body(1, 1)] + [b""] * 2)  # frames the fields do not account for
+    with pytest.raises(ProtocolError):
+        wp.parse([_head(wp, wp.Command.CONFIG), _body(3, "id", [2], 2, "x", 250, 4)])  # model_dir a number
+    with pytest.raises(ProtocolError):
+        sp.parse([_head(sp, sp.Command.ERROR), _body(0x63, "x")])  # unknown code
+    with pytest.raises(ProtocolError):
+        sp.parse([_head(sp, sp.Command.GRANT), _body(1, 1, 2, 64, 9, "seg")])  # unknown wire dtype code
     with pytest.raises(ProtocolError):
         sp.parse(ep.Decide(1, 1, 1, 1).to_frames())  # another boundary's tag
 
@@ -123,8 +155,11 @@ def test_worker_and_state_validation():
 def test_random_frames_never_raise_anything_but_protocol_error():
     rng = random.Random(0)
     headers = [pack_header(m.TAG, m.VERSION, c) for m in (ep, wp, sp) for c in m.Command]
+    values = [0, 1, -1, 1 << 40, 0.5, "x", "float16", b"\0", None, True, [1], [], {"a": 1}]
     for _ in range(3000):
         frames = [rng.choice(headers) if rng.random() < 0.7 else rng.randbytes(rng.randrange(6))]
+        if rng.random() < 0.5:  # a body of the right format with random fields
+            frames.append(_body(*(rng.choice(values) for _ in range(rng.randrange(9)))))
         frames += [rng.randbytes(rng.choice([0, 1, 4, 8, 16, 20, 24, 32])) for _ in range(rng.randrange(5))]
         for module in (ep, wp, sp):
             try:
@@ -166,10 +201,10 @@ def _replace(frames, index, frame):
 GRANT = _state_grant()
 COMMIT = sp.StateCommit(3, 11, 3, 5, 7, 0.5, np.ones((4, 1, 2, 8), dtype=np.float32))
 BAD_STATE = {
-    "lease remote flag 2": [pack_header(sp.TAG, sp.VERSION, sp.Command.LEASE), struct.pack("!IIIIB", 1, 1, 1, 1, 2)],
-    "lease of version 2": [pack_header(sp.TAG, 2, sp.Command.LEASE), struct.pack("!IIII", 1, 1, 1, 1)],
-    "grant folded past received": _replace(GRANT.to_frames(), 1, struct.pack("!QIII", 11, 5, 5, 64)),
-    "grant received past capacity": _replace(GRANT.to_frames(), 1, struct.pack("!QIII", 11, 3, 65, 64)),
+    "lease remote flag 2": [_head(sp, sp.Command.LEASE), _body(1, 1, 1, 1, 2)],
+    "lease of version 3": [pack_header(sp.TAG, 3, sp.Command.LEASE), struct.pack("!IIIIB", 1, 1, 1, 1, 0)],
+    "grant folded past received": _replace(GRANT.to_frames(), 1, _body(11, 5, 5, 64, 0, 0)),
+    "grant received past capacity": _replace(GRANT.to_frames(), 1, _body(11, 3, 65, 64, 0, 0)),
     "grant kv positions": _replace(_replace(GRANT.to_frames(), 2, _tensor_head(2, (4, 1, 2, 8))), 3, b"\0" * 256),
     "grant kv odd layers": _replace(_replace(GRANT.to_frames(), 2, _tensor_head(2, (3, 1, 3, 8))), 3, b"\0" * 288),
     "grant kv rank 3": _replace(_replace(GRANT.to_frames(), 2, _tensor_head(2, (4, 3, 8))), 3, b"\0" * 384),
@@ -178,10 +213,10 @@ BAD_STATE = {
     "grant rows dtype": _replace(GRANT.to_frames(), 4, _tensor_head(9, (2, 16))),
     "grant missing frame": _wire(GRANT.to_frames())[:5],
     "grant kv oversize": _replace(GRANT.to_frames(), 2, _tensor_head(2, (1 << 16, 1 << 16, 3, 1 << 8))),
-    "commit nothing folded": _replace(COMMIT.to_frames(), 1, struct.pack("!IQIIId", 3, 11, 5, 5, 7, 0.5)),
-    "commit kv positions": _replace(COMMIT.to_frames(), 1, struct.pack("!IQIIId", 3, 11, 3, 6, 7, 0.5)),
+    "commit nothing folded": _replace(COMMIT.to_frames(), 1, _body(3, 11, 5, 5, 7, 0.5, 0)),
+    "commit kv positions": _replace(COMMIT.to_frames(), 1, _body(3, 11, 3, 6, 7, 0.5, 0)),
     "commit kv buffer": _replace(COMMIT.to_frames(), 3, b"\0" * 7),
-    "committed short": [pack_header(sp.TAG, sp.VERSION, sp.Command.COMMITTED), b"\0" * 3],
+    "committed negative": [_head(sp, sp.Command.COMMITTED), _body(-3)],
 }
 
 

@@ -13,10 +13,7 @@ after an idle TTL, or when a byte budget needs room (least recently used idle de
 from __future__ import annotations
 
 import logging
-import os
 import random
-import signal
-import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -25,11 +22,12 @@ from multiprocessing.shared_memory import SharedMemory
 import numpy as np
 import zmq
 
-from cecollm.broker import edge_protocol as ep
-from cecollm.broker import shm
-from cecollm.broker import state_protocol as sp
-from cecollm.broker.loop import drain
-from cecollm.broker.wire import DTYPE_CODES, DTYPES, ErrorCode, ProtocolError
+from cecollm.wire import edge_cloud as ep
+from cecollm.cache import shm
+from cecollm.wire import worker_state as sp
+from cecollm.errors import UserError
+from cecollm.wire.dispatch import Dispatcher, drain
+from cecollm.wire.wire import DTYPE_CODES, DTYPES, ErrorCode, ProtocolError, clip
 
 log = logging.getLogger(__name__)
 
@@ -104,42 +102,58 @@ class ContentManager:
         self._counter = random.randrange(1 << 30)
         self.running = True
         self.failures = 0  # messages a handler failed on (bugs, logged)
-        self.parent = os.getppid()  # the broker: when it is gone (even SIGKILLed), so is this process
+        self.upload: zmq.Socket | None = None  # PULL: edges' rows and ENDs
+        self.state: zmq.Socket | None = None  # ROUTER: workers' requests
+        self.uploads = Dispatcher({ep.Upload: self.on_rows, ep.UploadShm: self.on_rows_in_segment, ep.End: self.on_end})
+        self.controls = Dispatcher({sp.Open: self.on_open, sp.Lease: self.lease, sp.Commit: self.on_commit,
+                                    sp.StateCommit: self.on_state_commit})
 
     # ---- the loop ----------------------------------------------------------------------
-    def serve(self) -> None:
-        upload = self.context.socket(zmq.PULL)
-        state = self.context.socket(zmq.ROUTER)
-        for sock in (upload, state):
+    def bind(self) -> None:
+        """Bind the upload and state sockets (a UserError when an address is taken)."""
+        self.upload = self.context.socket(zmq.PULL)
+        self.state = self.context.socket(zmq.ROUTER)
+        for sock in (self.upload, self.state):
             sock.setsockopt(zmq.LINGER, 0)
-        for endpoint in self.config.upload_address.split(","):
-            upload.bind(endpoint)
-        state.bind(self.config.state_address)
+        try:
+            for endpoint in self.config.upload_address.split(","):
+                self.upload.bind(endpoint)
+            self.state.bind(self.config.state_address)
+        except zmq.ZMQError as exc:  # most likely an address already in use
+            self.close()
+            raise UserError(f"content manager: {exc} (uploads {self.config.upload_address}, "
+                            f"state {self.config.state_address})") from None
+
+    def serve(self, runtime=None) -> None:
+        """Poll, dispatch, housekeeping, until `running` is False (or the runtime is told to stop)."""
+        if self.upload is None:
+            self.bind()
         poller = zmq.Poller()
-        poller.register(upload, zmq.POLLIN)
-        poller.register(state, zmq.POLLIN)
-        self.state = state
+        poller.register(self.upload, zmq.POLLIN)
+        poller.register(self.state, zmq.POLLIN)
         next_chores = time.monotonic()
         try:
-            while self.running:
+            while self.running and (runtime is None or runtime.running):
                 ready = dict(poller.poll(50))
-                if upload in ready:
-                    self.failures += drain(upload, self.on_upload, log)
-                if state in ready:
-                    self.failures += drain(state, self.on_control, log)
+                if self.upload in ready:
+                    self.failures += drain(self.upload, self.on_upload, log)
+                if self.state in ready:
+                    self.failures += drain(self.state, self.on_control, log)
                 now = time.monotonic()
                 if now >= next_chores:  # not on every message: a busy loop would pay it per row
                     self.housekeeping(now)
                     next_chores = now + CHORES_SECONDS
         finally:
             self.release_all()
-            upload.close()
-            state.close()
+            self.close()
+
+    def close(self) -> None:
+        for sock in (self.upload, self.state):
+            if sock is not None:
+                sock.close()
+        self.upload = self.state = None
 
     def housekeeping(self, now: float) -> None:
-        if os.getppid() != self.parent:
-            log.error("content manager: the broker (pid %d) is gone; releasing every device and exiting", self.parent)
-            self.running = False
         for dev in list(self.devices.values()):
             if dev.waiters:
                 self._serve_waiters(dev, now)
@@ -149,24 +163,32 @@ class ContentManager:
     # ---- uploads (no replies) ----------------------------------------------------------
     def on_upload(self, frames) -> None:
         try:
-            msg = ep.parse(frames, ep.UPLOADS)
+            msg = ep.parse(frames, self.uploads.commands)
             dev = self.devices.get(msg.device_id)
             if dev is None or dev.session != msg.session:
                 raise ProtocolError(f"device {msg.device_id} session {msg.session} is not open")
             dev.last_used = time.monotonic()
             self.devices.move_to_end(dev.device_id)
-            if isinstance(msg, ep.End):
-                self.release(dev, "the generation ended")
-                return
-            count = msg.rows.shape[0] if isinstance(msg, ep.Upload) else msg.count
-            self._check_upload(dev, msg.seq, msg.start, count)
-            if isinstance(msg, ep.Upload):
-                self._store_rows(dev, msg)
-            dev.upload_seq += 1
-            dev.received += count
-            self._serve_waiters(dev, time.monotonic())
+            self.uploads(msg, dev)
         except ProtocolError as exc:
             log.warning("upload refused: %s", exc)
+
+    def on_end(self, msg: ep.End, dev: DeviceState) -> None:
+        self.release(dev, "the generation ended")
+
+    def on_rows(self, msg: ep.Upload, dev: DeviceState) -> None:
+        self._check_upload(dev, msg.seq, msg.start, msg.rows.shape[0])
+        self._store_rows(dev, msg)
+        self._received(dev, msg.rows.shape[0])
+
+    def on_rows_in_segment(self, msg: ep.UploadShm, dev: DeviceState) -> None:
+        self._check_upload(dev, msg.seq, msg.start, msg.count)
+        self._received(dev, msg.count)
+
+    def _received(self, dev: DeviceState, count: int) -> None:
+        dev.upload_seq += 1
+        dev.received += count
+        self._serve_waiters(dev, time.monotonic())
 
     def _check_upload(self, dev: DeviceState, seq: int, start: int, count: int) -> None:
         problem = None
@@ -201,24 +223,28 @@ class ContentManager:
             return
         peer = frames[0].bytes
         try:
-            msg = sp.parse(frames[2:], sp.REQUESTS)
+            msg = sp.parse(frames[2:], self.controls.commands)
         except ProtocolError as exc:
             log.warning("state request refused: %s", exc)
-            self._reply(peer, sp.Error(ErrorCode.MALFORMED, str(exc)))
+            self._reply(peer, sp.Error(ErrorCode.MALFORMED, clip(str(exc))))
             return
-        if isinstance(msg, sp.Open):
-            self._reply(peer, self.open(msg))
-        elif isinstance(msg, sp.Lease):
-            self.lease(peer, msg)
-        elif isinstance(msg, sp.StateCommit):  # a remote worker's call: answered
-            refused = self.commit_state(msg)
-            if refused:
-                log.warning("remote commit refused: %s", refused[1])
-            self._reply(peer, sp.Error(*refused) if refused else sp.Committed(msg.folded))
-        else:
-            refused = self.commit(msg)  # one way: no reply
-            if refused:
-                log.warning("commit refused: %s", refused)
+        self.controls(msg, peer)
+
+    def on_open(self, msg: sp.Open, peer: bytes) -> None:
+        self._reply(peer, self.open(msg))
+
+    def on_state_commit(self, msg: sp.StateCommit, peer: bytes) -> None:
+        """A remote worker's commit is a call: answered."""
+        refused = self.commit_state(msg)
+        if refused:
+            log.warning("remote commit refused: %s", refused[1])
+        self._reply(peer, sp.Error(*refused) if refused else sp.Committed(msg.folded))
+
+    def on_commit(self, msg: sp.Commit, peer: bytes) -> None:
+        """A shared-memory worker's commit is one way: no reply."""
+        refused = self.commit(msg)
+        if refused:
+            log.warning("commit refused: %s", refused)
 
     def _reply(self, peer: bytes, msg) -> None:
         self.state.send_multipart([peer, b"", *msg.to_frames()], copy=False)
@@ -259,7 +285,7 @@ class ContentManager:
                     f"no room for {nbytes} bytes: {self.used_bytes} of {self.config.budget_bytes} held by busy devices")
             self.release(idle, "evicted to make room (byte budget)")
 
-    def lease(self, peer: bytes, msg: sp.Lease) -> None:
+    def lease(self, msg: sp.Lease, peer: bytes) -> None:
         dev = self.devices.get(msg.device_id)
         if dev is None or dev.session != msg.session:
             why = self.ended.get(msg.device_id, "never opened")
@@ -379,19 +405,10 @@ class ContentManager:
             self.release(dev, "the broker shut down")
 
 
-def run_content_manager(config: ContentManagerConfig, verbose: bool = False) -> None:
-    """Process entry point (the broker starts it)."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def serve_content_manager(config: ContentManagerConfig, runtime) -> int:
+    """The content manager's main (started by the broker through the process runtime)."""
     manager = ContentManager(config)
-
-    def stop(signum, frame):
-        manager.running = False
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    try:
-        manager.serve()
-    except zmq.ZMQError as exc:  # most likely an address already in use
-        log.error("content manager: %s (uploads %s, state %s)", exc, config.upload_address, config.state_address)
-        sys.exit(2)
+    manager.bind()
+    runtime.ready(upload=config.upload_address, state=config.state_address)
+    manager.serve(runtime)
+    return 0

@@ -15,15 +15,16 @@ from typing import TYPE_CHECKING
 
 import zmq
 
-from cecollm.bench.fanout_trace import Trace, TraceEvent, TraceGeneration
-from cecollm.broker import edge_protocol as ep
-from cecollm.broker.rpc import CallTimeout, RpcSocket
-from cecollm.broker.wire import ErrorCode, ProtocolError
+from cecollm.loadgen.trace import Trace, TraceEvent, TraceGeneration
+from cecollm.wire import edge_cloud as ep
+from cecollm.wire.rpc import CallTimeout, RpcSocket
+from cecollm.wire.wire import ErrorCode, ProtocolError
 from cecollm.edge.sender import UploadSender
 from cecollm.errors import UserError
 
 if TYPE_CHECKING:
-    from cecollm.bench.fanout import ClientSummary, FanoutConfig
+    from cecollm.loadgen.config import FanoutConfig
+    from cecollm.loadgen.report import ClientSummary
 
 log = logging.getLogger(__name__)
 

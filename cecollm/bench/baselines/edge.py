@@ -1,4 +1,4 @@
-"""The edge side of the baselines that talk to the stateless baseline cloud (cecollm.bench.baseline).
+"""The edge side of the baselines that talk to the stateless baseline cloud (cecollm.bench.baselines.server).
 
 - CloudBasedEdge: sends the prompt ids, gets the response ids (the edge computes nothing).
 - FullUploadEdge: runs the edge partition with its exact KV and keeps every upload-layer row;
@@ -19,13 +19,13 @@ import numpy as np
 import torch
 import zmq
 
-from cecollm.bench import protocol as bp
-from cecollm.broker.rpc import CallTimeout, RpcSocket
-from cecollm.broker.wire import ProtocolError
+from cecollm.bench.baselines import protocol as bp
+from cecollm.wire.rpc import CallTimeout, RpcSocket
+from cecollm.wire.wire import ProtocolError
 from cecollm.edge.client import EdgeResult, EdgeStats
 from cecollm.edge.heads import HeadSet
 from cecollm.edge.partition import EdgePartition
-from cecollm.engine import TokenRecord
+from cecollm.generation import TokenRecord
 from cecollm.errors import CecollmError
 from cecollm.layers import DecoderRunner
 from cecollm.prompting import eos_ids

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -24,8 +23,9 @@ from pathlib import Path
 
 import zmq
 
-from cecollm.broker import worker_protocol as wp
-from cecollm.broker.wire import ProtocolError
+from cecollm.wire import broker_worker as wp
+from cecollm.wire.dispatch import Dispatcher
+from cecollm.wire.wire import Frames, ProtocolError
 from cecollm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,10 @@ class Worker:
         self.config = config
         self.context = context or zmq.Context.instance()
         self.running = True
+        self.exit_code = 0  # what serve() returns once the loop ends
+
+    def stop(self) -> None:
+        self.running = False
 
     def _connect(self) -> tuple[zmq.Socket, wp.Config]:
         sock = self.context.socket(zmq.DEALER)
@@ -71,8 +75,8 @@ class Worker:
                         f"within {self.config.connect_timeout:g} s")
 
     def _load(self, config: wp.Config):
-        from cecollm.broker.rpc import RpcSocket
-        from cecollm.broker.weights import load_mapped
+        from cecollm.wire.rpc import RpcSocket
+        from cecollm.weights import load_mapped
         from cecollm.cloud.service import CloudService
         from cecollm.layers import DecoderRunner
         from cecollm.loading import LoadedModel
@@ -103,12 +107,15 @@ class Worker:
         host = self.config.broker_address[len("tcp://"):].rsplit(":", 1)[0]  # tcp://HOST:PORT -> HOST
         return f"tcp://{host}:{address.rsplit(':', 1)[1]}"
 
-    def serve(self) -> int:
-        """Run until the broker goes away or a signal arrives; the exit code."""
+    def serve(self, on_ready=None) -> int:
+        """Run until the broker goes away or a signal arrives; the exit code. `on_ready()` runs once the
+        model is loaded (the runtime's READY for whoever started this worker)."""
         sock, config = self._connect()
         log.info("worker %d: loading %s", os.getpid(), config.model_dir)
         service = self._load(config)
         sock.send_multipart(wp.Ready().to_frames())
+        if on_ready:
+            on_ready()
         log.info("worker %d: ready (%s)", os.getpid(), "remote: state as tensors from " + service.state.address
                  if self.config.remote else "state in shared memory")
         beats = BeatThread(sock, config.heartbeat_ms / 1000)
@@ -122,21 +129,18 @@ class Worker:
     def _serve_loop(self, sock: zmq.Socket, beats: "BeatThread", service, config: wp.Config) -> int:
         interval = config.heartbeat_ms / 1000
         broker_seen = next_beat = time.monotonic()
+        handlers = Dispatcher({wp.Request: self.on_request, wp.Heartbeat: lambda *_: None,
+                               wp.Disconnect: self.on_disconnect})
         while self.running:
             with beats.lock:
                 frames = sock.recv_multipart(copy=False) if sock.poll(max(1, int(interval * 1000))) else None
             now = time.monotonic()
             if frames is not None:
                 broker_seen = now
-                msg = self._parse(frames)
-                if isinstance(msg, wp.Request):
-                    with beats.computing():
-                        payload = service.handle(msg.payload)
-                    with beats.lock:
-                        sock.send_multipart(wp.Reply(msg.job, tuple(payload)).to_frames(), copy=False)
-                elif isinstance(msg, wp.Disconnect):
-                    log.info("worker %d: the broker said goodbye", os.getpid())
-                    return 0
+                try:
+                    handlers(wp.parse(frames, handlers.commands), sock, beats, service)
+                except ProtocolError as exc:
+                    log.warning("broker message refused: %s", exc)
             if now >= next_beat:
                 with beats.lock:
                     sock.send_multipart(wp.Heartbeat().to_frames())
@@ -144,16 +148,19 @@ class Worker:
                 service.sweep()
             if now - broker_seen > interval * config.liveness:
                 log.warning("worker %d: the broker is silent; exiting", os.getpid())
-                return 1
-        return 0
+                self.exit_code = 1
+                break
+        return self.exit_code
 
-    @staticmethod
-    def _parse(frames):
-        try:
-            return wp.parse(frames, (wp.Command.REQUEST, wp.Command.HEARTBEAT, wp.Command.DISCONNECT))
-        except ProtocolError as exc:
-            log.warning("broker message refused: %s", exc)
-            return None
+    def on_request(self, msg: wp.Request, sock: zmq.Socket, beats: "BeatThread", service) -> None:
+        with beats.computing():
+            payload = service.handle(msg.payload)
+        with beats.lock:
+            sock.send_multipart(wp.Reply(msg.job, Frames(payload)).to_frames(), copy=False)
+
+    def on_disconnect(self, msg: wp.Disconnect, *_) -> None:
+        log.info("worker %d: the broker said goodbye", os.getpid())
+        self.running = False
 
 
 class BeatThread:
@@ -187,25 +194,12 @@ class BeatThread:
         self._thread.join(timeout=self.interval + 5)
 
 
-def run_worker(config: WorkerConfig) -> int:
-    """Process entry point (the broker starts workers with it; `cecollm-worker` too)."""
-    import logging as _logging
-    import sys
-
-    _logging.basicConfig(level=_logging.DEBUG if config.verbose else _logging.INFO, stream=sys.stderr,
-                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def serve_worker(config: WorkerConfig, runtime) -> int:
+    """A worker's main (the broker starts workers through the process runtime; `cecollm-worker` too).
+    Its READY goes to the broker over the worker protocol, once the model is loaded."""
     import torch
 
     torch.set_num_threads(config.threads)
     worker = Worker(config)
-
-    def stop(signum, frame):
-        worker.running = False
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    try:
-        return worker.serve()
-    except UserError as exc:
-        log.error("worker %d: %s", os.getpid(), exc)
-        return 2
+    runtime.on_stop(worker.stop)
+    return worker.serve(runtime.ready)

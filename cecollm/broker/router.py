@@ -1,10 +1,10 @@
 """The broker's routing loop: edge requests in, least recently used ready worker out.
 
 Edges talk to the request ROUTER (REQ-style envelopes); workers to the worker ROUTER
-(worker_protocol). Requests are checked before they are queued (a bad one is answered with an
-error at once); a worker that misses `liveness` heartbeats is purged and its request goes to
-another worker (up to `retries` times), because the device's state lives in the content
-manager, not in the worker.
+(broker_worker protocol). Requests are checked before they are queued (a bad one is answered
+with an error at once); a worker that misses `liveness` heartbeats is purged and its request
+goes to another worker (up to `retries` times), because the device's state lives in the
+content manager, not in the worker.
 """
 
 from __future__ import annotations
@@ -12,41 +12,18 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import zmq
 
-from cecollm.broker import edge_protocol as ep
-from cecollm.broker import worker_protocol as wp
-from cecollm.broker.loop import drain
-from cecollm.broker.wire import ErrorCode, ProtocolError
+from cecollm.broker.pool import Job, WorkerPool, WorkerRecord
+from cecollm.wire import broker_worker as wp
+from cecollm.wire import edge_cloud as ep
+from cecollm.wire.dispatch import Dispatcher, drain
+from cecollm.wire.wire import ErrorCode, Frames, ProtocolError, clip
 
 log = logging.getLogger(__name__)
 
 CHORES_SECONDS = 0.02  # purging silent workers and the on_tick chores run at most this often
-
-
-@dataclass
-class Job:
-    """One edge request on its way through the broker."""
-
-    number: int
-    client: bytes  # the edge's routing id on the request socket
-    seq: int  # the edge's request seq (for an error reply)
-    frames: tuple  # the edge's message, forwarded untouched
-    attempts: int = 0  # workers it was sent to
-
-
-@dataclass
-class WorkerRecord:
-    """What the broker knows about one worker."""
-
-    identity: bytes  # routing id on the worker socket
-    pid: int
-    expires: float  # purged when no message arrives before this
-    ready: bool = False  # loaded and serving
-    job: Job | None = None  # the request it is working on
-    free_since: float = 0.0  # when it last became free: the least recently used free worker goes first
 
 
 class Broker:
@@ -60,16 +37,18 @@ class Broker:
         self.max_queue = max_queue
         self.retries = retries
         self.interval = worker_config.heartbeat_ms / 1000
-        self.workers: dict[bytes, WorkerRecord] = {}
+        self.pool = WorkerPool(self.interval, worker_config.liveness)
         self.queue: deque[Job] = deque()
         self._jobs = 0
         self.running = True
         self.bad_messages = 0
         self.failures = 0  # messages a handler failed on (bugs, logged)
+        self.from_worker = Dispatcher({wp.Connect: self.on_connect, wp.Ready: self.on_ready,
+                                       wp.Heartbeat: self.on_heartbeat, wp.Reply: self.on_reply})
 
     @property
     def ready_workers(self) -> int:
-        return sum(1 for w in self.workers.values() if w.ready)
+        return self.pool.ready_count
 
     def serve(self, on_tick=None) -> None:
         poller = zmq.Poller()
@@ -85,7 +64,7 @@ class Broker:
             self.dispatch()
             now = time.monotonic()
             if now >= next_beat:
-                self.heartbeat(now)
+                self.heartbeat()
                 next_beat = now + self.interval
             if now >= next_chores:  # not on every message: a request passes this loop twice
                 self.purge(now)
@@ -113,7 +92,7 @@ class Broker:
     def _refuse(self, client: bytes, seq: int, why: str) -> None:
         self.bad_messages += 1
         log.warning("edge request refused: %s", why)
-        self.reply(client, ep.Error(seq, ErrorCode.MALFORMED, why).to_frames())
+        self.reply(client, ep.Error(seq, ErrorCode.MALFORMED, clip(why)).to_frames())
 
     def reply(self, client: bytes, frames) -> None:
         self.frontend.send_multipart([client, b"", *frames], copy=False)
@@ -122,63 +101,71 @@ class Broker:
     def on_worker(self, frames) -> None:
         identity = frames[0].bytes
         try:
-            msg = wp.parse(frames[1:], (wp.Command.CONNECT, wp.Command.READY, wp.Command.HEARTBEAT, wp.Command.REPLY))
+            msg = wp.parse(frames[1:], self.from_worker.commands)
         except ProtocolError as exc:
-            self.bad_messages += 1
-            log.warning("worker message refused: %s", exc)
-            self.backend.send_multipart([identity, *wp.Error(str(exc)).to_frames()])
+            self._refuse_worker(identity, str(exc))
             return
-        now = time.monotonic()
-        record = self.workers.get(identity)
-        if isinstance(msg, wp.Connect):
-            if record is not None:  # the same peer starts over: what it held goes to another worker
-                self._forget(record)
-            self.workers[identity] = WorkerRecord(identity, msg.pid, now + 120.0)  # loading may take a while
-            self.backend.send_multipart([identity, *self.worker_config.to_frames()])
-            return
-        if record is None:
+        record = self.pool.get(identity)
+        if record is None and not isinstance(msg, wp.Connect):
             log.warning("message from an unknown worker; told to go away")
             self.backend.send_multipart([identity, *wp.Disconnect().to_frames()])
             return
-        record.expires = now + self.interval * self.worker_config.liveness
-        if isinstance(msg, wp.Ready) and not record.ready:
+        self.from_worker(msg, identity, record, time.monotonic())
+
+    def _refuse_worker(self, identity: bytes, why: str) -> None:
+        self.bad_messages += 1
+        log.warning("worker message refused: %s", why)
+        self.backend.send_multipart([identity, *wp.Error(clip(why)).to_frames()])
+
+    def on_connect(self, msg: wp.Connect, identity: bytes, record: WorkerRecord | None, now: float) -> None:
+        if record is not None:  # the same peer starts over: what it held goes to another worker
+            self._forget(record)
+        self.pool.connect(identity, msg.pid, now)
+        self.backend.send_multipart([identity, *self.worker_config.to_frames()])
+
+    def on_ready(self, msg: wp.Ready, identity: bytes, record: WorkerRecord, now: float) -> None:
+        self.pool.heard(record, now)
+        if not record.ready:
             record.ready, record.free_since = True, now
             log.info("worker %d ready (%d ready)", record.pid, self.ready_workers)
-        elif isinstance(msg, wp.Reply):
-            job = record.job
-            if job is None or job.number != msg.job:
-                self.bad_messages += 1
-                log.warning("worker message refused: worker %d answered job %d it does not hold", record.pid, msg.job)
-                self.backend.send_multipart([identity, *wp.Error(f"job {msg.job} is not yours").to_frames()])
-                return
-            self.reply(job.client, msg.payload)
-            record.job, record.free_since = None, now
+
+    def on_heartbeat(self, msg: wp.Heartbeat, identity: bytes, record: WorkerRecord, now: float) -> None:
+        self.pool.heard(record, now)
+
+    def on_reply(self, msg: wp.Reply, identity: bytes, record: WorkerRecord, now: float) -> None:
+        self.pool.heard(record, now)
+        job = record.job
+        if job is None or job.number != msg.job:
+            self._refuse_worker(identity, f"worker {record.pid} answered job {msg.job} it does not hold")
+            return
+        self.reply(job.client, msg.payload)
+        self.pool.free(record, now)
 
     def dispatch(self) -> None:
         while self.queue:
-            free = [w for w in self.workers.values() if w.ready and w.job is None]
-            if not free:
+            record = self.pool.next_free()
+            if record is None:
                 return
-            record = min(free, key=lambda w: w.free_since)
             job = self.queue.popleft()
             job.attempts += 1
             record.job = job
-            self.backend.send_multipart([record.identity, *wp.Request(job.number, job.frames).to_frames()], copy=False)
+            request = wp.Request(job.number, Frames(job.frames))
+            self.backend.send_multipart([record.identity, *request.to_frames()], copy=False)
 
-    def heartbeat(self, now: float) -> None:
-        for record in self.workers.values():
+    def heartbeat(self) -> None:
+        beat = wp.Heartbeat().to_frames()
+        for record in self.pool:
             if record.ready:
-                self.backend.send_multipart([record.identity, *wp.Heartbeat().to_frames()])
+                self.backend.send_multipart([record.identity, *beat])
 
     def purge(self, now: float) -> None:
-        for record in list(self.workers.values()):
-            if now > record.expires:
-                self._forget(record)
-                log.warning("worker %d is silent: purged (%d ready)", record.pid, self.ready_workers)
+        for record in self.pool.expired(now):
+            self._forget(record)
+            log.warning("worker %d is silent: purged (%d ready)", record.pid, self.ready_workers)
 
     def _forget(self, record: WorkerRecord) -> None:
         """Drop a worker; its request goes to another (or, retried enough, back as an error)."""
-        del self.workers[record.identity]
+        self.pool.remove(record)
         job = record.job
         if job is not None:
             if job.attempts <= self.retries:
@@ -190,6 +177,6 @@ class Broker:
 
     def shutdown(self, linger_ms: int = 1000) -> None:
         """Tell every worker to go away; the socket keeps trying for `linger_ms` after it is closed."""
-        for record in self.workers.values():
+        for record in self.pool:
             self.backend.send_multipart([record.identity, *wp.Disconnect().to_frames()])
         self.backend.setsockopt(zmq.LINGER, linger_ms)  # LINGER 0 would drop the goodbyes at close

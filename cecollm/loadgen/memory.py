@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from cecollm.broker import shm
+from cecollm.cache import shm
 
 
 @dataclass

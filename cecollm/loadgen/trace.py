@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from cecollm.broker import edge_protocol as ep
-from cecollm.broker.rpc import CallTimeout, RpcSocket
+from cecollm.wire import edge_cloud as ep
+from cecollm.wire.rpc import CallTimeout, RpcSocket
 from cecollm.edge.client import EdgeClient, EdgeResult
 from cecollm.edge.sender import UploadSender
 from cecollm.errors import UserError

@@ -6,26 +6,25 @@
   row. The naive cloud-edge baseline and the "without content manager and parallel upload"
   ablation use it.
 
-Run as `python -m cecollm.bench.baseline --address tcp://127.0.0.1:PORT --model ...`; it prints one
-line starting with `cecollm-bench-cloud:` on stdout once it serves, and stops on SIGTERM/SIGINT.
+Run as `python -m cecollm.bench.baselines.server --address tcp://127.0.0.1:PORT --model ...` (through
+the process runtime: READY to its launcher once it serves; SIGTERM/SIGINT stop it).
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import click
 
-from cecollm.broker.wire import ErrorCode, ProtocolError
+from cecollm.wire.wire import ErrorCode, ProtocolError
 from cecollm.cliutil import GuardedCommand
 from cecollm.config import DEFAULT_MODEL
+from cecollm.errors import UserError
 
 log = logging.getLogger(__name__)
-STARTUP_PREFIX = "cecollm-bench-cloud:"
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ class StatelessCloud:
 
     def handle(self, frames) -> object:
         """The reply (a protocol message) to one request's frames."""
-        from cecollm.bench import protocol as bp
+        from cecollm.bench.baselines import protocol as bp
 
         try:
             msg = bp.parse(frames, bp.REQUESTS)
@@ -76,7 +75,7 @@ class StatelessCloud:
             return bp.Error(msg.seq, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
     def _generate(self, msg):
-        from cecollm.bench import protocol as bp
+        from cecollm.bench.baselines import protocol as bp
         from cecollm.config import GenerationConfig
 
         vocab = self.runner.embed.num_embeddings
@@ -93,7 +92,8 @@ class StatelessCloud:
     def _decide_full(self, msg):
         import torch
 
-        from cecollm.bench import protocol as bp
+        from cecollm.bench.baselines import protocol as bp
+        from cecollm.cache.kv import KVCache
         from cecollm.layers import top1
 
         n, hidden = msg.rows.shape
@@ -107,7 +107,7 @@ class StatelessCloud:
             dtype = self.runner.embed.weight.dtype
             x = torch.from_numpy(msg.rows.copy()).to(dtype).unsqueeze(0)  # [n, H] -> [1, n, H]
             first = self.split.upload_layer
-            cache = self.runner.new_cache(first, self.split.n_layers - first, capacity=n)
+            cache = KVCache.for_runner(self.runner, first, self.split.n_layers - first, capacity=n)
             rope = self.runner.rope(0, n, x)
             for index in range(first, self.split.n_layers):
                 x = self.runner.run_layer(index, x, 0, cache, rope)
@@ -136,39 +136,34 @@ def serve(socket, cloud: StatelessCloud, running: Callable[[], bool], poll_ms: i
     return answered
 
 
-def run_server(config: BaselineServerConfig) -> None:
-    """Load the model, bind, announce, serve until a signal."""
+def serve_baseline(config: BaselineServerConfig, runtime) -> int:
+    """The baseline cloud's main (through the process runtime): load, bind, READY, serve until told to stop."""
     import torch
     import zmq
 
-    from cecollm.defaults import choose_split
-    from cecollm.loading import load_model
-    from cecollm.split import parse_exits
+    from cecollm.spec import ModelSpec
 
     torch.set_num_threads(config.threads)
-    loaded = load_model(config.model)
-    split, _ = choose_split(loaded, parse_exits(config.exits) if config.exits else None,
-                            config.upload_layer or None, config.heads or None)
-    cloud = StatelessCloud(loaded.model, split)
+    spec = ModelSpec.from_options(config.model, config.exits, config.upload_layer, config.heads)
+    loaded = spec.load()
+    cloud = StatelessCloud(loaded.model, spec.resolve(loaded).split)
     context = zmq.Context()
     sock = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
-    flag = {"running": True}
-
-    def stop(signum, frame):
-        flag["running"] = False
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     try:
-        sock.bind(config.address)
-        print(f"{STARTUP_PREFIX} {config.address} | model {config.model} ({loaded.identity[:12]}) | "
-              f"{split.describe()}", flush=True)
-        answered = serve(sock, cloud, lambda: flag["running"], config.poll_ms)
+        try:
+            sock.bind(config.address)
+        except zmq.ZMQError as exc:
+            raise UserError(f"cannot bind {config.address}: {exc}") from None
+        log.info("baseline cloud: %s | model %s (%s) | %s", config.address, config.model, loaded.identity[:12],
+                 cloud.split.describe())
+        runtime.ready(address=config.address, identity=loaded.identity)
+        answered = serve(sock, cloud, lambda: runtime.running, config.poll_ms)
         log.info("baseline cloud stopped after %d requests", answered)
     finally:
         sock.close(0)
         context.term()
+    return 0
 
 
 _D = BaselineServerConfig()
@@ -186,11 +181,13 @@ _D = BaselineServerConfig()
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def baseline_command(**options) -> None:
     """The stateless cloud of the benchmark's baselines (cloud-based and naive cloud-edge)."""
-    from cecollm.cliutil import setup_logging
+    import sys
 
-    setup_logging(options["verbose"])
-    run_server(BaselineServerConfig(**options))
+    from cecollm.runtime import run_daemon
+
+    config = BaselineServerConfig(**options)
+    sys.exit(run_daemon("baseline-cloud", serve_baseline, config, config.verbose))
 
 
 if __name__ == "__main__":
-    baseline_command(prog_name="python -m cecollm.bench.baseline")
+    baseline_command(prog_name="python -m cecollm.bench.baselines.server")

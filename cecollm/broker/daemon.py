@@ -1,0 +1,265 @@
+"""The cloud daemon (`cecollm-broker`): the routing loop, the content manager and the workers it starts.
+
+The broker loads the model's configuration once (weights mapped, not copied) for its identity and
+split, starts the content manager and waits for its READY, starts the workers (each announces
+itself over the worker protocol), and routes until it is told to stop; then it stops its
+children and removes what they left (shared-memory segments, ipc socket files).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cecollm.config import DEFAULT_MODEL
+from cecollm.errors import CecollmError, UserError
+from cecollm.runtime import ReadyWaiter, run_daemon
+from cecollm.wire import broker_worker as wp
+from cecollm.wire import launch
+
+log = logging.getLogger("cecollm.broker")
+
+MANAGER_START_SECONDS = 60.0  # the content manager binds its sockets within this, or the broker gives up
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """How the broker daemon runs; the click options take their defaults from here."""
+
+    request_address: str = "tcp://*:5555"  # edges' requests (ROUTER, bound here); commas bind several
+    upload_address: str = "tcp://*:5556"  # edges' uploads (PULL, bound by the content manager); commas too
+    worker_address: str = "tcp://127.0.0.1:5557"  # workers connect here (ROUTER, bound here)
+    state_address: str = ""  # the content manager's control socket; "" = ipc:// in the temp dir (tcp://*:PORT for
+    #                           workers on other hosts)
+    model: str = DEFAULT_MODEL  # a transformers directory, a .gguf file, or the default model's name
+    exits: str = ""  # exits as layer counts, "8,15"; "" = the model's default split
+    upload_layer: int = 0  # layer whose output the edges upload; 0 = the last exit
+    heads: str = ""  # heads file whose exits define the split (the cloud never runs heads)
+    workers: int = 1  # worker processes to start
+    heartbeat_ms: int = 250  # heartbeat interval between broker and workers
+    liveness: int = 4  # heartbeats a worker may miss before it is purged
+    capacity: int = 1024  # positions per device session (prompt + generated)
+    budget_mb: int = 1024  # shared memory for all device sessions together
+    idle_ttl: float = 600.0  # seconds before an idle device's state is released
+    wait_seconds: float = 2.0  # how long a request waits for its rows still in flight
+    max_queue: int = 1024  # requests waiting for a worker before new ones are refused
+    retries: int = 1  # times a request whose worker died is handed to another
+    threads: int = 1  # torch threads per worker
+    verbose: bool = False  # debug logging
+
+
+def endpoints(text: str) -> list[str]:
+    """The endpoints of a comma-separated address option, each tcp:// or ipc://."""
+    found = [e.strip() for e in text.split(",") if e.strip()]
+    if not found:
+        raise UserError("an address is empty")
+    for e in found:
+        if not e.startswith(("tcp://", "ipc://")):
+            raise UserError(f"address {e!r} must start with tcp:// or ipc://")
+    return found
+
+
+def connectable(address: str) -> str:
+    """The address a peer on this host connects to for a bound `address` (tcp://*:P -> 127.0.0.1:P)."""
+    return address.replace("//*:", "//127.0.0.1:").replace("//0.0.0.0:", "//127.0.0.1:")
+
+
+def _bind(sock, endpoints: list[str], what: str) -> None:
+    import zmq
+
+    for e in endpoints:
+        try:
+            sock.bind(e)
+        except zmq.ZMQError as exc:
+            raise UserError(f"cannot bind the {what} socket to {e}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the broker sets up, worked out from its config and the model."""
+
+    requests: list[str]  # endpoints the request socket binds
+    uploads: list[str]  # endpoints the content manager's upload socket binds
+    state_address: str  # the content manager's control socket
+    segment_prefix: str  # this broker's shared-memory segments start with it
+    split_text: str  # the split, for the startup line
+    manager: object  # ContentManagerConfig
+    worker: wp.Config  # sent to every worker that connects
+
+
+def _check(config: BrokerConfig) -> None:
+    for name, value, low in (("--workers", config.workers, 0), ("--capacity", config.capacity, 1),
+                             ("--budget-mb", config.budget_mb, 1), ("--heartbeat-ms", config.heartbeat_ms, 10),
+                             ("--liveness", config.liveness, 1), ("--threads", config.threads, 1)):
+        if value < low:
+            raise UserError(f"{name} must be at least {low}, got {value}")
+    if config.idle_ttl <= 0 or config.wait_seconds <= 0:
+        raise UserError("--idle-ttl and --wait-seconds must be positive")
+
+
+def _plan(config: BrokerConfig) -> _Plan:
+    """Check the options, load the model (mapped) once for its identity and split."""
+    from cecollm.cache import shm
+    from cecollm.cache.content_manager import ContentManagerConfig
+    from cecollm.spec import ModelSpec
+
+    requests, uploads = endpoints(config.request_address), endpoints(config.upload_address)
+    for address in (config.worker_address, config.state_address or "ipc://"):
+        if len(endpoints(address)) != 1:
+            raise UserError(f"address {address!r}: one endpoint only")
+    _check(config)
+    spec = ModelSpec.from_options(config.model, config.exits, config.upload_layer, config.heads)
+    loaded = spec.load(mapped=True)
+    split = spec.resolve(loaded).split
+    c = loaded.model.config
+    pid = os.getpid()
+    state_address = config.state_address or f"ipc://{tempfile.gettempdir()}/cecollm-{pid}-state.ipc"
+    prefix = shm.segment_prefix(pid)
+    manager = ContentManagerConfig(
+        upload_address=",".join(uploads), state_address=state_address,
+        cloud_layers=split.n_layers - split.upload_layer, n_kv_heads=c.num_key_value_heads,
+        head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads, hidden=c.hidden_size,
+        capacity=config.capacity, budget_bytes=config.budget_mb << 20, idle_ttl=config.idle_ttl,
+        wait_seconds=config.wait_seconds, segment_prefix=prefix,
+        kv_dtype=str(loaded.model.dtype).removeprefix("torch."))
+    worker = wp.Config(str(loaded.path), loaded.identity, split.exits, split.upload_layer,
+                       connectable(state_address), config.heartbeat_ms, config.liveness)
+    return _Plan(requests, uploads, state_address, prefix, split.describe(), manager, worker)
+
+
+class _Children:
+    """The content manager and the workers this broker started; dead workers are replaced."""
+
+    def __init__(self, config: BrokerConfig, plan: _Plan) -> None:
+        from cecollm.cache.content_manager import serve_content_manager
+        from cecollm.cloud.worker import WorkerConfig
+
+        self.config = config
+        self.plan = plan
+        self.spawn = multiprocessing.get_context("spawn")
+        self.per_worker = WorkerConfig(connectable(config.worker_address), config.threads, verbose=config.verbose)
+        self.restarts = 0
+        self.failed: int | None = None  # the content manager's exit code, once it died
+        self.waiter = ReadyWaiter()  # READY and FAILED of every child
+        self.manager = self.spawn.Process(target=run_daemon, name="content-manager", args=(
+            "content-manager", serve_content_manager, plan.manager, config.verbose, self.waiter.address))
+        self.manager.start()
+        try:
+            self.waiter.wait(self.manager.is_alive, MANAGER_START_SECONDS, "content manager")
+        except CecollmError as exc:
+            self.stop()
+            raise UserError(str(exc)) from None
+        self.workers = [self._worker(i) for i in range(config.workers)]
+        for p in self.workers:
+            p.start()
+
+    def _worker(self, index: int):
+        from cecollm.cloud.worker import serve_worker
+
+        return self.spawn.Process(target=run_daemon, name=f"worker-{index}", args=(
+            "worker", serve_worker, self.per_worker, self.config.verbose, self.waiter.address))
+
+    def tick(self, broker) -> None:
+        """Between the broker's polls: children's news, replacing dead workers, a dead manager."""
+        self._news()
+        c = self.config
+        for i, p in enumerate(self.workers):
+            if p.exitcode is not None and self.restarts < c.workers * 10:
+                # a worker of ours died (its request already went to another): start a new one
+                self.restarts += 1
+                log.warning("worker %d exited (code %s); starting another", p.pid, p.exitcode)
+                self.workers[i] = self._worker(i)
+                self.workers[i].start()
+        if not self.manager.is_alive():
+            log.error("the content manager exited (code %s); shutting down", self.manager.exitcode)
+            self.failed = self.manager.exitcode
+            broker.running = False
+
+    def _news(self) -> None:
+        import zmq
+
+        while self.waiter.socket.poll(0):
+            try:
+                msg = launch.parse(self.waiter.socket.recv_multipart(zmq.NOBLOCK))
+            except (zmq.Again, CecollmError):
+                return
+            if isinstance(msg, launch.Failed):
+                log.error("%s %d could not start: %s", msg.role, msg.pid, msg.message)
+
+    def stop(self) -> None:
+        _stop_processes([*getattr(self, "workers", []), self.manager])
+        self.waiter.close()
+
+
+def _stop_processes(processes, grace: float = 5.0) -> None:
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + grace
+    for p in processes:
+        p.join(max(0.1, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(1)
+
+
+def serve_broker(config: BrokerConfig, runtime) -> int:
+    """The broker's main: start the content manager and workers, route until told to stop, clean up."""
+    import zmq
+
+    from cecollm.broker.router import Broker
+    from cecollm.cache import shm
+
+    plan = _plan(config)
+    context = zmq.Context()
+    frontend, backend = context.socket(zmq.ROUTER), context.socket(zmq.ROUTER)
+    for sock in (frontend, backend):
+        sock.setsockopt(zmq.LINGER, 0)
+    broker = Broker(frontend, backend, plan.worker, config.max_queue, config.retries)
+    runtime.on_stop(lambda: setattr(broker, "running", False))
+    children = None
+    announced = False
+
+    def tick(b) -> None:
+        nonlocal announced
+        children.tick(b)
+        if not announced and b.ready_workers >= config.workers:
+            announced = True
+            _announce(config, plan, b.ready_workers, runtime)
+
+    try:
+        _bind(frontend, plan.requests, "request")
+        _bind(backend, [config.worker_address], "worker")
+        children = _Children(config, plan)
+        broker.serve(tick)
+    finally:
+        broker.shutdown()
+        if children is not None:
+            children.stop()
+        frontend.close(0)
+        backend.close()  # with the linger shutdown() set: hand-started workers hear the goodbye
+        context.term()
+        leftovers = shm.remove_leftovers(plan.segment_prefix)
+        if leftovers:
+            log.warning("removed %d shared-memory segments left behind", len(leftovers))
+        for address in [plan.state_address, *plan.requests, *plan.uploads, config.worker_address]:
+            if address.startswith("ipc://"):
+                Path(address[len("ipc://"):]).unlink(missing_ok=True)
+        log.info("broker stopped")
+    if children.failed is not None:
+        raise UserError(f"the content manager stopped (exit code {children.failed}); see the log above")
+    return 0
+
+
+def _announce(config: BrokerConfig, plan: _Plan, ready: int, runtime) -> None:
+    """The startup line for the person who started the broker, and READY for a launcher."""
+    print(f"cecollm-broker: requests {','.join(plan.requests)} | uploads {','.join(plan.uploads)} | "
+          f"workers {config.worker_address} | state {plan.state_address} | model {config.model} "
+          f"({plan.worker.identity[:12]}) | {plan.split_text} | {ready} workers", flush=True)
+    runtime.ready(requests=",".join(plan.requests), uploads=",".join(plan.uploads), workers=config.worker_address,
+                  state=plan.state_address, identity=plan.worker.identity, split=plan.split_text)

@@ -1,0 +1,74 @@
+"""The broker's book of workers: who is connected, ready, busy, and when each was last heard.
+
+One `WorkerRecord` per worker. The least recently freed ready worker takes the next job; a
+worker that sends nothing for `liveness` heartbeats is dead (its job goes to another).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LOADING_SECONDS = 120.0  # a worker that connected may take this long to load before it is silent
+
+
+@dataclass
+class Job:
+    """One edge request on its way through the broker."""
+
+    number: int
+    client: bytes  # the edge's routing id on the request socket
+    seq: int  # the edge's request seq (for an error reply)
+    frames: tuple  # the edge's message, forwarded untouched
+    attempts: int = 0  # workers it was sent to
+
+
+@dataclass
+class WorkerRecord:
+    """What the broker knows about one worker."""
+
+    identity: bytes  # routing id on the worker socket
+    pid: int
+    expires: float  # purged when no message arrives before this
+    ready: bool = False  # loaded and serving
+    job: Job | None = None  # the request it is working on
+    free_since: float = 0.0  # when it last became free: the least recently used free worker goes first
+
+
+class WorkerPool:
+    """Every worker the broker knows, by routing id."""
+
+    def __init__(self, interval: float, liveness: int) -> None:
+        self.interval = interval  # heartbeat interval, seconds
+        self.liveness = liveness  # beats a worker may miss
+        self.records: dict[bytes, WorkerRecord] = {}
+
+    def __iter__(self):
+        return iter(list(self.records.values()))
+
+    def get(self, identity: bytes) -> WorkerRecord | None:
+        return self.records.get(identity)
+
+    @property
+    def ready_count(self) -> int:
+        return sum(1 for w in self.records.values() if w.ready)
+
+    def connect(self, identity: bytes, pid: int, now: float) -> WorkerRecord:
+        record = self.records[identity] = WorkerRecord(identity, pid, now + LOADING_SECONDS)
+        return record
+
+    def heard(self, record: WorkerRecord, now: float) -> None:
+        record.expires = now + self.interval * self.liveness
+
+    def free(self, record: WorkerRecord, now: float) -> None:
+        record.job, record.free_since = None, now
+
+    def next_free(self) -> WorkerRecord | None:
+        """The ready worker without a job that has been free longest, or None."""
+        free = [w for w in self.records.values() if w.ready and w.job is None]
+        return min(free, key=lambda w: w.free_since) if free else None
+
+    def expired(self, now: float) -> list[WorkerRecord]:
+        return [w for w in self.records.values() if now > w.expires]
+
+    def remove(self, record: WorkerRecord) -> None:
+        del self.records[record.identity]

@@ -1,0 +1,104 @@
+"""Broker <-> worker wire protocol (tag b"CW"), a Paranoid Pirate / Majordomo variant.
+
+Worker DEALER -> broker ROUTER. A worker sends CONNECT; the broker answers CONFIG (what to
+load and where the content manager is); the worker loads and sends READY, and from then on
+HEARTBEATs both ways every interval while idle or busy (a beat thread of the worker keeps
+beating while its main thread computes). The broker sends REQUEST (a job number plus the
+edge's frames, untouched) to the least recently used ready worker; the worker answers REPLY
+(the job number plus the frames for the edge). DISCONNECT tells a peer to go away; ERROR
+answers a message the broker could not read.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from cecollm.wire.edge_cloud import Exits
+from cecollm.wire.wire import U32, U64, Boundary, Frames, Message, Text
+
+
+class Command(enum.IntEnum):
+    CONNECT = 1
+    CONFIG = 2
+    READY = 3
+    HEARTBEAT = 4
+    REQUEST = 5
+    REPLY = 6
+    DISCONNECT = 7
+    ERROR = 8
+
+
+WORKER = Boundary(b"CW", 2, Command)  # 2: fields declared once (msgspec bodies)
+TAG, VERSION = WORKER.tag, WORKER.version
+
+
+@WORKER.message(Command.CONNECT)
+class Connect(Message, frozen=True):
+    """A new worker asks for its configuration."""
+
+    pid: U32  # the worker's process id, for log lines
+
+
+@WORKER.message(Command.CONFIG)
+class Config(Message, frozen=True):
+    """What a worker serves: the model, its split, the content manager's address, the beat."""
+
+    model_dir: Text  # transformers directory of the model (on this host)
+    identity: Text  # the model's identity; the worker checks it
+    exits: Exits
+    upload_layer: U32
+    state_address: Text  # the content manager's control socket
+    heartbeat_ms: U32
+    liveness: U32  # beats missed before a peer is considered dead
+
+
+@WORKER.message(Command.READY)
+class Ready(Message, frozen=True):
+    """The worker has loaded its model and takes requests."""
+
+
+@WORKER.message(Command.HEARTBEAT)
+class Heartbeat(Message, frozen=True):
+    """I am alive (both ways, every interval)."""
+
+
+@WORKER.message(Command.REQUEST)
+class Request(Message, frozen=True):
+    """Job `job` for the worker: the edge's request frames, as the edge sent them."""
+
+    job: U64
+    payload: Frames  # edge protocol frames
+
+    def __post_init__(self) -> None:
+        _check_payload(self.payload)
+
+
+@WORKER.message(Command.REPLY)
+class Reply(Message, frozen=True):
+    """The answer to job `job`: frames for the edge."""
+
+    job: U64
+    payload: Frames
+
+    def __post_init__(self) -> None:
+        _check_payload(self.payload)
+
+
+@WORKER.message(Command.DISCONNECT)
+class Disconnect(Message, frozen=True):
+    """Go away (the broker shuts down, or does not know this worker)."""
+
+
+@WORKER.message(Command.ERROR)
+class Error(Message, frozen=True):
+    """A message the broker could not read or did not expect."""
+
+    message: Text
+
+
+def _check_payload(payload) -> None:
+    assert isinstance(payload, Frames), f"a carried payload is wire.Frames, got {type(payload).__name__}"
+
+
+MESSAGES = WORKER.messages
+parse = WORKER.decode

@@ -1,0 +1,135 @@
+"""Edge <-> cloud wire protocol (tag b"CE").
+
+Request channel (edge DEALER, sent like REQ with an empty delimiter frame -> broker ROUTER):
+HELLO -> WELCOME | ERROR, DECIDE -> TOKEN | ERROR. Upload channel (edge PUSH -> content
+manager PULL, no replies): UPLOAD (rows as a tensor), UPLOAD_SHM (rows already written into
+the device's shared-memory segment), END (the generation ended: release the state).
+
+`seq` numbers requests of a device; `session` names one generation's state on the cloud
+(given by WELCOME); upload `seq` numbers a session's uploads, which must arrive in order.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated
+
+import msgspec
+from cecollm.wire.wire import U32, U64, Boundary, ErrorCode, Message, Tensor, Text, WireDtype
+
+MAX_UPLOAD_BYTES = 64 << 20  # largest upload tensor accepted
+
+
+class Command(enum.IntEnum):
+    HELLO = 1
+    WELCOME = 2
+    DECIDE = 3
+    TOKEN = 4
+    UPLOAD = 5
+    UPLOAD_SHM = 6
+    END = 7
+    ERROR = 8
+
+
+EDGE = Boundary(b"CE", 2, Command)  # 2: fields declared once (msgspec bodies)
+TAG, VERSION = EDGE.tag, EDGE.version
+
+Exits = Annotated[tuple[U32, ...], msgspec.Meta(min_length=1, max_length=256)]
+
+
+@EDGE.message(Command.HELLO)
+class Hello(Message, frozen=True):
+    """First request of a generation: who the edge is and what it runs."""
+
+    device_id: U32
+    seq: U32
+    identity: Text  # LoadedModel.identity of the edge's model
+    n_layers: U32
+    exits: Exits
+    upload_layer: U32
+    wire_dtype: WireDtype  # "float16" | "float32"
+    shm: bool  # the edge will write rows into the device's shared-memory segment
+
+
+@EDGE.message(Command.WELCOME)
+class Welcome(Message, frozen=True):
+    """The cloud opened a session for the device."""
+
+    device_id: U32
+    seq: U32
+    session: U32  # names this generation's state; uploads and requests carry it
+    capacity: U32  # positions the state can hold
+    rows_offset: U64  # where row `p` starts in the segment: rows_offset + p * hidden * itemsize
+    segment: Text  # shared-memory segment name (the edge writes rows there when it asked for shm)
+
+
+@EDGE.message(Command.DECIDE)
+class Decide(Message, frozen=True):
+    """Ask the cloud for the token after `position`: no tensor, the rows went up already."""
+
+    device_id: U32
+    seq: U32
+    session: U32
+    position: U32
+
+
+@EDGE.message(Command.TOKEN)
+class Token(Message, frozen=True):
+    """The cloud's token after `position`."""
+
+    device_id: U32
+    seq: U32
+    position: U32
+    token: U32
+    prob: float
+    cloud_seconds: float  # the worker's compute time for this request
+
+
+@EDGE.message(Command.UPLOAD)
+class Upload(Message, frozen=True, eq=False):
+    """Upload-layer rows [start, start + n) of a session, rows [n, hidden] in the wire dtype."""
+
+    device_id: U32
+    session: U32
+    seq: U32  # the session's upload number, from 0
+    start: U32
+    rows: Tensor(2, MAX_UPLOAD_BYTES)  # [n, hidden]
+
+    def __post_init__(self) -> None:
+        if self.rows.shape[0] == 0:
+            raise ValueError(f"rows must be [n >= 1, hidden], got shape {self.rows.shape}")
+
+
+@EDGE.message(Command.UPLOAD_SHM)
+class UploadShm(Message, frozen=True):
+    """Rows [start, start + count) were written into the session's shared-memory segment."""
+
+    device_id: U32
+    session: U32
+    seq: U32
+    start: U32
+    count: Annotated[int, msgspec.Meta(ge=1, lt=1 << 32)]
+
+
+@EDGE.message(Command.END)
+class End(Message, frozen=True):
+    """The generation ended: release the session's state."""
+
+    device_id: U32
+    session: U32
+
+
+@EDGE.message(Command.ERROR)
+class Error(Message, frozen=True):
+    """A request was refused; `seq` is the request's (0 when it could not be read)."""
+
+    seq: U32
+    code: ErrorCode
+    message: Text
+
+
+REQUESTS = (Command.HELLO, Command.DECIDE)  # what the request channel carries from the edge
+REPLIES = (Command.WELCOME, Command.TOKEN, Command.ERROR)
+UPLOADS = (Command.UPLOAD, Command.UPLOAD_SHM, Command.END)  # what the upload channel carries
+MESSAGES = EDGE.messages
+parse = EDGE.decode

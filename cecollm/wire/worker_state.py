@@ -1,0 +1,173 @@
+"""Worker <-> content manager wire protocol (tag b"CS").
+
+Worker DEALER (sent like REQ, with an empty delimiter) -> content manager ROUTER.
+OPEN -> OPENED: a device starts a generation (a new session, a new shared-memory segment).
+LEASE -> GRANT: the worker may compute on the device's state until COMMIT; the grant comes
+when the rows up to the position have arrived (the manager waits, bounded) and no other
+worker holds the device. COMMIT (one way, no reply): the state now holds `folded` positions in
+its KV, the lease ends, and the token decided for the last of them is noted; a commit for a
+lease that is no longer current is only logged (the request went to another worker, which
+computes the same). LEASE -> DECIDED: the request was already served (its worker committed,
+then died before its reply got out): the noted token, nothing to compute. OPEN and LEASE may be answered
+with ERROR (codes from wire.ErrorCode); so is a message that cannot be read. Workers on the content manager's
+host compute in the segment: no tensor crosses this socket for them.
+
+A remote worker (another host: it cannot map the segment) sets LEASE's `remote` flag. Its grant is a
+STATE_GRANT: the lease's numbers plus the state as tensors, the KV cache's filled part (positions
+[0, folded) of every cloud layer) and the received rows not yet folded. It ends the lease with
+STATE_COMMIT, a call: the KV entries it appended (positions [from, folded) of every cloud layer), which the
+manager checks against the device's state and writes into the segment, answering COMMITTED or ERROR.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from cecollm.wire.wire import DTYPE_CODES, DTYPES, U8, U32, U64, Boundary, ErrorCode, Message, Tensor, Text
+
+MAX_STATE_BYTES = 1 << 31  # largest KV or rows tensor a remote grant or commit may carry
+
+
+class Command(enum.IntEnum):
+    OPEN = 1
+    OPENED = 2
+    LEASE = 3
+    GRANT = 4
+    COMMIT = 5
+    ERROR = 6
+    DECIDED = 7
+    STATE_GRANT = 8
+    STATE_COMMIT = 9
+    COMMITTED = 10
+
+
+# 2: COMMIT carries the decided token; DECIDED. 3: remote workers (LEASE flag, STATE_GRANT, ...).
+# 4: fields declared once (msgspec bodies).
+STATE = Boundary(b"CS", 4, Command)
+TAG, VERSION = STATE.tag, STATE.version
+KV = Tensor(4, MAX_STATE_BYTES)  # [cloud_layers * 2, n_kv, positions, head_dim], model dtype
+
+
+def _check_wire_code(code: int) -> None:
+    if code not in DTYPES:
+        raise ValueError(f"unknown wire dtype code {code} (known: {', '.join(map(str, DTYPES))})")
+
+
+def _check_kv(kv, positions: int) -> None:
+    if kv.shape[2] != positions or kv.shape[0] % 2:
+        raise ValueError(f"KV must be [layers * 2, kv heads, {positions}, head dim], got {kv.shape}")
+
+
+@STATE.message(Command.OPEN)
+class Open(Message, frozen=True):
+    device_id: U32
+    wire_code: U8  # wire.DTYPES code of the rows the edge uploads
+
+
+@STATE.message(Command.OPENED)
+class Opened(Message, frozen=True):
+    session: U32
+    capacity: U32
+    rows_offset: U64  # byte offset of row 0 in the segment
+    segment: Text
+
+
+@STATE.message(Command.LEASE)
+class Lease(Message, frozen=True):
+    device_id: U32
+    session: U32
+    seq: U32  # the edge request's seq: a re-dispatched request supersedes its own older lease
+    position: U32
+    remote: bool = False  # the worker cannot map the segment: grant the state as tensors (STATE_GRANT)
+
+
+@STATE.message(Command.GRANT)
+class Grant(Message, frozen=True):
+    token: U64  # the lease; COMMIT names it
+    folded: U32  # positions already in the KV cache
+    received: U32  # rows received (> the requested position)
+    capacity: U32
+    wire_code: U8
+    segment: Text
+
+    def __post_init__(self) -> None:
+        _check_wire_code(self.wire_code)
+
+
+@STATE.message(Command.COMMIT)
+class Commit(Message, frozen=True):
+    device_id: U32
+    token: U64  # the lease
+    folded: U32
+    decided: U32  # the token decided after position folded - 1
+    prob: float  # its probability
+
+
+@STATE.message(Command.STATE_GRANT)
+class StateGrant(Message, frozen=True, eq=False):
+    """A remote worker's grant: the lease and the device's state, carried as tensors."""
+
+    token: U64  # the lease; STATE_COMMIT names it
+    folded: U32  # positions already in the KV cache
+    received: U32  # rows received (> the requested position)
+    capacity: U32
+    kv: KV  # [cloud_layers * 2, n_kv, folded, head_dim], model dtype: the filled KV
+    rows: Tensor(2, MAX_STATE_BYTES)  # [received - folded, hidden], wire dtype: rows not yet folded
+
+    def __post_init__(self) -> None:
+        if not self.folded < self.received <= self.capacity:
+            raise ValueError(f"folded {self.folded}, received {self.received}, capacity {self.capacity} "
+                             "(need folded < received <= capacity)")
+        _check_kv(self.kv, self.folded)
+        if self.rows.shape[0] != self.received - self.folded:
+            raise ValueError(f"rows must be [{self.received - self.folded}, hidden], got {self.rows.shape}")
+
+    @property
+    def wire_code(self) -> int:
+        return DTYPE_CODES[self.rows.dtype.name]
+
+
+@STATE.message(Command.STATE_COMMIT)
+class StateCommit(Message, frozen=True, eq=False):
+    """A remote worker ends its lease: the KV entries of positions [start, folded) it computed."""
+
+    device_id: U32
+    token: U64  # the lease
+    start: U32  # the grant's folded
+    folded: U32
+    decided: U32  # the token decided after position folded - 1
+    prob: float
+    kv: KV  # [cloud_layers * 2, n_kv, folded - start, head_dim], model dtype
+
+    def __post_init__(self) -> None:
+        if self.folded <= self.start:
+            raise ValueError(f"folded {self.folded} must be beyond start {self.start}")
+        _check_kv(self.kv, self.folded - self.start)
+
+
+@STATE.message(Command.COMMITTED)
+class Committed(Message, frozen=True):
+    """The content manager took a STATE_COMMIT: the device's KV now holds `folded` positions."""
+
+    folded: U32
+
+
+@STATE.message(Command.DECIDED)
+class Decided(Message, frozen=True):
+    """The answer a committed request already got (LEASE of a request that was retried)."""
+
+    position: U32
+    token: U32
+    prob: float
+
+
+@STATE.message(Command.ERROR)
+class Error(Message, frozen=True):
+    code: ErrorCode
+    message: Text
+
+
+REQUESTS = (Command.OPEN, Command.LEASE, Command.COMMIT, Command.STATE_COMMIT)
+REPLIES = (Command.OPENED, Command.GRANT, Command.DECIDED, Command.ERROR, Command.STATE_GRANT, Command.COMMITTED)
+MESSAGES = STATE.messages
+parse = STATE.decode
