@@ -61,11 +61,15 @@ def generate(spec, prompt, mode, threshold, max_new_tokens, raw, no_fp16, thread
 
 
 from cecollm.linkem.cli import linkem  # noqa: E402
+
 cli.add_command(linkem)
 
 
 from cecollm.exits.cli import (  # noqa: E402
-    exits_compare_command, exits_report_command, selfgen_command, train_exits_command,
+    exits_compare_command,
+    exits_report_command,
+    selfgen_command,
+    train_exits_command,
 )
 
 cli.add_command(train_exits_command)
@@ -74,6 +78,7 @@ cli.add_command(exits_report_command)
 cli.add_command(exits_compare_command)
 
 from cecollm.bench.cli import bench_command  # noqa: E402
+
 cli.add_command(bench_command)
 
 

@@ -10,15 +10,15 @@ Modes:
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
+from cecollm.cache.kv import KVCache
 from cecollm.cloud.partition import CloudPartition
+from cecollm.config import GenerationConfig
 from cecollm.edge.heads import HeadSet
 from cecollm.edge.partition import EdgePartition
-from cecollm.cache.kv import KVCache
-from cecollm.config import GenerationConfig
 from cecollm.errors import UserError
 from cecollm.generation import GenerationResult, GenerationStats, TokenRecord, decode_greedily
 from cecollm.layers import DecoderRunner, top1

@@ -12,7 +12,6 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 
-
 class DecoderRunner:
     """Runs layers of one model; holds no per-sequence state (that lives in KVCache)."""
 

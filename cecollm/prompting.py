@@ -64,6 +64,11 @@ def record_prompt(record: dict) -> str | None:
 
 def read_records(path: str | Path) -> list[dict]:
     """The JSON objects of a JSON-lines file, in order; a UserError names the first bad line."""
+    return [record for _, record in read_numbered_records(path)]
+
+
+def read_numbered_records(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number from 1, JSON object) of each non-blank line of a JSON-lines file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"file not found: {path}")
@@ -81,7 +86,7 @@ def read_records(path: str | Path) -> list[dict]:
             raise UserError(f"{path}:{number}: not JSON") from None
         if not isinstance(record, dict):
             raise UserError(f"{path}:{number}: a record is a JSON object, got {type(record).__name__}")
-        records.append(record)
+        records.append((number, record))
     return records
 
 

@@ -22,8 +22,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import zmq
 
@@ -58,6 +58,7 @@ class Runtime:
         self._on_stop: list[Callable[[], None]] = []
         self._on_reload: list[Callable[[], None]] = []
         self._told = False
+        self.serving = False  # READY said: from now on a stop is a flag the serving loop reads
 
     @property
     def running(self) -> bool:
@@ -72,9 +73,16 @@ class Runtime:
         self._on_reload.append(hook)
 
     def stop(self, *_) -> None:
+        """SIGTERM/SIGINT: a serving daemon finishes its loop and cleans up; one still starting (loading
+        a model, say) is interrupted at once, its cleanup (finally blocks) still runs. A second signal
+        changes nothing: the cleanup under way is not interrupted."""
+        if self.stopping.is_set():
+            return
         self.stopping.set()
         for hook in self._on_stop:
             hook()
+        if not self.serving:
+            raise SystemExit(128 + signal.SIGTERM)
 
     def reload(self, *_) -> None:
         for hook in self._on_reload:
@@ -82,6 +90,7 @@ class Runtime:
 
     def ready(self, **info: str) -> None:
         """Tell the launcher this daemon serves; `info`: what it needs to reach it."""
+        self.serving = True
         self._tell(launch.Ready(self.role, os.getpid(), {k: str(v) for k, v in info.items()}))
 
     def failed(self, why: str) -> None:

@@ -98,7 +98,7 @@ class ModelSpec:
 
     @classmethod
     def from_options(cls, model: str | None = None, exits: str | None = None, upload_layer: int | None = None,
-                     heads: str | None = None) -> "ModelSpec":
+                     heads: str | None = None) -> ModelSpec:
         """A spec from command-line text: exits as "8,15"; empty or missing values are defaults."""
         return cls(model or DEFAULT_MODEL, parse_exits(exits) if exits else (), upload_layer or 0, heads or "")
 

@@ -31,7 +31,7 @@ class Split:
         return self.exits[-1]
 
     @classmethod
-    def create(cls, n_layers: int, exits, upload_layer: int | None = None) -> "Split":
+    def create(cls, n_layers: int, exits, upload_layer: int | None = None) -> Split:
         exits = tuple(int(e) for e in exits)
         upload = exits[-1] if upload_layer is None and exits else upload_layer
         return cls(n_layers, exits, int(upload) if upload is not None else 0)

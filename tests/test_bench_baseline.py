@@ -8,18 +8,19 @@ import numpy as np
 import pytest
 import torch
 import zmq
+from test_engine import confident_heads
 
 from cecollm.bench.baselines import protocol as bp
-from cecollm.bench.baselines.server import StatelessCloud, serve
 from cecollm.bench.baselines.edge import BaselineCloudError, CloudBasedEdge, FullUploadEdge
-from cecollm.wire.rpc import RpcSocket
-from cecollm.wire.wire import ErrorCode
+from cecollm.bench.baselines.server import StatelessCloud, serve
 from cecollm.config import GenerationConfig
 from cecollm.edge.heads import HeadSet
 from cecollm.engine import SplitEngine
 from cecollm.split import Split
+from cecollm.wire.rpc import RpcSocket
+from cecollm.wire.wire import ErrorCode
+
 from conftest import hf_greedy, make_tiny_model
-from test_engine import confident_heads
 
 PROMPTS = [[5, 17, 3, 99, 42, 7, 250, 11], [1, 2, 3], [300, 12, 12, 12, 45, 9, 9, 81, 160, 33, 2, 77]]
 

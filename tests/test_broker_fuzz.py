@@ -9,22 +9,22 @@ import re
 import struct
 import time
 
+import msgspec
 import numpy as np
 import pytest
 import torch
 import zmq
 
-from cecollm.wire import edge_cloud as ep
-from cecollm.wire import worker_state as sp
-from cecollm.wire import broker_worker as wp
 from cecollm.broker.launch import BrokerProcess
-import msgspec
-
-from cecollm.wire.wire import Frames, pack_header
 from cecollm.edge.client import EdgeClient, EdgeConfig
 from cecollm.edge.heads import HeadSet
 from cecollm.loading import load_model
 from cecollm.split import Split
+from cecollm.wire import broker_worker as wp
+from cecollm.wire import edge_cloud as ep
+from cecollm.wire import worker_state as sp
+from cecollm.wire.wire import Frames, pack_header
+
 from conftest import hf_greedy, make_tiny_model
 
 N = 1000

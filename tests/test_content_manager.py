@@ -8,10 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from cecollm.wire import edge_cloud as ep
 from cecollm.cache import shm
-from cecollm.wire import worker_state as sp
 from cecollm.cache.content_manager import ContentManager, ContentManagerConfig
+from cecollm.wire import edge_cloud as ep
+from cecollm.wire import worker_state as sp
 from cecollm.wire.wire import DTYPE_CODES, ErrorCode
 
 F16 = DTYPE_CODES["float16"]

@@ -8,8 +8,8 @@ import torch
 from cecollm.edge.client import EdgeConfig, _TappingRunner
 from cecollm.edge.heads import HeadSet
 from cecollm.edge.partition import EdgePartition
-from cecollm.errors import UserError
 from cecollm.split import Split
+
 from conftest import make_tiny_model
 
 
@@ -20,7 +20,7 @@ def test_upload_address_and_shm_follow_the_broker_address():
     assert ipc.upload_address == "ipc:///tmp/x.uploads" and ipc.use_shm
     assert not EdgeConfig(broker="tcp://h:1").use_shm and EdgeConfig(broker="tcp://h:1", shm=True).use_shm
     with pytest.raises(ValueError):
-        EdgeConfig(broker="ipc:///tmp/x").upload_address
+        _ = EdgeConfig(broker="ipc:///tmp/x").upload_address
 
 
 def test_the_tapped_row_gives_the_standalone_token():
@@ -80,8 +80,8 @@ def test_a_bad_segment_name_from_the_cloud_does_not_stop_the_sender():
     import numpy as np
     import zmq
 
-    from cecollm.wire import edge_cloud as ep
     from cecollm.edge.sender import UploadSender
+    from cecollm.wire import edge_cloud as ep
 
     where: list = []
     pull = _pull(where)
@@ -106,8 +106,8 @@ def test_the_sender_lets_go_of_a_segment_when_its_session_ends():
     import numpy as np
     import zmq
 
-    from cecollm.wire import edge_cloud as ep
     from cecollm.edge.sender import UploadSender
+    from cecollm.wire import edge_cloud as ep
 
     name = f"cecollm-test-sender-{os.getpid()}"
     seg = SharedMemory(name=name, create=True, size=4096)

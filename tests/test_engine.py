@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from cecollm.cloud.partition import CloudPartition
+from cecollm.config import GenerationConfig
 from cecollm.edge.heads import HeadSet, NormHead
 from cecollm.edge.partition import EdgePartition
-from cecollm.config import GenerationConfig
 from cecollm.engine import SplitEngine
 from cecollm.errors import UserError
 from cecollm.layers import DecoderRunner
 from cecollm.split import Split
+
 from conftest import hf_greedy, make_tiny_model
 
 

@@ -17,6 +17,7 @@ from cecollm.exits.data import read_examples
 from cecollm.exits.train import ExitTrainer
 from cecollm.loading import model_identity
 from cecollm.split import Split
+
 from conftest import make_tiny_model
 
 SENTENCES = ["the quick brown fox jumps over the lazy dog", "a cat sat on the mat and looked at the dog",
@@ -183,7 +184,8 @@ def test_heads_file_round_trips(tiny_dirs, tmp_path, arch, options):
         for e in (2, 4):
             assert torch.equal(trainer.heads[e].eval()(hidden, loaded.model.lm_head), back.heads[e](hidden, loaded.model.lm_head))
             if arch != "layer":
-                assert trainer.heads[e].top1(hidden[:, -1:], loaded.model.lm_head) == back.heads[e].top1(hidden[:, -1:], loaded.model.lm_head)
+                last = hidden[:, -1:]
+                assert trainer.heads[e].top1(last, loaded.model.lm_head) == back.heads[e].top1(last, loaded.model.lm_head)
 
 
 @pytest.mark.parametrize("key, value", [("arch_options", "{not json"), ("training", "[1]"), ("arch_options", "3"),
@@ -199,7 +201,7 @@ def test_damaged_heads_metadata_is_a_user_error(tmp_path, key, value):
     path = tmp_path / "heads.safetensors"
     HeadSet.lens(model, (2, 4)).save(path)
     with safe_open(str(path), framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     save_file(tensors, str(path), metadata={**meta, key: value})
     with pytest.raises(UserError, match="metadata is damaged"):
         HeadSet.load(path, model, "")
@@ -210,6 +212,7 @@ def test_report_checks_the_reference_output_against_the_full_model(monkeypatch):
     a token: with a full model that disagrees everywhere, every threshold's agreement is 0."""
     from cecollm.exits import report
     from cecollm.loading import LoadedModel
+
     from conftest import make_tiny_tokenizer
 
     model = make_tiny_model("gqa")

@@ -7,13 +7,12 @@ import importlib.util
 
 import pytest
 
+from cecollm.config import DEFAULT_MODEL, GenerationConfig
 from cecollm.edge.heads import edge_setup
-from cecollm.spec import ModelSpec
-from cecollm.config import GenerationConfig
 from cecollm.engine import SplitEngine
-from cecollm.config import DEFAULT_MODEL
 from cecollm.loading import load_model
 from cecollm.prompting import encode_prompt
+from cecollm.spec import ModelSpec
 
 pytestmark = [
     pytest.mark.slow,

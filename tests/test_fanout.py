@@ -13,14 +13,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cecollm.broker.launch import BrokerProcess
 from cecollm.loadgen.config import FanoutConfig
 from cecollm.loadgen.fanout import run_fanout
 from cecollm.loadgen.live import record_trace
 from cecollm.loadgen.trace import Trace
-from cecollm.broker.launch import BrokerProcess
-from cecollm.runtime import free_ports
 from cecollm.loading import load_model
 from cecollm.prompting import encode_prompt
+from cecollm.runtime import free_ports
+
 from conftest import hf_greedy
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "fanout.py"

@@ -24,8 +24,21 @@ import zmq
 from click.testing import CliRunner
 
 from cecollm.errors import UserError
-from cecollm.linkem import (PRESETS, DelayLine, DirectionStats, Endpoint, Forward, LinkEmulator, LinkProfile,
-                            PathProfile, ProbeServer, measure_link, parse_endpoint, parse_forward, resolve_profile)
+from cecollm.linkem import (
+    PRESETS,
+    DelayLine,
+    DirectionStats,
+    Endpoint,
+    Forward,
+    LinkEmulator,
+    LinkProfile,
+    PathProfile,
+    ProbeServer,
+    measure_link,
+    parse_endpoint,
+    parse_forward,
+    resolve_profile,
+)
 from cecollm.linkem.delayline import DirectionCounters
 from cecollm.linkem.probe import download, ping, upload
 

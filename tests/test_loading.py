@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from cecollm import loading
-from cecollm.errors import UserError
 from cecollm.config import DEFAULT_MODEL
+from cecollm.errors import UserError
 from cecollm.loading import load_model, model_identity
+
 from conftest import make_tiny_model
 
 

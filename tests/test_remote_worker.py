@@ -14,13 +14,14 @@ import pytest
 import torch
 
 from cecollm.broker.launch import BrokerProcess
-from cecollm.runtime import free_ports
+from cecollm.config import GenerationConfig
 from cecollm.edge.client import EdgeClient, EdgeConfig
 from cecollm.edge.heads import HeadSet, NormHead
-from cecollm.config import GenerationConfig
 from cecollm.engine import SplitEngine
 from cecollm.loading import load_model
+from cecollm.runtime import free_ports
 from cecollm.split import Split
+
 from conftest import hf_greedy
 
 EXITS = (2, 4)

@@ -7,13 +7,13 @@ import importlib.util
 import pytest
 
 from cecollm import loading
+from cecollm.config import DEFAULT_MODEL, GenerationConfig
 from cecollm.edge.heads import edge_setup
-from cecollm.spec import ModelSpec
-from cecollm.config import GenerationConfig
 from cecollm.engine import SplitEngine
-from cecollm.config import DEFAULT_MODEL
 from cecollm.loading import load_model, resolve_model_dir
 from cecollm.prompting import encode_prompt
+from cecollm.spec import ModelSpec
+
 from conftest import hf_greedy
 
 pytestmark = [

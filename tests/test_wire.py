@@ -12,9 +12,9 @@ import msgspec
 import numpy as np
 import pytest
 
+from cecollm.wire import broker_worker as wp
 from cecollm.wire import edge_cloud as ep
 from cecollm.wire import worker_state as sp
-from cecollm.wire import broker_worker as wp
 from cecollm.wire.wire import MAX_BODY, ErrorCode, Frames, ProtocolError, pack_header
 
 EDGE_MESSAGES = [
@@ -22,7 +22,7 @@ EDGE_MESSAGES = [
     ep.Hello(2**32 - 1, 7, "x", 6, (2,), 2, "float32", True),
     ep.Welcome(3, 1, 99, 1024, 4096, "cecollm-1-3-99"),
     ep.Decide(3, 2, 99, 41),
-    ep.Token(3, 2, 41, 1234, 0.5, 0.001),
+    ep.Token(41, 1234, 0.5, 3, 2, 0.001),
     ep.UploadShm(3, 99, 0, 0, 17),
     ep.End(3, 99),
     ep.Error(2, ErrorCode.UNKNOWN_DEVICE, "device 3 has no state"),

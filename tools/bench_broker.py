@@ -40,8 +40,8 @@ def bare_rtts(n: int) -> list[float]:
     """REQ/REP round trips to an echo server in another process, same message size as DECIDE."""
     import zmq
 
-    from cecollm.wire import edge_cloud as ep
     from cecollm.runtime import free_ports
+    from cecollm.wire import edge_cloud as ep
 
     address = f"tcp://127.0.0.1:{free_ports(1)[0]}"
     server = multiprocessing.get_context("spawn").Process(target=_echo_server, args=(address, n + 50))
@@ -114,10 +114,10 @@ def upload_throughput(broker, identity: str, state_address: str, shm: bool, rows
     """Rows per second from the edge's sender until the content manager holds them all."""
     import zmq
 
+    from cecollm.edge.sender import UploadSender
     from cecollm.wire import edge_cloud as ep
     from cecollm.wire import worker_state as sp
     from cecollm.wire.rpc import RpcSocket
-    from cecollm.edge.sender import UploadSender
 
     context = zmq.Context.instance()
     rpc = RpcSocket(context, broker.request_address)
@@ -152,11 +152,11 @@ def worker_memory(workers: int) -> tuple[float, float, float]:
     import psutil
 
     from cecollm.broker.launch import BrokerProcess
-    from cecollm.edge.heads import edge_setup
-    from cecollm.spec import ModelSpec
-    from cecollm.edge.client import EdgeClient, EdgeConfig
     from cecollm.config import DEFAULT_MODEL
+    from cecollm.edge.client import EdgeClient, EdgeConfig
+    from cecollm.edge.heads import edge_setup
     from cecollm.loading import load_model
+    from cecollm.spec import ModelSpec
 
     loaded = load_model(DEFAULT_MODEL)
     split, heads = edge_setup(ModelSpec(), loaded)

@@ -20,14 +20,13 @@ import orjson
 import torch
 
 from cecollm.cliutil import GuardedCommand, setup_logging
+from cecollm.config import DEFAULT_MODEL, GenerationConfig
 from cecollm.edge.heads import edge_setup
-from cecollm.spec import ModelSpec
-from cecollm.config import GenerationConfig
 from cecollm.engine import SplitEngine
 from cecollm.errors import UserError
-from cecollm.config import DEFAULT_MODEL
 from cecollm.loading import load_model
 from cecollm.prompting import encode_prompt
+from cecollm.spec import ModelSpec
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "alpaca.jsonl"
 

@@ -14,9 +14,10 @@ import sys
 import click
 import orjson
 
-from cecollm.loadgen.config import FanoutConfig
 from cecollm.cliutil import GuardedCommand, setup_logging
 from cecollm.errors import UserError
+from cecollm.loadgen.config import FanoutConfig
+
 
 def _mb(n) -> str:
     return "-" if n is None else f"{n / 2**20:.1f} MB"

@@ -18,8 +18,8 @@ from pathlib import Path
 import psutil
 
 from cecollm.broker.launch import BrokerProcess
-from cecollm.runtime import DaemonProcess, free_ports
 from cecollm.errors import CecollmError, UserError
+from cecollm.runtime import DaemonProcess, free_ports
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class CloudSide:
         self.link = None
         self.addresses: EdgeAddresses | None = None
 
-    def __enter__(self) -> "CloudSide":
+    def __enter__(self) -> CloudSide:
         try:
             self._start()
         except CecollmError as exc:  # a cloud process that does not start: say where its log is, no traceback

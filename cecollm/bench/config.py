@@ -43,7 +43,7 @@ TABLE2 = ("cloud", "naive", "standalone", "ce-0.8", "ce-0.9", "ce-1.0")
 # Table 4 rows: the reference, then each feature removed (no early exit = threshold 1.0, same run as ce-1.0)
 TABLE4 = (("ce-0.8", "Our proposal (threshold=0.8)"), ("ce-0.8-fp32", "Without half precision transmission"),
           ("ce-1.0", "Without early exit mechanism"), ("ce-0.8-nocm", "Without content manager & parallel upload"))
-# The goals for CE-CoLLM at threshold 0.8 (the paper's figures per dataset, for the report).
+# The reproduction's goals for CE-CoLLM at threshold 0.8 (the paper's figures per dataset, for the report).
 GOALS = (
     ("total_vs_cloud", "total time vs cloud-based", "<=", 0.85, {"alpaca": 0.86, "xsum": 0.96}),
     ("cloud_vs_cloud", "cloud compute vs cloud-based", "<=", 0.30, {"alpaca": 0.30, "xsum": 0.15}),

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from cecollm.errors import UserError
-
-XSUM_INSTRUCTION = "Summarize the following article in one sentence.\n\n"
+from cecollm.prompting import read_numbered_records, record_prompt
 
 
 @dataclass(frozen=True)
@@ -24,10 +22,10 @@ class Prompt:
 def _prompt(dataset: str, index: int, record: dict) -> Prompt:
     try:
         if dataset == "alpaca":
-            text = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-            return Prompt(dataset, index, text, (record.get("output", ""),))
+            return Prompt(dataset, index, record_prompt({"instruction": record["instruction"], "input": record.get("input")}),
+                          (record.get("output", ""),))
         if dataset == "xsum":
-            return Prompt(dataset, index, XSUM_INSTRUCTION + record["document"].strip(), (record["summary"],))
+            return Prompt(dataset, index, record_prompt({"document": record["document"]}), (record["summary"],))
         if dataset == "truthfulqa":
             answers = record["answer"]
             answers = (answers,) if isinstance(answers, str) else tuple(answers)
@@ -42,19 +40,7 @@ def read_prompts(dataset: str, path: str | Path) -> list[Prompt]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no {dataset} file at {path} (give --data-dir or --data {dataset}=PATH)")
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): JSON may hold U+2028
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read {path} as UTF-8 text: {exc}") from None
-    prompts = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{i + 1}: not JSON ({exc.msg})") from None
-        prompts.append(_prompt(dataset, i, record))
+    prompts = [_prompt(dataset, number - 1, record) for number, record in read_numbered_records(path)]
     if not prompts:
         raise UserError(f"{path} holds no prompts")
     return prompts

@@ -82,7 +82,7 @@ def aggregate_dataset(dataset: str, indices: list[int], names: list[str], record
 
 
 def check_goals(datasets: dict) -> list[dict]:
-    """The issue's goals for CE-CoLLM at 0.8, per timing dataset, with pass/miss and the margin."""
+    """The reproduction's goals for CE-CoLLM at 0.8, per timing dataset, with pass/miss and the margin."""
     goals = []
     for dataset in SPEED_DATASETS:
         strategies = datasets.get(dataset, {}).get("strategies", {})

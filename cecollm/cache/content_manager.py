@@ -22,10 +22,10 @@ from multiprocessing.shared_memory import SharedMemory
 import numpy as np
 import zmq
 
-from cecollm.wire import edge_cloud as ep
 from cecollm.cache import shm
-from cecollm.wire import worker_state as sp
 from cecollm.errors import UserError
+from cecollm.wire import edge_cloud as ep
+from cecollm.wire import worker_state as sp
 from cecollm.wire.dispatch import Dispatcher, drain
 from cecollm.wire.wire import DTYPE_CODES, DTYPES, ErrorCode, ProtocolError, clip
 

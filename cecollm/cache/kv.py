@@ -41,7 +41,7 @@ class KVCache:
         self.lengths = [0] * n_layers
 
     @classmethod
-    def for_runner(cls, runner, first_layer: int, n_layers: int, capacity: int = 256) -> "KVCache":
+    def for_runner(cls, runner, first_layer: int, n_layers: int, capacity: int = 256) -> KVCache:
         """A growable cache of the shape and dtype of `runner`'s model (a layers.DecoderRunner)."""
         return cls(first_layer, n_layers, runner.n_kv_heads, runner.head_dim, capacity, runner.embed.weight.dtype)
 

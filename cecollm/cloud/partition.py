@@ -33,7 +33,7 @@ class CloudPartition:
         self.received = 0  # positions received so far
 
     @classmethod
-    def resume(cls, runner: DecoderRunner, split: Split, cache: KVCache, folded: int) -> "CloudPartition":
+    def resume(cls, runner: DecoderRunner, split: Split, cache: KVCache, folded: int) -> CloudPartition:
         """A partition over state held elsewhere: `cache` (e.g. over shared memory) already holds
         positions [0, folded) at every layer; rows from `folded` on come through receive()."""
         part = cls(runner, split, cache)

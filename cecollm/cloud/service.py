@@ -22,15 +22,16 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from cecollm.wire import edge_cloud as ep
 from cecollm.cache import shm
-from cecollm.wire import worker_state as sp
-from cecollm.wire.rpc import CallTimeout, RpcSocket
-from cecollm.wire.wire import DTYPE_CODES, DTYPES, ErrorCode, ProtocolError
 from cecollm.cache.kv import KVCache
 from cecollm.cloud.partition import CloudPartition
 from cecollm.layers import DecoderRunner
 from cecollm.split import Split
+from cecollm.wire import edge_cloud as ep
+from cecollm.wire import worker_state as sp
+from cecollm.wire.dispatch import Dispatcher
+from cecollm.wire.rpc import CallTimeout, RpcSocket
+from cecollm.wire.wire import DTYPE_CODES, DTYPES, ErrorCode, ProtocolError, clip
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class CloudService:
                                 head_dim=runner.head_dim, hidden=runner.hidden_size,
                                 kv_itemsize=runner.embed.weight.element_size())
         self.segments: OrderedDict[str, shm.Attachment] = OrderedDict()  # mapped, least recently used first
+        self.requests = Dispatcher({ep.Hello: self.hello, ep.Decide: self.decide})
 
     def close(self) -> None:
         for name in list(self.segments):
@@ -94,19 +96,17 @@ class CloudService:
         """Frames of the reply to the edge request `frames` (never raises for bad input)."""
         seq = 0
         try:
-            msg = ep.parse(frames, ep.REQUESTS)
+            msg = ep.parse(frames, self.requests.commands)
             seq = msg.seq
-            if isinstance(msg, ep.Hello):
-                return self.hello(msg).to_frames()
-            return self.decide(msg).to_frames()
+            return self.requests(msg).to_frames()
         except ProtocolError as exc:
             log.warning("edge request refused: %s", exc)
-            return ep.Error(seq, ErrorCode.MALFORMED, str(exc)).to_frames()
+            return ep.Error(seq, ErrorCode.MALFORMED, clip(str(exc))).to_frames()
         except Refused as exc:
-            return ep.Error(seq, exc.code, str(exc)).to_frames()
+            return ep.Error(seq, exc.code, clip(str(exc))).to_frames()
         except Exception as exc:  # a bug must not take the worker down; the edge hears of it
             log.exception("request failed")
-            return ep.Error(seq, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}").to_frames()
+            return ep.Error(seq, ErrorCode.INTERNAL, clip(f"{type(exc).__name__}: {exc}")).to_frames()
 
     def _call(self, msg):
         try:
@@ -132,7 +132,7 @@ class CloudService:
     def decide(self, msg: ep.Decide) -> ep.Token:
         grant = self._call(sp.Lease(msg.device_id, msg.session, msg.seq, msg.position, self.remote))
         if isinstance(grant, sp.Decided):  # a retry: the first worker committed this, then died
-            return ep.Token(msg.device_id, msg.seq, msg.position, grant.token, grant.prob, 0.0)
+            return ep.Token(msg.position, grant.token, grant.prob, msg.device_id, msg.seq, 0.0)
         if isinstance(grant, sp.StateGrant) != self.remote:
             raise Refused(ErrorCode.INTERNAL, f"the content manager answered a {'remote' if self.remote else 'local'} "
                           f"lease with {type(grant).__name__}")
@@ -145,7 +145,7 @@ class CloudService:
             self.state.send(commit.to_frames())
         except CallTimeout:  # the lease lapses on its own; the answer is right all the same
             log.warning("device %d: the content manager took no commit", msg.device_id)
-        return ep.Token(msg.device_id, msg.seq, msg.position, token, prob, seconds)
+        return ep.Token(msg.position, token, prob, msg.device_id, msg.seq, seconds)
 
     def _decide_remote(self, msg: ep.Decide, grant: sp.StateGrant) -> ep.Token:
         token, prob, seconds, kv = self._fold_remote(grant, msg.position)
@@ -154,7 +154,7 @@ class CloudService:
             self._call(commit)  # COMMITTED, or an error: the state is then as before, the answer right all the same
         except Refused as exc:
             log.warning("device %d: remote commit refused: %s", msg.device_id, exc)
-        return ep.Token(msg.device_id, msg.seq, msg.position, token, prob, seconds)
+        return ep.Token(msg.position, token, prob, msg.device_id, msg.seq, seconds)
 
     @torch.inference_mode()
     def _fold_remote(self, grant: sp.StateGrant, position: int) -> tuple[int, float, float, np.ndarray]:

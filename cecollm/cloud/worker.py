@@ -23,10 +23,10 @@ from pathlib import Path
 
 import zmq
 
+from cecollm.errors import UserError
 from cecollm.wire import broker_worker as wp
 from cecollm.wire.dispatch import Dispatcher
 from cecollm.wire.wire import Frames, ProtocolError
-from cecollm.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,12 @@ class Worker:
                         f"within {self.config.connect_timeout:g} s")
 
     def _load(self, config: wp.Config):
-        from cecollm.wire.rpc import RpcSocket
-        from cecollm.weights import load_mapped
         from cecollm.cloud.service import CloudService
         from cecollm.layers import DecoderRunner
         from cecollm.loading import LoadedModel
         from cecollm.split import Split
+        from cecollm.weights import load_mapped
+        from cecollm.wire.rpc import RpcSocket
 
         state_address = self.state_address(config)  # before the model loads: a wrong setup fails at once
         model_dir = Path(self.config.model_dir or config.model_dir)
@@ -126,7 +126,7 @@ class Worker:
             service.close()
             sock.close(0)
 
-    def _serve_loop(self, sock: zmq.Socket, beats: "BeatThread", service, config: wp.Config) -> int:
+    def _serve_loop(self, sock: zmq.Socket, beats: BeatThread, service, config: wp.Config) -> int:
         interval = config.heartbeat_ms / 1000
         broker_seen = next_beat = time.monotonic()
         handlers = Dispatcher({wp.Request: self.on_request, wp.Heartbeat: lambda *_: None,
@@ -152,7 +152,7 @@ class Worker:
                 break
         return self.exit_code
 
-    def on_request(self, msg: wp.Request, sock: zmq.Socket, beats: "BeatThread", service) -> None:
+    def on_request(self, msg: wp.Request, sock: zmq.Socket, beats: BeatThread, service) -> None:
         with beats.computing():
             payload = service.handle(msg.payload)
         with beats.lock:

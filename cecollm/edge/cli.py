@@ -51,7 +51,7 @@ def edge_command(spec, device_id, broker, upload, shm, threshold, standalone, no
         raise UserError("--max-new-tokens and --timeout must be positive")
     config = EdgeConfig(device_id, broker, upload, shm, threshold, standalone, not no_fp16, max_new_tokens, timeout)
     try:
-        config.upload_address
+        _ = config.upload_address  # derived from --broker: a broker address it cannot be derived from is an error now
     except ValueError as exc:
         raise UserError(str(exc)) from None
     texts = read_prompts(prompt, prompts_file)

@@ -13,24 +13,24 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import zmq
 
-from cecollm.wire import edge_cloud as ep
-from cecollm.wire.rpc import CallTimeout, RpcSocket
-from cecollm.wire.wire import ErrorCode, ProtocolError
+from cecollm.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_THRESHOLD
 from cecollm.edge.heads import HeadSet
 from cecollm.edge.partition import EdgePartition
 from cecollm.edge.sender import UploadSender
-from cecollm.generation import GenerationResult, TokenRecord, decode_greedily
-from cecollm.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_THRESHOLD
 from cecollm.errors import UserError
+from cecollm.generation import GenerationResult, TokenRecord, decode_greedily
 from cecollm.layers import DecoderRunner
 from cecollm.prompting import eos_ids
 from cecollm.split import Split
+from cecollm.wire import edge_cloud as ep
+from cecollm.wire.rpc import CallTimeout, RpcSocket
+from cecollm.wire.wire import ErrorCode, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class EdgeClient:
             self._rpc.close()
         self._sender = self._rpc = None
 
-    def __enter__(self) -> "EdgeClient":
+    def __enter__(self) -> EdgeClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -235,7 +235,7 @@ class EdgeClient:
             self._finish(gen)
         return result
 
-    def _start(self, gen: "_Generation") -> None:
+    def _start(self, gen: _Generation) -> None:
         if self.config.standalone:
             gen.stats.standalone_reason = "asked for (--standalone)"
             return
@@ -246,7 +246,7 @@ class EdgeClient:
             self._go_alone(gen, str(exc))
         self.session = gen.session
 
-    def _step(self, gen: "_Generation", inputs: list[int]):
+    def _step(self, gen: _Generation, inputs: list[int]):
         """(token, decided by, confidence) for the next position."""
         stats = gen.stats
         t0 = time.perf_counter()
@@ -279,14 +279,14 @@ class EdgeClient:
         token, conf = self._last_exit()
         return token, self.split.last_exit, conf
 
-    def _go_alone(self, gen: "_Generation", why: str) -> None:
+    def _go_alone(self, gen: _Generation, why: str) -> None:
         if self._sender is not None:
             self._sender.end()  # the cloud releases the session now, not after its idle TTL
         gen.session = self.session = None
         gen.stats.standalone_reason = why
         log.warning("device %d: going on on the edge alone: %s", self.config.device_id, why)
 
-    def _finish(self, gen: "_Generation") -> None:
+    def _finish(self, gen: _Generation) -> None:
         if gen.session is not None:
             self._sender.end()
         if self._sender is not None:
@@ -297,19 +297,16 @@ class EdgeClient:
 
     def _cloud_token(self, session: int, position: int, stats: EdgeStats, kept: list):
         """((token, prob) or None on a timeout, session); reopens the session once if the state was lost."""
-        try:
-            return self._ask(session, position, stats), session
-        except CallTimeout:
-            stats.timeouts += 1
-            return None, session
-        except LookupError as exc:
-            log.info("device %d: %s; opening a new session and uploading again", self.config.device_id, exc)
-        stats.reuploads += 1
-        session = self._open(stats, kept)
-        try:
-            return self._ask(session, position, stats), session
-        except CallTimeout:
-            stats.timeouts += 1
-            return None, session
-        except LookupError as exc:
-            raise _CloudGone(f"the cloud lost the device's state again: {exc}") from None
+        for attempt in range(2):
+            try:
+                return self._ask(session, position, stats), session
+            except CallTimeout:
+                stats.timeouts += 1
+                return None, session
+            except LookupError as exc:
+                if attempt:
+                    raise _CloudGone(f"the cloud lost the device's state again: {exc}") from None
+                log.info("device %d: %s; opening a new session and uploading again", self.config.device_id, exc)
+            stats.reuploads += 1
+            session = self._open(stats, kept)
+        raise AssertionError("the second attempt returns or raises")

@@ -24,6 +24,7 @@ from cecollm.layers import top1
 from cecollm.spec import HEADS_FORMAT, ModelSpec, Resolved, read_heads_meta
 from cecollm.split import Split
 
+
 class ExitHead(torch.nn.Module):
     """Base of exit heads: hidden [1, T, H] -> logits [1, T, vocab] through the shared LM head."""
 
@@ -201,7 +202,7 @@ class HeadSet:
     training: dict = field(default_factory=dict)  # settings and results of the training run
 
     @classmethod
-    def lens(cls, model: torch.nn.Module, exits: tuple[int, ...]) -> "HeadSet":
+    def lens(cls, model: torch.nn.Module, exits: tuple[int, ...]) -> HeadSet:
         """Untrained default: the model's final norm at every exit."""
         return cls(exits=tuple(exits), heads={e: NormHead(model.model.norm) for e in exits})
 
@@ -226,12 +227,12 @@ class HeadSet:
         save_file(tensors, str(path), metadata=metadata)
 
     @classmethod
-    def load(cls, path: str | Path, model: torch.nn.Module, model_identity: str) -> "HeadSet":
+    def load(cls, path: str | Path, model: torch.nn.Module, model_identity: str) -> HeadSet:
         """Load heads for `model`; a file made for another model fails with a UserError."""
         path = Path(path)
         meta = read_heads_meta(path, model_identity, model.config.num_hidden_layers)
         with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
         exits, arch, options = meta.exits, meta.arch, meta.arch_options
         heads = {}
         for e in exits:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
-from cecollm.wire import edge_cloud as ep
 from cecollm.cache import shm
+from cecollm.wire import edge_cloud as ep
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import click
 
 from cecollm.cliutil import GuardedCommand, set_threads
-from cecollm.exits.config import HOLDOUT, DataConfig, TrainConfig
 from cecollm.config import DEFAULT_MODEL
+from cecollm.exits.config import HOLDOUT, DataConfig, TrainConfig
 from cecollm.split import parse_exits
 
 _T = TrainConfig()
@@ -49,7 +49,8 @@ def _arch_options(arch: str, rank: int | None, vocab: int) -> dict:
                    "that defers (adapter; 0 = the full LM head). 8192 makes a SmolLM2 head 15x cheaper.")
 @click.option("--eval-data", multiple=True, metavar="FILE", help="Extra evaluation-only files (all records).")
 @click.option("--holdout", type=_COUNT, default=_D.holdout, show_default=True, help="Alpaca records held out at the end of each file.")
-@click.option("--max-tokens", type=_COUNT, default=_D.max_tokens, show_default=True, help="Token budget of the teacher pass (0 = all text).")
+@click.option("--max-tokens", type=_COUNT, default=_D.max_tokens, show_default=True,
+              help="Token budget of the teacher pass (0 = all text).")
 @click.option("--max-len", type=_LENGTH, default=_D.max_len, show_default=True, help="Tokens per sequence at most.")
 @click.option("--top-k", type=_POSITIVE, default=_D.top_k, show_default=True, help="Teacher probabilities cached per token.")
 @click.option("--epochs", type=_ABOVE_ZERO, default=_T.epochs, show_default=True)

@@ -11,14 +11,13 @@ Formats are recognised per record by their fields:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from cecollm.errors import UserError
 from cecollm.exits.config import HOLDOUT
+from cecollm.prompting import read_records, record_prompt
 
-SUMMARY_REQUEST = "Summarize the following article in one sentence.\n\n"
 TEXT_CHUNK_CHARS = 2000  # plain text files are cut into pieces of about this size
 
 
@@ -31,17 +30,11 @@ class Example:
     response: str  # the assistant's turn, or the raw text
 
 
-def alpaca_prompt(record: dict) -> str:
-    """The user prompt of an Alpaca record: the instruction, then the input if any."""
-    extra = (record.get("input") or "").strip()
-    return record["instruction"].strip() + (f"\n\n{extra}" if extra else "")
-
-
 def _from_record(record: dict, source: str) -> Example | None:
     if "instruction" in record:
-        return Example(source, alpaca_prompt(record), record.get("output", ""))
+        return Example(source, record_prompt(record), record.get("output", ""))
     if "document" in record and "summary" in record:
-        return Example(source, SUMMARY_REQUEST + record["document"].strip(), record["summary"])
+        return Example(source, record_prompt(record), record["summary"])
     if "question" in record and "answer" in record:
         answer = record["answer"]
         answer = answer[0] if isinstance(answer, list) and answer else answer
@@ -51,23 +44,6 @@ def _from_record(record: dict, source: str) -> Example | None:
     if "text" in record:
         return Example(source, None, record["text"])
     return None
-
-
-def read_records(path: Path) -> list[dict]:
-    """The JSON objects of a jsonl file; a UserError names the first bad line."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{n}: not JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{n}: a record is a JSON object, got {type(record).__name__}")
-            records.append(record)
-    return records
 
 
 def is_alpaca(records: list[dict]) -> bool:

@@ -20,7 +20,8 @@ from cecollm.config import GenerationConfig
 from cecollm.engine import SplitEngine
 from cecollm.errors import UserError
 from cecollm.exits.config import HOLDOUT
-from cecollm.exits.data import alpaca_prompt, is_alpaca, read_records, split_records
+from cecollm.exits.data import is_alpaca, split_records
+from cecollm.prompting import read_records, record_prompt
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -36,7 +37,7 @@ def read_prompts(path: str | Path, part: str = "heldout", holdout: int = HOLDOUT
     records = read_records(path)
     if is_alpaca(records):
         chosen = split_records(records, part, holdout) if part != "all" else list(enumerate(records))
-        return [(f"{path.name}:{i}", alpaca_prompt(r)) for i, r in chosen]
+        return [(f"{path.name}:{i}", record_prompt(r)) for i, r in chosen]
     out = []
     for i, r in enumerate(records):
         text = r.get("prompt") or r.get("question") or r.get("text")
@@ -91,7 +92,7 @@ def run_report(loaded, split, heads, prompts, max_new_tokens: int, thresholds=TH
     rows = {t: ThresholdRow(t) for t in thresholds}
     tok = loaded.tokenizer
     order = sorted(thresholds, reverse=True)  # 1.0 first: the reference
-    for source, prompt in tqdm(prompts, desc="exits-report", unit="prompt"):
+    for _source, prompt in tqdm(prompts, desc="exits-report", unit="prompt"):
         ids = encode_prompt(tok, prompt)
         ref_ids, ref_text, ref_choices = None, None, None
         for t in order:

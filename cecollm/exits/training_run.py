@@ -11,9 +11,9 @@ import torch
 from cecollm.edge.heads import HeadSet
 from cecollm.errors import UserError
 from cecollm.exits.collect import CacheSpec, collect, file_sources
+from cecollm.exits.config import DataConfig, TrainConfig
 from cecollm.exits.data import read_examples
 from cecollm.exits.measure import measure_heads
-from cecollm.exits.config import DataConfig, TrainConfig
 from cecollm.exits.train import ExitTrainer
 from cecollm.loading import cecollm_home
 from cecollm.split import Split

@@ -9,8 +9,17 @@
 from cecollm.linkem.delayline import DelayLine, DirectionStats
 from cecollm.linkem.emulator import ForwardStats, LinkEmulator, LinkStats
 from cecollm.linkem.probe import LinkMeasurement, ProbeServer, measure_link, measure_overhead
-from cecollm.linkem.profile import (PRESETS, Endpoint, Forward, LinkProfile, PathProfile, parse_endpoint,
-                                    parse_forward, resolve_profile, symmetric)
+from cecollm.linkem.profile import (
+                                    PRESETS,
+                                    Endpoint,
+                                    Forward,
+                                    LinkProfile,
+                                    PathProfile,
+                                    parse_endpoint,
+                                    parse_forward,
+                                    resolve_profile,
+                                    symmetric,
+)
 
 __all__ = ["DelayLine", "DirectionStats", "Endpoint", "Forward", "ForwardStats", "LinkEmulator",
            "LinkMeasurement", "LinkProfile", "LinkStats", "PRESETS", "PathProfile", "ProbeServer",

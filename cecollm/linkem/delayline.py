@@ -12,8 +12,8 @@ import asyncio
 import random
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable
 
 from cecollm.linkem.profile import PathProfile
 
@@ -37,7 +37,7 @@ class DirectionStats:
     max_late_s: float = 0.0  # the latest write
     transit_s: float = 0.0  # wall time with bytes inside the link (read, not yet delivered): time on the wire
 
-    def __add__(self, other: "DirectionStats") -> "DirectionStats":
+    def __add__(self, other: DirectionStats) -> DirectionStats:
         merged = {}
         for f in fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)

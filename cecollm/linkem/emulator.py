@@ -13,8 +13,8 @@ import logging
 import random
 import selectors
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from cecollm.errors import UserError
 from cecollm.linkem.delayline import DelayLine, DirectionCounters, DirectionStats, LinkOccupancy
@@ -99,7 +99,7 @@ class LinkEmulator:
 
     # -- the caller's thread ------------------------------------------------------------------
 
-    def start(self) -> "LinkEmulator":
+    def start(self) -> LinkEmulator:
         """Bind every listening address and start relaying; raises UserError when one cannot be bound."""
         assert self._thread is None, "a LinkEmulator starts once"
         self._loop = asyncio.SelectorEventLoop(selectors.SelectSelector())
@@ -121,7 +121,7 @@ class LinkEmulator:
         self._thread.join(timeout)
         assert not self._thread.is_alive(), "the link emulator's loop did not stop"
 
-    def __enter__(self) -> "LinkEmulator":
+    def __enter__(self) -> LinkEmulator:
         return self.start()
 
     def __exit__(self, *exc) -> None:

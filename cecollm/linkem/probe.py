@@ -36,7 +36,7 @@ class ProbeServer:
         self._threads: list[threading.Thread] = []
         self._stopping = False
 
-    def start(self) -> "ProbeServer":
+    def start(self) -> ProbeServer:
         self._spawn(self._accept_loop)
         return self
 
@@ -50,7 +50,7 @@ class ProbeServer:
         for t in self._threads:
             t.join(5.0)
 
-    def __enter__(self) -> "ProbeServer":
+    def __enter__(self) -> ProbeServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

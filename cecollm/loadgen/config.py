@@ -48,7 +48,7 @@ class FanoutConfig:
     threads: int = 1  # torch threads (live/record)
 
     @property
-    def edge(self) -> "EdgeConfig":
+    def edge(self) -> EdgeConfig:
         """The EdgeConfig a device of this run uses (device id set per client)."""
         from cecollm.edge.client import EdgeConfig
 

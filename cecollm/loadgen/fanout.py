@@ -18,7 +18,7 @@ import logging
 import random
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from cecollm.errors import UserError
 from cecollm.loadgen.config import FanoutConfig, check_config

@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 from cecollm.errors import UserError
 from cecollm.loadgen.config import FanoutConfig, check_config, read_prompt_texts
@@ -72,8 +72,8 @@ def order(count: int, client: int, rotate: bool) -> list[int]:
 def live_devices(config: FanoutConfig, summaries: list[ClientSummary], delays: list[float], stop: threading.Event,
               progress, user_errors: list[UserError]) -> list[threading.Thread]:
     """Threads that run one real EdgeClient each (one shared model); a UserError stops them all."""
-    from cecollm.loadgen.trace import TracingClient
     from cecollm.edge.client import EdgeConfig
+    from cecollm.loadgen.trace import TracingClient
 
     loaded, split, heads, prompt_ids = load_edge(config)
 

@@ -99,7 +99,7 @@ class MemoryMonitor:
             if self.sample() is None:
                 return
 
-    def __enter__(self) -> "MemoryMonitor":
+    def __enter__(self) -> MemoryMonitor:
         self.sample()
         self._thread.start()
         return self

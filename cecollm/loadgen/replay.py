@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 
 import zmq
 
+from cecollm.edge.sender import UploadSender
+from cecollm.errors import UserError
 from cecollm.loadgen.trace import Trace, TraceEvent, TraceGeneration
 from cecollm.wire import edge_cloud as ep
 from cecollm.wire.rpc import CallTimeout, RpcSocket
 from cecollm.wire.wire import ErrorCode, ProtocolError
-from cecollm.edge.sender import UploadSender
-from cecollm.errors import UserError
 
 if TYPE_CHECKING:
     from cecollm.loadgen.config import FanoutConfig
@@ -36,7 +36,7 @@ class _Abort(Exception):
 class ReplayDevice:
     """One replaying device: its sockets, its counters (a ClientSummary)."""
 
-    def __init__(self, config: "FanoutConfig", trace: Trace, summary: "ClientSummary", stop, user_errors: list) -> None:
+    def __init__(self, config: FanoutConfig, trace: Trace, summary: ClientSummary, stop, user_errors: list) -> None:
         self.config = config
         self.trace = trace
         self.summary = summary

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from cecollm.wire import edge_cloud as ep
-from cecollm.wire.rpc import CallTimeout, RpcSocket
 from cecollm.edge.client import EdgeClient, EdgeResult
 from cecollm.edge.sender import UploadSender
 from cecollm.errors import UserError
+from cecollm.wire import edge_cloud as ep
+from cecollm.wire.rpc import CallTimeout, RpcSocket
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class Trace:
         return rows_path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Trace":
+    def load(cls, path: str | Path) -> Trace:
         """Read a trace; a missing or malformed file is a UserError (one line)."""
         path = Path(path)
         try:
@@ -149,7 +149,7 @@ class Trace:
             if not kinds or kinds[0] != "hello" or kinds[-1] != "end" or kinds.count("hello") != 1:
                 raise UserError(f"trace generation {g.prompt_index}: expected hello ... end, got {kinds[:3]}...")
             for e in g.events:
-                if e.kind == "upload" and not (0 <= e.row and e.row + e.rows <= len(self.rows) and e.rows > 0):
+                if e.kind == "upload" and not (e.row >= 0 and e.row + e.rows <= len(self.rows) and e.rows > 0):
                     raise UserError(f"trace generation {g.prompt_index}: upload rows [{e.row}, {e.row + e.rows}) "
                                     f"outside the {len(self.rows)} stored rows")
 

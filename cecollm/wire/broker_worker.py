@@ -16,16 +16,7 @@ import enum
 from cecollm.wire.edge_cloud import Exits
 from cecollm.wire.wire import U32, U64, Boundary, Frames, Message, Text
 
-
-class Command(enum.IntEnum):
-    CONNECT = 1
-    CONFIG = 2
-    READY = 3
-    HEARTBEAT = 4
-    REQUEST = 5
-    REPLY = 6
-    DISCONNECT = 7
-    ERROR = 8
+Command = enum.IntEnum("Command", "CONNECT CONFIG READY HEARTBEAT REQUEST REPLY DISCONNECT ERROR")  # 1, 2, ...
 
 
 WORKER = Boundary(b"CW", 2, Command)  # 2: fields declared once (msgspec bodies)

@@ -11,7 +11,7 @@ loop goes on with the next message.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import zmq
 

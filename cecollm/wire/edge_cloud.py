@@ -15,20 +15,13 @@ import enum
 from typing import Annotated
 
 import msgspec
-from cecollm.wire.wire import U32, U64, Boundary, ErrorCode, Message, Tensor, Text, WireDtype
+
+from cecollm.wire.wire import U32, U64, Boundary, Decision, Message, Refusal, Tensor, Text, WireDtype
 
 MAX_UPLOAD_BYTES = 64 << 20  # largest upload tensor accepted
 
 
-class Command(enum.IntEnum):
-    HELLO = 1
-    WELCOME = 2
-    DECIDE = 3
-    TOKEN = 4
-    UPLOAD = 5
-    UPLOAD_SHM = 6
-    END = 7
-    ERROR = 8
+Command = enum.IntEnum("Command", "HELLO WELCOME DECIDE TOKEN UPLOAD UPLOAD_SHM END ERROR")  # 1, 2, ...
 
 
 EDGE = Boundary(b"CE", 2, Command)  # 2: fields declared once (msgspec bodies)
@@ -37,12 +30,31 @@ TAG, VERSION = EDGE.tag, EDGE.version
 Exits = Annotated[tuple[U32, ...], msgspec.Meta(min_length=1, max_length=256)]
 
 
-@EDGE.message(Command.HELLO)
-class Hello(Message, frozen=True):
-    """First request of a generation: who the edge is and what it runs."""
+class DeviceMessage(Message, frozen=True):
+    """A request of a device, or the reply to one: who, and which request."""
 
     device_id: U32
-    seq: U32
+    seq: U32  # the device's request number; a reply carries its request's
+
+
+class SessionMessage(Message, frozen=True):
+    """An upload-channel message: which device and which of its sessions."""
+
+    device_id: U32
+    session: U32
+
+
+class RowsMessage(SessionMessage, frozen=True):
+    """Rows of a session arrived, in order: the session's upload number and the first position."""
+
+    seq: U32  # the session's upload number, from 0
+    start: U32
+
+
+@EDGE.message(Command.HELLO)
+class Hello(DeviceMessage, frozen=True):
+    """First request of a generation: who the edge is and what it runs."""
+
     identity: Text  # LoadedModel.identity of the edge's model
     n_layers: U32
     exits: Exits
@@ -52,11 +64,9 @@ class Hello(Message, frozen=True):
 
 
 @EDGE.message(Command.WELCOME)
-class Welcome(Message, frozen=True):
+class Welcome(DeviceMessage, frozen=True):
     """The cloud opened a session for the device."""
 
-    device_id: U32
-    seq: U32
     session: U32  # names this generation's state; uploads and requests carry it
     capacity: U32  # positions the state can hold
     rows_offset: U64  # where row `p` starts in the segment: rows_offset + p * hidden * itemsize
@@ -64,35 +74,26 @@ class Welcome(Message, frozen=True):
 
 
 @EDGE.message(Command.DECIDE)
-class Decide(Message, frozen=True):
+class Decide(DeviceMessage, frozen=True):
     """Ask the cloud for the token after `position`: no tensor, the rows went up already."""
 
-    device_id: U32
-    seq: U32
     session: U32
     position: U32
 
 
 @EDGE.message(Command.TOKEN)
-class Token(Message, frozen=True):
-    """The cloud's token after `position`."""
+class Token(Decision, frozen=True):
+    """The cloud's token after `position`, for the device's request `seq`."""
 
     device_id: U32
     seq: U32
-    position: U32
-    token: U32
-    prob: float
     cloud_seconds: float  # the worker's compute time for this request
 
 
 @EDGE.message(Command.UPLOAD)
-class Upload(Message, frozen=True, eq=False):
+class Upload(RowsMessage, frozen=True, eq=False):
     """Upload-layer rows [start, start + n) of a session, rows [n, hidden] in the wire dtype."""
 
-    device_id: U32
-    session: U32
-    seq: U32  # the session's upload number, from 0
-    start: U32
     rows: Tensor(2, MAX_UPLOAD_BYTES)  # [n, hidden]
 
     def __post_init__(self) -> None:
@@ -101,31 +102,20 @@ class Upload(Message, frozen=True, eq=False):
 
 
 @EDGE.message(Command.UPLOAD_SHM)
-class UploadShm(Message, frozen=True):
+class UploadShm(RowsMessage, frozen=True):
     """Rows [start, start + count) were written into the session's shared-memory segment."""
 
-    device_id: U32
-    session: U32
-    seq: U32
-    start: U32
     count: Annotated[int, msgspec.Meta(ge=1, lt=1 << 32)]
 
 
 @EDGE.message(Command.END)
-class End(Message, frozen=True):
+class End(SessionMessage, frozen=True):
     """The generation ended: release the session's state."""
-
-    device_id: U32
-    session: U32
 
 
 @EDGE.message(Command.ERROR)
-class Error(Message, frozen=True):
+class Error(Refusal, frozen=True):
     """A request was refused; `seq` is the request's (0 when it could not be read)."""
-
-    seq: U32
-    code: ErrorCode
-    message: Text
 
 
 REQUESTS = (Command.HELLO, Command.DECIDE)  # what the request channel carries from the edge

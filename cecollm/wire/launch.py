@@ -15,10 +15,7 @@ import msgspec
 
 from cecollm.wire.wire import U32, Boundary, Message, Text
 
-
-class Command(enum.IntEnum):
-    READY = 1
-    FAILED = 2
+Command = enum.IntEnum("Command", "READY FAILED")  # 1, 2
 
 
 LAUNCH = Boundary(b"CL", 1, Command)
@@ -26,21 +23,24 @@ LAUNCH = Boundary(b"CL", 1, Command)
 Info = Annotated[dict[Text, Text], msgspec.Meta(max_length=64)]
 
 
-@LAUNCH.message(Command.READY)
-class Ready(Message, frozen=True):
-    """The daemon serves; `info` holds what its launcher needs (addresses, pids, the split)."""
+class DaemonNews(Message, frozen=True):
+    """Which daemon speaks: its role (broker, content-manager, worker, ...) and process id."""
 
     role: Text
     pid: U32
+
+
+@LAUNCH.message(Command.READY)
+class Ready(DaemonNews, frozen=True):
+    """The daemon serves; `info` holds what its launcher needs (addresses, pids, the split)."""
+
     info: Info
 
 
 @LAUNCH.message(Command.FAILED)
-class Failed(Message, frozen=True):
+class Failed(DaemonNews, frozen=True):
     """The daemon could not start, and why (one line, for the person who started it)."""
 
-    role: Text
-    pid: U32
     message: Text
 
 

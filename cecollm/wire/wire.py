@@ -108,11 +108,27 @@ class Message(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_field
     Checks that need more than one field go in `__post_init__`, raising ValueError: it runs on
     every message received (and built), and the ValueError becomes a ProtocolError."""
 
-    boundary: ClassVar["Boundary"]
+    boundary: ClassVar[Boundary]
     command: ClassVar[enum.IntEnum]
 
     def to_frames(self) -> list:
         return self.boundary.encode(self)
+
+
+class Refusal(Message, frozen=True):
+    """Base of the error replies of the request/reply boundaries: which request, why, in words."""
+
+    seq: U32  # the refused request's number (0 when it could not be read)
+    code: ErrorCode
+    message: Text
+
+
+class Decision(Message, frozen=True):
+    """Base of the messages that carry a decided token: the one after `position`, and its probability."""
+
+    position: U32
+    token: U32
+    prob: float
 
 
 def buffer_of(frame) -> memoryview:

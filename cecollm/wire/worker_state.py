@@ -23,22 +23,13 @@ from __future__ import annotations
 
 import enum
 
-from cecollm.wire.wire import DTYPE_CODES, DTYPES, U8, U32, U64, Boundary, ErrorCode, Message, Tensor, Text
+from cecollm.wire.wire import DTYPE_CODES, DTYPES, U8, U32, U64, Boundary, Decision, ErrorCode, Message, Tensor, Text
 
 MAX_STATE_BYTES = 1 << 31  # largest KV or rows tensor a remote grant or commit may carry
 
 
-class Command(enum.IntEnum):
-    OPEN = 1
-    OPENED = 2
-    LEASE = 3
-    GRANT = 4
-    COMMIT = 5
-    ERROR = 6
-    DECIDED = 7
-    STATE_GRANT = 8
-    STATE_COMMIT = 9
-    COMMITTED = 10
+Command = enum.IntEnum(  # 1, 2, ...
+    "Command", "OPEN OPENED LEASE GRANT COMMIT ERROR DECIDED STATE_GRANT STATE_COMMIT COMMITTED")
 
 
 # 2: COMMIT carries the decided token; DECIDED. 3: remote workers (LEASE flag, STATE_GRANT, ...).
@@ -60,12 +51,16 @@ def _check_kv(kv, positions: int) -> None:
 
 @STATE.message(Command.OPEN)
 class Open(Message, frozen=True):
+    """A device starts a generation: a new session and segment, for rows of this wire dtype."""
+
     device_id: U32
     wire_code: U8  # wire.DTYPES code of the rows the edge uploads
 
 
 @STATE.message(Command.OPENED)
 class Opened(Message, frozen=True):
+    """The session is open: its number, capacity, and where its rows start in the segment."""
+
     session: U32
     capacity: U32
     rows_offset: U64  # byte offset of row 0 in the segment
@@ -74,6 +69,8 @@ class Opened(Message, frozen=True):
 
 @STATE.message(Command.LEASE)
 class Lease(Message, frozen=True):
+    """May this worker compute the device's request `seq` up to `position`? (answered when it may)"""
+
     device_id: U32
     session: U32
     seq: U32  # the edge request's seq: a re-dispatched request supersedes its own older lease
@@ -83,6 +80,8 @@ class Lease(Message, frozen=True):
 
 @STATE.message(Command.GRANT)
 class Grant(Message, frozen=True):
+    """Yes: compute in the segment until COMMIT names this lease."""
+
     token: U64  # the lease; COMMIT names it
     folded: U32  # positions already in the KV cache
     received: U32  # rows received (> the requested position)
@@ -96,6 +95,8 @@ class Grant(Message, frozen=True):
 
 @STATE.message(Command.COMMIT)
 class Commit(Message, frozen=True):
+    """The lease ends: `folded` positions are in the KV now, and the token decided after the last."""
+
     device_id: U32
     token: U64  # the lease
     folded: U32
@@ -153,16 +154,14 @@ class Committed(Message, frozen=True):
 
 
 @STATE.message(Command.DECIDED)
-class Decided(Message, frozen=True):
+class Decided(Decision, frozen=True):
     """The answer a committed request already got (LEASE of a request that was retried)."""
-
-    position: U32
-    token: U32
-    prob: float
 
 
 @STATE.message(Command.ERROR)
 class Error(Message, frozen=True):
+    """An OPEN, LEASE or STATE_COMMIT was refused, or a message could not be read: why."""
+
     code: ErrorCode
     message: Text
 

@@ -20,16 +20,16 @@ import torch
 import zmq
 
 from cecollm.bench.baselines import protocol as bp
-from cecollm.wire.rpc import CallTimeout, RpcSocket
-from cecollm.wire.wire import ProtocolError
 from cecollm.edge.client import EdgeResult, EdgeStats
 from cecollm.edge.heads import HeadSet
 from cecollm.edge.partition import EdgePartition
-from cecollm.generation import TokenRecord
 from cecollm.errors import CecollmError
+from cecollm.generation import TokenRecord
 from cecollm.layers import DecoderRunner
 from cecollm.prompting import eos_ids
 from cecollm.split import Split
+from cecollm.wire.rpc import CallTimeout, RpcSocket
+from cecollm.wire.wire import ProtocolError
 
 
 class BaselineCloudError(CecollmError):

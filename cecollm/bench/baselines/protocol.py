@@ -17,18 +17,13 @@ from typing import Annotated
 
 import msgspec
 
-from cecollm.wire.wire import U32, Boundary, ErrorCode, Message, Tensor, Text
+from cecollm.wire.wire import U32, Boundary, Message, Refusal, Tensor
 
 MAX_IDS = 8192  # most token ids one message carries (the body stays under the wire's MAX_BODY)
 MAX_ROWS_BYTES = 256 << 20  # largest DECIDE_FULL tensor accepted
 
 
-class Command(enum.IntEnum):
-    GENERATE = 1
-    RESPONSE = 2
-    DECIDE_FULL = 3
-    TOKEN = 4
-    ERROR = 5
+Command = enum.IntEnum("Command", "GENERATE RESPONSE DECIDE_FULL TOKEN ERROR")  # 1, 2, ...
 
 
 BASELINE = Boundary(b"BL", 2, Command)  # 2: fields declared once (msgspec bodies)
@@ -78,12 +73,8 @@ class Token(Message, frozen=True):
 
 
 @BASELINE.message(Command.ERROR)
-class Error(Message, frozen=True):
+class Error(Refusal, frozen=True):
     """A request was refused; `seq` is the request's (0 when it could not be read)."""
-
-    seq: U32
-    code: ErrorCode
-    message: Text
 
 
 REQUESTS = (Command.GENERATE, Command.DECIDE_FULL)

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import click
 
-from cecollm.wire.wire import ErrorCode, ProtocolError
+from cecollm.bench.baselines import protocol as bp
 from cecollm.cliutil import GuardedCommand
 from cecollm.config import DEFAULT_MODEL
 from cecollm.errors import UserError
+from cecollm.wire.dispatch import Dispatcher
+from cecollm.wire.wire import ErrorCode, ProtocolError, clip
 
 log = logging.getLogger(__name__)
 
@@ -45,37 +47,33 @@ class StatelessCloud:
     """Answers one request at a time from the model alone; holds no per-device state."""
 
     def __init__(self, model, split) -> None:
-        from cecollm.engine import SplitEngine
         from cecollm.edge.heads import HeadSet
+        from cecollm.engine import SplitEngine
         from cecollm.layers import DecoderRunner
 
         self.split = split
         self.engine = SplitEngine(model, split, HeadSet.lens(model, split.exits))  # heads unused in mode cloud
         self.runner = DecoderRunner(model)
         self.max_positions = getattr(model.config, "max_position_embeddings", 1 << 16)
+        self.requests = Dispatcher({bp.Generate: self._generate, bp.DecideFull: self._decide_full})
 
     def handle(self, frames) -> object:
         """The reply (a protocol message) to one request's frames."""
-        from cecollm.bench.baselines import protocol as bp
-
         try:
-            msg = bp.parse(frames, bp.REQUESTS)
+            msg = bp.parse(frames, self.requests.commands)
         except ProtocolError as exc:
             log.warning("request refused: %s", exc)
-            return bp.Error(0, ErrorCode.MALFORMED, str(exc))
+            return bp.Error(0, ErrorCode.MALFORMED, clip(str(exc)))
         try:
-            if isinstance(msg, bp.Generate):
-                return self._generate(msg)
-            return self._decide_full(msg)
+            return self.requests(msg)
         except ProtocolError as exc:
             log.warning("request %d refused: %s", msg.seq, exc)
-            return bp.Error(msg.seq, ErrorCode.MALFORMED, str(exc))
+            return bp.Error(msg.seq, ErrorCode.MALFORMED, clip(str(exc)))
         except Exception as exc:  # a bug: answer, log, keep serving
             log.exception("request %d failed", msg.seq)
-            return bp.Error(msg.seq, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            return bp.Error(msg.seq, ErrorCode.INTERNAL, clip(f"{type(exc).__name__}: {exc}"))
 
     def _generate(self, msg):
-        from cecollm.bench.baselines import protocol as bp
         from cecollm.config import GenerationConfig
 
         vocab = self.runner.embed.num_embeddings
@@ -92,7 +90,6 @@ class StatelessCloud:
     def _decide_full(self, msg):
         import torch
 
-        from cecollm.bench.baselines import protocol as bp
         from cecollm.cache.kv import KVCache
         from cecollm.layers import top1
 

@@ -66,9 +66,9 @@ def _jobs_sent(backend):
 
 
 def test_least_recently_used_dispatch_and_a_worker_that_starts_over():
-    from cecollm.wire import edge_cloud as ep
-    from cecollm.wire import broker_worker as wp
     from cecollm.broker.router import Broker
+    from cecollm.wire import broker_worker as wp
+    from cecollm.wire import edge_cloud as ep
 
     front, back = _Collect(), _Collect()
     broker = Broker(front, back, wp.Config("/m", "id", (2,), 2, "ipc:///x", 250, 4))

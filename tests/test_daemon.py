@@ -15,16 +15,17 @@ import torch
 import zmq
 from click.testing import CliRunner
 
-from cecollm.wire import edge_cloud as ep
 from cecollm.broker.launch import BrokerProcess
-from cecollm.wire.wire import ErrorCode
+from cecollm.config import GenerationConfig
 from cecollm.edge.client import EdgeClient, EdgeConfig, EdgeStats
 from cecollm.edge.heads import HeadSet, NormHead
-from cecollm.config import GenerationConfig
 from cecollm.engine import SplitEngine
 from cecollm.errors import UserError
 from cecollm.loading import load_model
 from cecollm.split import Split
+from cecollm.wire import edge_cloud as ep
+from cecollm.wire.wire import ErrorCode
+
 from conftest import hf_greedy
 
 EXITS = (2, 4)
