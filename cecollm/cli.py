@@ -24,17 +24,21 @@ def cli(verbose: bool) -> None:
 @model_options
 @click.option("--prompt", required=True, help="The user's prompt.")
 @click.option("--mode", type=click.Choice(MODES), default=_DEFAULTS.mode, show_default=True,
-              help="cloud: the whole model; standalone: the edge alone; collab: exits, then the cloud.")
+              help="cloud: the whole model; standalone: the edge alone; collab: exits, then the cloud; exact: every "
+              "token an edge draft the cloud verifies (the full model's output at any threshold).")
 @click.option("--threshold", type=float, default=_DEFAULTS.threshold, show_default=True,
               help="An exit decides when its top-1 probability reaches this; 1.0 disables early exit.")
 @click.option("--max-new-tokens", type=int, default=_DEFAULTS.max_new_tokens, show_default=True)
 @click.option("--raw", is_flag=True, help="Use the prompt as is, without the chat template.")
 @click.option("--no-fp16", is_flag=True, help="Upload float32 hidden states instead of float16.")
+@click.option("--wait-below", type=click.FloatRange(0, 1), default=_DEFAULTS.wait_below, show_default=True,
+              help="--mode exact: below this draft confidence wait for the cloud's token instead.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads [default: torch's choice].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text and stats.")
-def generate(spec, prompt, mode, threshold, max_new_tokens, raw, no_fp16, threads, as_json):
+def generate(spec, prompt, mode, threshold, max_new_tokens, raw, no_fp16, wait_below, threads, as_json):
     """Generate greedily in one process and print the text and where each token was decided."""
-    config = GenerationConfig(mode=mode, threshold=threshold, max_new_tokens=max_new_tokens, fp16=not no_fp16)
+    config = GenerationConfig(mode=mode, threshold=threshold, max_new_tokens=max_new_tokens, fp16=not no_fp16,
+                              wait_below=wait_below)
     set_threads(threads)
     from cecollm.edge.heads import edge_setup
     from cecollm.engine import SplitEngine
@@ -55,7 +59,7 @@ def generate(spec, prompt, mode, threshold, max_new_tokens, raw, no_fp16, thread
     click.echo(
         f"[{mode} | {split.describe()} | threshold {threshold}] {len(result.token_ids)} tokens: "
         f"{s.edge_tokens} edge, {s.cloud_tokens} cloud; edge {s.edge_seconds:.2f} s, cloud {s.cloud_seconds:.2f} s; "
-        f"{s.bytes_up} bytes to the cloud",
+        f"{s.bytes_up} bytes to the cloud" + (f"; {s.drafts} drafts, {s.rollbacks} roll-backs" if mode == "exact" else ""),
         err=True,
     )
 

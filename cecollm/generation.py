@@ -23,6 +23,8 @@ class GenerationStats:
     edge_seconds: float = 0.0  # compute in the edge partition
     cloud_seconds: float = 0.0  # compute in the cloud partition (or the whole model)
     bytes_up: int = 0  # bytes the cloud would receive: hidden states (or token ids) on the wire
+    drafts: int = 0  # exact mode: tokens the edge drafted (rolled-back ones included)
+    rollbacks: int = 0  # exact mode: wrong drafts, each a roll-back of both KV caches
 
 
 @dataclass

@@ -267,3 +267,50 @@ def test_a_kv_dtype_the_wire_cannot_carry_is_refused_to_remote_workers_without_a
     assert err.code == ErrorCode.INTERNAL and "bfloat16" in err.message and manager.devices[3].lease_token == 0
     (_, grant), = _control(manager, b"w1", sp.Lease(3, opened.session, 1, 1))  # local workers are served
     assert isinstance(grant, sp.Grant) and manager.devices[3].layout.kv_itemsize == 2
+
+
+def _drafted(m, device, session, seq, start, n, drafts, epoch=0):
+    rows = np.ones((n, HIDDEN), dtype=np.float16)
+    m.on_upload([bytes(f) for f in ep.Upload(device, session, seq, start, rows, epoch=epoch, drafts=drafts).to_frames()])
+
+
+def test_a_verifying_lease_gets_the_drafts_and_a_roll_back_begins_the_next_epoch(manager):
+    opened = _open(manager)
+    _drafted(manager, 3, opened.session, 0, 0, 4, (ep.NO_DRAFT, ep.NO_DRAFT, 11, 12))
+    manager.lease(sp.Lease(3, opened.session, 1, 3, verify=True, epoch=0), b"w1")
+    (_, grant), = manager.state.take()
+    assert grant.drafts == (ep.NO_DRAFT, ep.NO_DRAFT, 11, 12)
+    manager.on_rollback(sp.Rollback(3, grant.token, 3, 50, 0.9), b"w1")  # the draft after row 2 was wrong
+    (_, done), = manager.state.take()
+    dev = manager.devices[3]
+    assert done == sp.Committed(3) and (dev.folded, dev.received, dev.epoch, dev.upload_seq) == (3, 3, 1, 0)
+    assert dev.drafts[3] == ep.NO_DRAFT and dev.answer == sp.Decided(2, 50, 0.9)
+    _drafted(manager, 3, opened.session, 5, 4, 2, (7, 8), epoch=0)  # in flight before the edge heard: dropped
+    assert dev.received == 3 and dev.stale_uploads == 1 and not dev.broken
+    _drafted(manager, 3, opened.session, 0, 3, 2, (60, 61), epoch=1)  # the new epoch, numbered from 0
+    assert dev.received == 5 and not dev.broken
+    manager.lease(sp.Lease(3, opened.session, 2, 4, verify=True, epoch=0), b"w1")  # asked in the old epoch
+    (_, err), = manager.state.take()
+    assert err.code == ErrorCode.STALE and "epoch 0 is over" in err.message
+    manager.lease(sp.Lease(3, opened.session, 1, 3, verify=True, epoch=0), b"w2")  # request 1 retried: its answer
+    (_, again), = manager.state.take()
+    assert again == sp.Decided(2, 50, 0.9)
+    manager.lease(sp.Lease(3, opened.session, 3, 4, verify=True, epoch=1), b"w1")
+    (_, grant), = manager.state.take()
+    assert (grant.folded, grant.received, grant.drafts) == (3, 5, (60, 61))
+
+
+def test_uploads_from_a_future_epoch_break_the_session(manager):
+    opened = _open(manager)
+    _drafted(manager, 3, opened.session, 0, 0, 2, (1, 2), epoch=4)
+    assert "epoch 4" in manager.devices[3].broken
+    with pytest.raises(ValueError, match="drafts for"):
+        ep.Upload(3, 1, 0, 0, np.ones((2, HIDDEN), np.float16), drafts=(1,))  # one draft a row, or none
+
+
+def test_a_roll_back_of_a_lease_that_is_not_current_is_refused(manager):
+    opened = _open(manager)
+    _drafted(manager, 3, opened.session, 0, 0, 2, (1, 2))
+    manager.on_rollback(sp.Rollback(3, 12345, 1, 5, 0.5), b"w1")
+    (_, err), = manager.state.take()
+    assert err.code == ErrorCode.STALE and manager.devices[3].epoch == 0

@@ -17,8 +17,9 @@ from click.testing import CliRunner
 
 from cecollm.broker.launch import BrokerProcess
 from cecollm.config import GenerationConfig
-from cecollm.edge.client import EdgeClient, EdgeConfig, EdgeStats
+from cecollm.edge.client import EdgeClient, EdgeConfig
 from cecollm.edge.heads import HeadSet, NormHead
+from cecollm.edge.session import EdgeStats
 from cecollm.engine import SplitEngine
 from cecollm.errors import UserError
 from cecollm.loading import load_model

@@ -31,7 +31,8 @@ def test_the_tapped_row_gives_the_standalone_token():
     heads = HeadSet.lens(model, split.exits)
     runner = _TappingRunner(model, split.last_exit)
     collab = EdgePartition(runner, split, heads, threshold=1.0)
-    alone = EdgePartition(_TappingRunner(model, split.last_exit), split, heads, threshold=1.0, standalone=True)
+    alone = EdgePartition(_TappingRunner(model, split.last_exit), split, heads, threshold=1.0, last_exit_decides=True,
+                          upload=False)
     ids = [5, 9, 11]
     with torch.inference_mode():
         for _ in range(6):

@@ -142,6 +142,17 @@ def test_a_local_worker_that_cannot_find_the_segment_says_to_run_remote(loaded, 
         service._segment("cecollm-no-such-segment")
 
 
+def test_a_remote_worker_verifies_drafts_and_rolls_back_exactly(loaded, split, cloud):
+    """The exact mode with a remote worker: the grant carries the drafts, a wrong one ends with a
+    STATE_COMMIT that rolls the session back, and the output is transformers' greedy output."""
+    heads = HeadSet(EXITS, {e: SharpHead(loaded.model.model.norm) for e in EXITS})
+    with _client(loaded, split, cloud, 3, heads, exact=True, threshold=0.5, max_new_tokens=24) as client:
+        got = client.generate(PROMPT)
+    assert got.token_ids == hf_greedy(loaded.model, PROMPT, 24)
+    assert got.stats.rollbacks > 0 and got.stats.standalone_reason == ""
+    assert "refused" not in cloud.worker_log.read_text()
+
+
 def test_worker_cli_bad_addresses_are_one_line_exit_2():
     from click.testing import CliRunner
 

@@ -5,8 +5,9 @@ upload-layer rows, see shm.py) and a record of what it holds. Edges push rows st
 its upload PULL socket; workers ask on its state ROUTER socket for a lease on a device, then
 compute in the segment and commit (one way) how many positions are now folded into the KV cache (a remote
 worker, on another host, gets the state as tensors and commits the KV entries it appended, which are
-checked and written into the segment here). Rows
-that are folded are dropped (their pages given back). A session ends when the edge says so,
+checked and written into the segment here). A verifying lease of the exact mode that finds a wrong
+draft ends with a roll-back instead (device.py). Rows that are folded are dropped (their pages given
+back). A session ends when the edge says so,
 after an idle TTL, or when a byte budget needs room (least recently used idle device first).
 """
 
@@ -16,13 +17,13 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from multiprocessing.shared_memory import SharedMemory
+from dataclasses import dataclass
 
 import numpy as np
 import zmq
 
 from cecollm.cache import shm
+from cecollm.cache.device import DeviceState, StaleUpload, Waiter
 from cecollm.errors import UserError
 from cecollm.wire import edge_cloud as ep
 from cecollm.wire import worker_state as sp
@@ -58,38 +59,6 @@ class BudgetExceeded(Exception):
     """No room for a new session even after evicting every idle one."""
 
 
-@dataclass
-class _Waiter:
-    peer: bytes  # the worker's routing id
-    lease: sp.Lease
-    deadline: float
-
-
-@dataclass
-class DeviceState:
-    """What the manager holds for one device's current session."""
-
-    device_id: int
-    session: int
-    wire_code: int
-    layout: shm.StateLayout
-    segment: SharedMemory
-    received: int = 0  # rows received: positions [0, received)
-    folded: int = 0  # positions in the KV cache; their rows are dropped
-    upload_seq: int = 0  # the next upload's expected seq
-    lease_token: int = 0  # 0: no lease
-    lease_seq: int = 0  # the edge request the lease serves
-    lease_expires: float = 0.0
-    answer_seq: int = 0  # the edge request the last commit served...
-    answer: sp.Decided | None = None  # ...and its token, for a retry of that request
-    last_used: float = field(default_factory=time.monotonic)
-    broken: str | None = None  # why an upload was refused (the session cannot go on)
-    waiters: list[_Waiter] = field(default_factory=list)
-
-    def leased(self, now: float) -> bool:
-        return self.lease_token != 0 and now < self.lease_expires
-
-
 class ContentManager:
     """The serving loop and the device records."""
 
@@ -106,7 +75,7 @@ class ContentManager:
         self.state: zmq.Socket | None = None  # ROUTER: workers' requests
         self.uploads = Dispatcher({ep.Upload: self.on_rows, ep.UploadShm: self.on_rows_in_segment, ep.End: self.on_end})
         self.controls = Dispatcher({sp.Open: self.on_open, sp.Lease: self.lease, sp.Commit: self.on_commit,
-                                    sp.StateCommit: self.on_state_commit})
+                                    sp.StateCommit: self.on_state_commit, sp.Rollback: self.on_rollback})
 
     # ---- the loop ----------------------------------------------------------------------
     def bind(self) -> None:
@@ -177,42 +146,18 @@ class ContentManager:
         self.release(dev, "the generation ended")
 
     def on_rows(self, msg: ep.Upload, dev: DeviceState) -> None:
-        self._check_upload(dev, msg.seq, msg.start, msg.rows.shape[0])
-        self._store_rows(dev, msg)
-        self._received(dev, msg.rows.shape[0])
+        self._take_rows(msg, dev, msg.rows.shape[0])
 
     def on_rows_in_segment(self, msg: ep.UploadShm, dev: DeviceState) -> None:
-        self._check_upload(dev, msg.seq, msg.start, msg.count)
-        self._received(dev, msg.count)
+        self._take_rows(msg, dev, msg.count)
 
-    def _received(self, dev: DeviceState, count: int) -> None:
-        dev.upload_seq += 1
-        dev.received += count
+    def _take_rows(self, msg, dev: DeviceState, count: int) -> None:
+        try:
+            dev.take_rows(msg, count)
+        except StaleUpload as exc:  # the edge sent them before it heard of the roll-back
+            log.debug("%s; dropped", exc)
+            return
         self._serve_waiters(dev, time.monotonic())
-
-    def _check_upload(self, dev: DeviceState, seq: int, start: int, count: int) -> None:
-        problem = None
-        if dev.broken:
-            problem = f"session already broken ({dev.broken})"
-        elif seq != dev.upload_seq:
-            problem = f"upload seq {seq}, expected {dev.upload_seq}"
-        elif start != dev.received:
-            problem = f"upload starts at position {start}, expected {dev.received}"
-        elif start + count > dev.layout.capacity:
-            problem = f"rows up to {start + count} exceed the capacity of {dev.layout.capacity} positions"
-        if problem:
-            dev.broken = dev.broken or problem
-            raise ProtocolError(f"device {dev.device_id}: {problem}")
-
-    @staticmethod
-    def _store_rows(dev: DeviceState, msg: ep.Upload) -> None:
-        rows = msg.rows
-        if rows.dtype != DTYPES[dev.wire_code] or rows.shape[1] != dev.layout.hidden:
-            dev.broken = f"rows {rows.dtype.name} {rows.shape} do not fit {DTYPES[dev.wire_code].name} [n, {dev.layout.hidden}]"
-            raise ProtocolError(f"device {dev.device_id}: {dev.broken}")
-        begin, end = dev.layout.rows_span(msg.start, msg.start + rows.shape[0])
-        target = np.ndarray((rows.shape[0], rows.shape[1]), dtype=rows.dtype, buffer=dev.segment.buf, offset=begin)
-        target[:] = rows  # [n, hidden]: the one copy, from the frame into shared memory
 
     # ---- worker requests ---------------------------------------------------------------
     def on_control(self, frames) -> None:
@@ -239,6 +184,13 @@ class ContentManager:
         if refused:
             log.warning("remote commit refused: %s", refused[1])
         self._reply(peer, sp.Error(*refused) if refused else sp.Committed(msg.folded))
+
+    def on_rollback(self, msg: sp.Rollback, peer: bytes) -> None:
+        """A verifying lease ends at a wrong draft: a call, answered once the session is cut back."""
+        refused = self.commit(msg)
+        if refused:
+            log.warning("roll-back refused: %s", refused)
+        self._reply(peer, sp.Error(ErrorCode.STALE, refused) if refused else sp.Committed(msg.folded))
 
     def on_commit(self, msg: sp.Commit, peer: bytes) -> None:
         """A shared-memory worker's commit is one way: no reply."""
@@ -297,15 +249,18 @@ class ContentManager:
         if msg.position >= dev.layout.capacity:
             self._reply(peer, sp.Error(ErrorCode.CAPACITY, f"position {msg.position} is beyond the capacity of "
                                        f"{dev.layout.capacity} positions"))
-        elif msg.position < dev.folded and dev.answer and (dev.answer_seq, dev.answer.position) == (msg.seq, msg.position):
-            self._reply(peer, dev.answer)  # its first worker committed, then died before replying
+        elif dev.answer and dev.answer_seq == msg.seq:
+            self._reply(peer, dev.answer)  # its first worker committed (or rolled back), then died before replying
+        elif msg.verify and msg.epoch != dev.epoch:
+            self._reply(peer, sp.Error(ErrorCode.STALE, f"epoch {msg.epoch} is over: the session rolled back to "
+                                       f"{dev.folded} positions (epoch {dev.epoch})"))
         elif msg.position < dev.folded:
             self._reply(peer, sp.Error(ErrorCode.STALE, f"position {msg.position} was already decided"))
         elif msg.remote and self.config.kv_dtype not in DTYPE_CODES:
             self._reply(peer, sp.Error(ErrorCode.INTERNAL, f"a {self.config.kv_dtype} KV cache cannot travel to a "
                                        "remote worker (float16 and float32 only)"))
         else:
-            dev.waiters.append(_Waiter(peer, msg, time.monotonic() + self.config.wait_seconds))
+            dev.waiters.append(Waiter(peer, msg, time.monotonic() + self.config.wait_seconds))
             self._serve_waiters(dev, time.monotonic())
 
     def _serve_waiters(self, dev: DeviceState, now: float) -> None:
@@ -313,15 +268,18 @@ class ContentManager:
         for w in dev.waiters:
             if dev.broken:
                 self._reply(w.peer, sp.Error(ErrorCode.MISSING, f"device {dev.device_id}: {dev.broken}"))
+            elif w.lease.verify and w.lease.epoch != dev.epoch:
+                self._reply(w.peer, sp.Error(ErrorCode.STALE, f"epoch {w.lease.epoch} is over (now {dev.epoch})"))
             elif self._grantable(dev, w.lease, now):
                 self._counter = (self._counter + 1) % (1 << 32) or 1
                 dev.lease_token, dev.lease_seq = self._counter, w.lease.seq
                 dev.lease_expires = now + self.config.lease_seconds
+                drafts = dev.pending_drafts() if w.lease.verify else ()
                 if w.lease.remote:
-                    self._reply(w.peer, self._state_grant(dev))
+                    self._reply(w.peer, self._state_grant(dev, drafts))
                 else:
                     self._reply(w.peer, sp.Grant(dev.lease_token, dev.folded, dev.received, dev.layout.capacity,
-                                                 dev.wire_code, dev.segment.name))
+                                                 dev.wire_code, dev.segment.name, drafts))
             elif now > w.deadline:
                 self._reply(w.peer, sp.Error(ErrorCode.MISSING, f"device {dev.device_id}: position "
                                              f"{w.lease.position} not received in {self.config.wait_seconds:g} s "
@@ -341,7 +299,7 @@ class ContentManager:
         """The segment's KV cache [cloud_layers, 2, n_kv, capacity, head_dim] (a view: drop it before release)."""
         return np.ndarray(dev.layout.kv_shape, dtype=np.dtype(self.config.kv_dtype), buffer=dev.segment.buf)
 
-    def _state_grant(self, dev: DeviceState) -> sp.StateGrant:
+    def _state_grant(self, dev: DeviceState, drafts: tuple[int, ...]) -> sp.StateGrant:
         """A remote worker's grant: the filled KV and the rows not yet folded, copied out of the segment."""
         lay = dev.layout
         kv = np.ascontiguousarray(self._kv_view(dev)[:, :, :, :dev.folded])  # [L, 2, kv, folded, hd]
@@ -349,7 +307,7 @@ class ContentManager:
         rows = np.ndarray((dev.received - dev.folded, lay.hidden), dtype=DTYPES[dev.wire_code], buffer=dev.segment.buf,
                           offset=begin).copy()  # [received - folded, hidden]
         kv = kv.reshape(lay.cloud_layers * 2, lay.n_kv_heads, dev.folded, lay.head_dim)  # [L*2, kv, folded, hd]
-        return sp.StateGrant(dev.lease_token, dev.folded, dev.received, lay.capacity, kv, rows)
+        return sp.StateGrant(dev.lease_token, dev.folded, dev.received, lay.capacity, kv, rows, drafts)
 
     def commit_state(self, msg: sp.StateCommit) -> tuple[ErrorCode, str] | None:
         """A remote worker's commit: check its KV entries against the device, write them, end the lease."""
@@ -366,23 +324,24 @@ class ContentManager:
                                          f"{self.config.kv_dtype} {expected}")
         entries = msg.kv.reshape(lay.cloud_layers, 2, lay.n_kv_heads, n, lay.head_dim)  # [L, 2, kv, n, hd]
         self._kv_view(dev)[:, :, :, msg.start:msg.folded] = entries  # the one copy, from the frame into the segment
-        refused = self.commit(sp.Commit(msg.device_id, msg.token, msg.folded, msg.decided, msg.prob))
+        ending = sp.Rollback if msg.rollback else sp.Commit
+        refused = self.commit(ending(msg.device_id, msg.token, msg.folded, msg.decided, msg.prob))
         assert refused is None, f"a checked remote commit was refused: {refused}"
         return None
 
-    def commit(self, msg: sp.Commit) -> str | None:
-        """End a lease with `folded` positions in the KV; why it was refused, or None."""
+    def commit(self, msg: sp.Commit | sp.Rollback) -> str | None:
+        """End a lease with `folded` positions in the KV (a ROLLBACK: and cut the session back there);
+        why it was refused, or None."""
         dev = self.devices.get(msg.device_id)
         if dev is None or msg.token == 0 or dev.lease_token != msg.token:
             return f"device {msg.device_id}: lease {msg.token} is not current"
         if not dev.folded <= msg.folded <= dev.received:
             return f"device {msg.device_id}: folded {msg.folded} outside [{dev.folded}, {dev.received}]"
-        if msg.folded > dev.folded:
-            dev.answer_seq, dev.answer = dev.lease_seq, sp.Decided(msg.folded - 1, msg.decided, msg.prob)
-        dev.folded = msg.folded
-        dev.lease_token = 0
-        dev.last_used = time.monotonic()
-        shm.drop_pages(dev.segment, *dev.layout.dropped_pages(dev.folded))
+        if isinstance(msg, sp.Rollback):
+            dev.roll_back(msg.folded, msg.decided, msg.prob)
+            log.debug("device %d: rolled back to %d positions (epoch %d)", dev.device_id, dev.folded, dev.epoch)
+        else:
+            dev.end_lease(msg.folded, msg.decided, msg.prob)
         self._serve_waiters(dev, time.monotonic())
         return None
 

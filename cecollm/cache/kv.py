@@ -83,6 +83,10 @@ class KVCache:
         self.lengths[i] = end
         return self.storage[i, 0, :, :end].unsqueeze(0), self.storage[i, 1, :, :end].unsqueeze(0)
 
+    def truncate(self, length: int) -> None:
+        """Forget positions >= `length` at every layer (a roll-back: their tokens were wrong)."""
+        self.lengths = [min(n, length) for n in self.lengths]
+
     def read(self, layer: int):
         """Keys and values of `layer`, each [n_kv_heads, length, head_dim]."""
         i = layer - self.first_layer

@@ -50,6 +50,39 @@ class CloudPartition:
 
     def decide(self, position: int) -> tuple[int, float]:
         """Greedy next token after `position` and its probability."""
+        x = self._fold(position)
+        return top1(self.runner.logits(x[:, -1:])[0, -1])
+
+    def verify(self, position: int, drafts) -> tuple[int, int, float]:
+        """Fold rows up to `position` and check the edge's drafts: `drafts[r]` is the token the edge put
+        after row r (every folded row has one, but for `position` it may be missing: the edge waits).
+        (row, token, prob): the first row whose draft is wrong and the full model's token after it
+        (the state is then rolled back to row + 1 positions), or `position` and its token."""
+        first = self.folded
+        x = self._fold(position)
+        rows = [r for r in range(first, position) if r in drafts] + [position]  # prompt rows have no draft
+        logits = self.runner.logits(x[:, [r - first for r in rows]])[0]  # [checked rows, vocab]
+        tokens = torch.argmax(logits, dim=-1).tolist()  # greedy, as top1
+        for i, (row, token) in enumerate(zip(rows, tokens)):
+            draft = drafts.get(row)
+            if draft is not None and draft != token or row == position:
+                prob = float(torch.softmax(logits[i], dim=-1)[token])
+                if draft is not None and draft != token:
+                    self.rollback(row + 1)
+                return row, token, prob
+        raise AssertionError("the loop returns at `position`")
+
+    def rollback(self, length: int) -> None:
+        """Forget positions >= `length`: their rows came from a wrong token."""
+        self.cache.truncate(length)
+        self.folded = min(self.folded, length)
+        rows = torch.cat(self._received, dim=1) if self._received else None  # [1, received-folded, hidden]
+        keep = max(0, length - self.folded)
+        self._received = [rows[:, :keep]] if rows is not None and keep else []
+        self.received = min(self.received, length)
+
+    def _fold(self, position: int) -> torch.Tensor:
+        """Run rows [folded, position] through the cloud layers into the KV; their output [1, n, hidden]."""
         if position >= self.received:
             raise MissingPositions(f"position {position} not received (have {self.received})")
         if position < self.folded:
@@ -64,4 +97,4 @@ class CloudPartition:
         for index in range(self.split.upload_layer, self.split.n_layers):
             x = self.runner.run_layer(index, x, start, self.cache, rope)
         self.folded = position + 1
-        return top1(self.runner.logits(x[:, -1:])[0, -1])
+        return x

@@ -61,7 +61,7 @@ class CloudService:
                                 head_dim=runner.head_dim, hidden=runner.hidden_size,
                                 kv_itemsize=runner.embed.weight.element_size())
         self.segments: OrderedDict[str, shm.Attachment] = OrderedDict()  # mapped, least recently used first
-        self.requests = Dispatcher({ep.Hello: self.hello, ep.Decide: self.decide})
+        self.requests = Dispatcher({ep.Hello: self.hello, ep.Decide: self.decide, ep.Verify: self.verify})
 
     def close(self) -> None:
         for name in list(self.segments):
@@ -130,34 +130,59 @@ class CloudService:
         return ep.Welcome(msg.device_id, msg.seq, opened.session, opened.capacity, opened.rows_offset, opened.segment)
 
     def decide(self, msg: ep.Decide) -> ep.Token:
-        grant = self._call(sp.Lease(msg.device_id, msg.session, msg.seq, msg.position, self.remote))
+        return self._serve(msg, verify=False)
+
+    def verify(self, msg: ep.Verify) -> ep.Token:
+        return self._serve(msg, verify=True)
+
+    def _serve(self, msg: ep.Decide | ep.Verify, verify: bool) -> ep.Token:
+        """Lease the device, fold its rows up to the position (checking their drafts when `verify`),
+        end the lease (a roll-back at a wrong draft), and answer the row and the token after it."""
+        epoch = msg.epoch if verify else 0
+        grant = self._call(sp.Lease(msg.device_id, msg.session, msg.seq, msg.position, self.remote, verify, epoch))
         if isinstance(grant, sp.Decided):  # a retry: the first worker committed this, then died
-            return ep.Token(msg.position, grant.token, grant.prob, msg.device_id, msg.seq, 0.0)
+            return ep.Token(grant.position, grant.token, grant.prob, msg.device_id, msg.seq, 0.0)
         if isinstance(grant, sp.StateGrant) != self.remote:
             raise Refused(ErrorCode.INTERNAL, f"the content manager answered a {'remote' if self.remote else 'local'} "
                           f"lease with {type(grant).__name__}")
-        if self.remote:
-            return self._decide_remote(msg, grant)
-        token, prob, seconds = self._compute(grant, msg.position)  # seconds: the layers alone
-        # one way: if the request went to another worker meanwhile, it computes the same answer
-        commit = sp.Commit(msg.device_id, grant.token, msg.position + 1, token, prob)
-        try:
-            self.state.send(commit.to_frames())
-        except CallTimeout:  # the lease lapses on its own; the answer is right all the same
-            log.warning("device %d: the content manager took no commit", msg.device_id)
-        return ep.Token(msg.position, token, prob, msg.device_id, msg.seq, seconds)
+        drafts = {grant.folded + i: d for i, d in enumerate(grant.drafts) if d != ep.NO_DRAFT}
 
-    def _decide_remote(self, msg: ep.Decide, grant: sp.StateGrant) -> ep.Token:
-        token, prob, seconds, kv = self._fold_remote(grant, msg.position)
-        commit = sp.StateCommit(msg.device_id, grant.token, grant.folded, msg.position + 1, token, prob, kv)
+        def work(part: CloudPartition) -> tuple[int, int, float]:
+            if verify:
+                return part.verify(msg.position, drafts)
+            return (msg.position, *part.decide(msg.position))
+
+        if self.remote:
+            row, token, prob, seconds, kv = self._fold_remote(grant, msg.position, work)
+        else:
+            row, token, prob, seconds = self._compute(grant, msg.position, work)  # seconds: the layers alone
+        rollback = drafts.get(row, token) != token
+        if self.remote:
+            self._commit_remote(msg, grant, row, token, prob, kv, rollback)
+        elif rollback:  # a call: the session is cut back before the edge hears of it
+            self._call(sp.Rollback(msg.device_id, grant.token, row + 1, token, prob))
+        else:
+            # one way: if the request went to another worker meanwhile, it computes the same answer
+            try:
+                self.state.send(sp.Commit(msg.device_id, grant.token, row + 1, token, prob).to_frames())
+            except CallTimeout:  # the lease lapses on its own; the answer is right all the same
+                log.warning("device %d: the content manager took no commit", msg.device_id)
+        return ep.Token(row, token, prob, msg.device_id, msg.seq, seconds)
+
+    def _commit_remote(self, msg, grant: sp.StateGrant, row: int, token: int, prob: float, kv: np.ndarray,
+                       rollback: bool) -> None:
+        """A remote worker commits the KV entries it appended, [folded, row + 1), a call."""
+        entries = np.ascontiguousarray(kv[:, :, :row + 1 - grant.folded])  # [L*2, kv, kept, hd]
+        commit = sp.StateCommit(msg.device_id, grant.token, grant.folded, row + 1, token, prob, entries, rollback)
         try:
-            self._call(commit)  # COMMITTED, or an error: the state is then as before, the answer right all the same
+            self._call(commit)  # COMMITTED, or an error: the state is then as before
         except Refused as exc:
-            log.warning("device %d: remote commit refused: %s", msg.device_id, exc)
-        return ep.Token(msg.position, token, prob, msg.device_id, msg.seq, seconds)
+            if rollback:  # the session was not cut back: the edge must not go on from the wrong draft
+                raise
+            log.warning("device %d: remote commit refused: %s (the answer is right all the same)", msg.device_id, exc)
 
     @torch.inference_mode()
-    def _fold_remote(self, grant: sp.StateGrant, position: int) -> tuple[int, float, float, np.ndarray]:
+    def _fold_remote(self, grant: sp.StateGrant, position: int, work) -> tuple[int, int, float, float, np.ndarray]:
         """Fold the granted rows up to `position` on a copy of the granted KV; the new KV entries."""
         dtype = self.runner.embed.weight.dtype
         base = self.layout_base
@@ -175,20 +200,21 @@ class CloudService:
         part = CloudPartition.resume(self.runner, self.split, cache, folded)
         part.receive(folded, rows.view(1, n, base["hidden"]))  # [1, n, hidden]
         t0 = time.perf_counter()
-        token, prob = part.decide(position)
+        row, token, prob = work(part)
         seconds = time.perf_counter() - t0
         new = storage[:, :, :, folded:].contiguous().view(layers * 2, n_kv, n, hd)  # [L*2, kv, n, hd]
-        return token, prob, seconds, new.numpy()
+        return row, token, prob, seconds, new.numpy()
 
     @torch.inference_mode()
-    def _compute(self, grant: sp.Grant, position: int) -> tuple[int, float, float]:
+    def _compute(self, grant: sp.Grant, position: int, work) -> tuple[int, int, float, float]:
         wire = DTYPES.get(grant.wire_code)
         assert wire is not None, f"the content manager granted an unknown wire code {grant.wire_code}"
         layout = shm.StateLayout(capacity=grant.capacity, wire_itemsize=wire.itemsize, **self.layout_base)
         seg = self._segment(grant.segment)
-        return self._fold(seg, layout, getattr(torch, wire.name), grant.folded, position)
+        return self._fold(seg, layout, getattr(torch, wire.name), grant.folded, position, work)
 
-    def _fold(self, seg, layout: shm.StateLayout, wire_dtype, folded: int, position: int) -> tuple[int, float, float]:
+    def _fold(self, seg, layout: shm.StateLayout, wire_dtype, folded: int, position: int,
+              work) -> tuple[int, int, float, float]:
         count = 1
         for n in layout.kv_shape:
             count *= n
@@ -201,5 +227,5 @@ class CloudService:
         part = CloudPartition.resume(self.runner, self.split, cache, folded)
         part.receive(folded, rows.view(1, n, layout.hidden))  # [1, n, hidden]
         t0 = time.perf_counter()
-        token, prob = part.decide(position)
-        return token, prob, time.perf_counter() - t0
+        row, token, prob = work(part)
+        return row, token, prob, time.perf_counter() - t0

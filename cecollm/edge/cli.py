@@ -28,6 +28,11 @@ _E = EdgeConfig()
 @click.option("--threshold", type=float, default=_E.threshold, show_default=True,
               help="An exit decides when its top-1 probability reaches this; 1.0 disables early exit.")
 @click.option("--standalone", is_flag=True, help="Never ask the cloud: the last exit decides.")
+@click.option("--exact", is_flag=True, default=_E.exact, help="Exact collaboration: every token is a draft the cloud "
+              "verifies while the edge goes on; a wrong one is rolled back. The output is the full model's at any "
+              "threshold (bit for bit with --no-fp16).")
+@click.option("--wait-below", type=click.FloatRange(0, 1), default=_E.wait_below, show_default=True,
+              help="With --exact: below this draft confidence the edge waits for the cloud's token instead.")
 @click.option("--no-fp16", is_flag=True, help="Upload float32 hidden states instead of float16.")
 @click.option("--max-new-tokens", type=int, default=_E.max_new_tokens, show_default=True)
 @click.option("--timeout", type=float, default=_E.timeout, show_default=True,
@@ -39,8 +44,8 @@ _E = EdgeConfig()
 @click.option("--json", "as_json", is_flag=True, help="One JSON line per generation instead of text and stats.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Torch threads.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def edge_command(spec, device_id, broker, upload, shm, threshold, standalone, no_fp16, max_new_tokens, timeout,
-                 prompt, prompts_file, raw, as_json, threads, verbose) -> None:
+def edge_command(spec, device_id, broker, upload, shm, threshold, standalone, exact, wait_below, no_fp16,
+                 max_new_tokens, timeout, prompt, prompts_file, raw, as_json, threads, verbose) -> None:
     """Generate on this edge device; tokens no exit is sure of are asked of the cloud broker.
 
     Tokens stream to stdout as they are decided; each generation's stats go to stderr."""
@@ -49,7 +54,10 @@ def edge_command(spec, device_id, broker, upload, shm, threshold, standalone, no
         raise UserError(f"--threshold must be in [0, 1], got {threshold}")
     if max_new_tokens < 1 or timeout <= 0:
         raise UserError("--max-new-tokens and --timeout must be positive")
-    config = EdgeConfig(device_id, broker, upload, shm, threshold, standalone, not no_fp16, max_new_tokens, timeout)
+    if exact and standalone:
+        raise UserError("--exact needs the cloud to verify; it cannot be --standalone")
+    config = EdgeConfig(device_id, broker, upload, shm, threshold, standalone, exact, wait_below, not no_fp16,
+                        max_new_tokens, timeout)
     try:
         _ = config.upload_address  # derived from --broker: a broker address it cannot be derived from is an error now
     except ValueError as exc:
@@ -75,8 +83,8 @@ def edge_command(spec, device_id, broker, upload, shm, threshold, standalone, no
                 sys.stdout.flush()
                 continue
             stream.finish()
-            click.echo(f"[device {device_id} | {split.describe()} | threshold {threshold}] {stats_line(result)}",
-                       err=True)
+            mode = f"exact, threshold {threshold}" if exact else f"threshold {threshold}"
+            click.echo(f"[device {device_id} | {split.describe()} | {mode}] {stats_line(result)}", err=True)
 
 
 def stats_line(result) -> str:
@@ -86,6 +94,9 @@ def stats_line(result) -> str:
             f"{s.fallback_tokens} at the last exit ({s.timeouts} timeouts); {s.bytes_up} bytes up "
             f"(+{s.shm_bytes} via shared memory), {s.bytes_down} down; edge {s.edge_seconds:.2f} s, "
             f"cloud {s.cloud_seconds:.2f} s, communication {s.comm_seconds:.2f} s"
+            + (f"; {s.drafts} drafts, {s.rollbacks} roll-backs, {s.wasted_seconds:.2f} s wasted, "
+               f"{s.waiting_seconds:.2f} s waiting, verification {1000 * s.verify_seconds / s.verifies:.1f} ms"
+               if s.verifies else "")
             + (f"; edge alone: {s.standalone_reason}" if s.standalone_reason else ""))
 
 

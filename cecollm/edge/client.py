@@ -14,17 +14,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import zmq
 
-from cecollm.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_THRESHOLD
+from cecollm.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_THRESHOLD, DEFAULT_WAIT_BELOW
+from cecollm.edge.exact import ExactRun
 from cecollm.edge.heads import HeadSet
 from cecollm.edge.partition import EdgePartition
 from cecollm.edge.sender import UploadSender
+from cecollm.edge.session import CloudGone, EdgeResult, EdgeStats, Generation
 from cecollm.errors import UserError
-from cecollm.generation import GenerationResult, TokenRecord, decode_greedily
+from cecollm.generation import TokenRecord, decode_greedily
 from cecollm.layers import DecoderRunner
 from cecollm.prompting import eos_ids
 from cecollm.split import Split
@@ -45,6 +47,8 @@ class EdgeConfig:
     shm: bool | None = None  # write rows into the cloud's shared memory; None = yes for ipc:// addresses
     threshold: float = DEFAULT_THRESHOLD  # an exit decides when its top-1 probability reaches this; 1.0: no exits
     standalone: bool = False  # never ask the cloud
+    exact: bool = False  # the exact mode: every token a draft the cloud verifies, the output the full model's
+    wait_below: float = DEFAULT_WAIT_BELOW  # exact mode: below this draft confidence wait for the cloud instead
     fp16: bool = True  # upload float16 rows (False: float32)
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # stop after this many tokens (or at EOS)
     timeout: float = 5.0  # seconds a single-token request may take before the edge decides it itself
@@ -67,30 +71,6 @@ class EdgeConfig:
         return self.broker.startswith("ipc://") if self.shm is None else self.shm
 
 
-@dataclass
-class EdgeStats:
-    prompt_tokens: int = 0
-    edge_tokens: int = 0  # decided by a confident exit
-    cloud_tokens: int = 0  # decided by the cloud
-    fallback_tokens: int = 0  # decided at the last exit because the cloud did not (timeouts, errors, standalone)
-    timeouts: int = 0  # requests the cloud did not answer in time
-    reuploads: int = 0  # sessions reopened after the cloud lost the device's state
-    bytes_up: int = 0  # request and upload bytes sent (shared-memory rows not included)
-    shm_bytes: int = 0  # rows handed over through shared memory
-    bytes_down: int = 0  # reply bytes received
-    edge_seconds: float = 0.0  # edge compute
-    cloud_seconds: float = 0.0  # cloud compute, as the workers report it
-    comm_seconds: float = 0.0  # waiting on the cloud minus its compute
-    standalone_reason: str = ""  # why the generation (or its rest) ran on the edge alone
-
-
-@dataclass
-class EdgeResult(GenerationResult):
-    """A generation's tokens, with the edge's stats (to_dict as the in-process engine's)."""
-
-    stats: EdgeStats = field(default_factory=EdgeStats)
-
-
 class _TappingRunner(DecoderRunner):
     """A DecoderRunner that keeps the last row after the last exit's layer (for fallbacks)."""
 
@@ -104,21 +84,6 @@ class _TappingRunner(DecoderRunner):
         if index == self.tap_index:
             self.tapped = out[:, -1:]
         return out
-
-
-@dataclass
-class _Generation:
-    """One generation under way."""
-
-    edge: EdgePartition
-    stats: EdgeStats
-    session: int | None = None  # the cloud session; None: the edge goes on alone
-    kept: list = field(default_factory=list)  # (start, rows [n, hidden] wire dtype) uploaded, for a re-upload
-    timeouts_in_row: int = 0
-
-
-class _CloudGone(Exception):
-    """The cloud cannot serve this generation any more (the reason is the message)."""
 
 
 class EdgeClient:
@@ -185,27 +150,28 @@ class EdgeClient:
         self._seq = (self._seq + 1) % (1 << 32)
         return self._seq
 
-    def _open(self, stats: EdgeStats, kept: list) -> int:
-        """Open a session (HELLO) and queue every kept row again; the session number."""
+    def _open(self, stats: EdgeStats, kept: list, drafts_for=None) -> int:
+        """Open a session (HELLO) and queue every kept row again (with `drafts_for(start, n)`, the exact
+        mode's drafts); the session number."""
         c = self.config
         hello = ep.Hello(c.device_id, self._next_seq(), self.identity, self.split.n_layers, self.split.exits,
                          self.split.upload_layer, str(self.wire_dtype).removeprefix("torch."), c.use_shm)
         try:
             reply = self._request(hello, c.hello_timeout, stats)
         except CallTimeout:
-            raise _CloudGone(f"the cloud at {c.broker} did not answer HELLO within {c.hello_timeout:g} s") from None
+            raise CloudGone(f"the cloud at {c.broker} did not answer HELLO within {c.hello_timeout:g} s") from None
         if isinstance(reply, ep.Error) and reply.code == ErrorCode.MISMATCH:
             raise UserError(f"the cloud at {c.broker} refused device {c.device_id}: {reply.message}")
         if isinstance(reply, ep.Error):
-            raise _CloudGone(f"the cloud refused the session: {reply.message}")
+            raise CloudGone(f"the cloud refused the session: {reply.message}")
         self._sender.open(c.device_id, reply.session, reply.segment if c.use_shm else "", reply.capacity,
                           reply.rows_offset)
         for start, rows in kept:
-            self._sender.rows(start, rows)
+            self._sender.rows(start, rows, drafts_for(start, len(rows)) if drafts_for else ())
         return reply.session
 
     def _ask(self, session: int, position: int, stats: EdgeStats):
-        """(token, prob) from the cloud, None on a timeout; _CloudGone when it lost the state."""
+        """(token, prob) from the cloud, None on a timeout; CloudGone when it lost the state."""
         reply = self._request(ep.Decide(self.config.device_id, self._next_seq(), session, position),
                               self.config.timeout, stats)
         if isinstance(reply, ep.Token):
@@ -214,7 +180,7 @@ class EdgeClient:
             return reply.token, reply.prob
         if reply.code in (ErrorCode.UNKNOWN_DEVICE, ErrorCode.MISSING):
             raise LookupError(reply.message)  # state lost: worth a re-upload
-        raise _CloudGone(f"the cloud refused position {position}: {reply.message}")
+        raise CloudGone(f"the cloud refused position {position}: {reply.message}")
 
     def _last_exit(self) -> tuple[int, float]:
         assert self.runner.tapped is not None, "the last exit's row is tapped whenever no exit decided"
@@ -226,27 +192,32 @@ class EdgeClient:
         """Generate greedily from `prompt_ids`; `on_token` sees each token as soon as it is decided."""
         c = self.config
         result = EdgeResult([], [], EdgeStats(prompt_tokens=len(prompt_ids)))
-        gen = _Generation(EdgePartition(self.runner, self.split, self.heads, c.threshold, standalone=c.standalone),
+        gen = Generation(EdgePartition(self.runner, self.split, self.heads, c.threshold,
+                                        last_exit_decides=c.standalone or c.exact, upload=not c.standalone),
                           result.stats)
         self._start(gen)
         try:  # whatever happens (an exception in on_token, Ctrl-C), the cloud hears that it ended
-            decode_greedily(prompt_ids, c.max_new_tokens, self.eos, lambda ids: self._step(gen, ids), result, on_token)
+            if c.exact:
+                ExactRun(self, gen, prompt_ids, result, on_token).run()
+            else:
+                decode_greedily(prompt_ids, c.max_new_tokens, self.eos, lambda ids: self._step(gen, ids), result,
+                                on_token)
         finally:
             self._finish(gen)
         return result
 
-    def _start(self, gen: _Generation) -> None:
+    def _start(self, gen: Generation) -> None:
         if self.config.standalone:
             gen.stats.standalone_reason = "asked for (--standalone)"
             return
         self._connect()
         try:
             gen.session = self._open(gen.stats, gen.kept)
-        except _CloudGone as exc:
+        except CloudGone as exc:
             self._go_alone(gen, str(exc))
         self.session = gen.session
 
-    def _step(self, gen: _Generation, inputs: list[int]):
+    def _step(self, gen: Generation, inputs: list[int]):
         """(token, decided by, confidence) for the next position."""
         stats = gen.stats
         t0 = time.perf_counter()
@@ -264,7 +235,7 @@ class EdgeClient:
         if gen.session is not None:
             try:
                 answer, gen.session = self._cloud_token(gen.session, out.position, stats, gen.kept)
-            except _CloudGone as exc:
+            except CloudGone as exc:
                 self._go_alone(gen, str(exc))
             self.session = gen.session
         if answer is not None:
@@ -279,14 +250,14 @@ class EdgeClient:
         token, conf = self._last_exit()
         return token, self.split.last_exit, conf
 
-    def _go_alone(self, gen: _Generation, why: str) -> None:
+    def _go_alone(self, gen: Generation, why: str) -> None:
         if self._sender is not None:
             self._sender.end()  # the cloud releases the session now, not after its idle TTL
         gen.session = self.session = None
         gen.stats.standalone_reason = why
         log.warning("device %d: going on on the edge alone: %s", self.config.device_id, why)
 
-    def _finish(self, gen: _Generation) -> None:
+    def _finish(self, gen: Generation) -> None:
         if gen.session is not None:
             self._sender.end()
         if self._sender is not None:
@@ -305,7 +276,7 @@ class EdgeClient:
                 return None, session
             except LookupError as exc:
                 if attempt:
-                    raise _CloudGone(f"the cloud lost the device's state again: {exc}") from None
+                    raise CloudGone(f"the cloud lost the device's state again: {exc}") from None
                 log.info("device %d: %s; opening a new session and uploading again", self.config.device_id, exc)
             stats.reuploads += 1
             session = self._open(stats, kept)

@@ -35,6 +35,12 @@ class _Session:
 class _Rows:
     start: int
     rows: np.ndarray  # [n, hidden], wire dtype
+    drafts: tuple[int, ...] = ()  # exact mode: the edge's token after each row
+
+
+@dataclass(frozen=True)
+class _Epoch:
+    epoch: int  # the session rolled back: uploads from now on belong to this epoch, numbered from 0
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,8 @@ class _Link:
 
     def __init__(self) -> None:
         self.session: _Session | None = None
-        self.seq = 0  # the next upload's number in the session
+        self.seq = 0  # the next upload's number in the session's epoch
+        self.epoch = 0  # the session's roll-backs so far (exact mode)
         self.segment: shm.Attachment | None = None  # mapped when rows go through shared memory
         self.stalled = False  # an upload was given up on: the rest of the session's rows are dropped
 
@@ -76,8 +83,12 @@ class UploadSender:
         """Rows from now on belong to this session (segment: write them into shared memory)."""
         self.queue.put(_Session(device_id, session, segment, capacity, rows_offset))
 
-    def rows(self, start: int, rows: np.ndarray) -> None:
-        self.queue.put(_Rows(start, rows))
+    def rows(self, start: int, rows: np.ndarray, drafts: tuple[int, ...] = ()) -> None:
+        self.queue.put(_Rows(start, rows, tuple(drafts)))
+
+    def new_epoch(self, epoch: int) -> None:
+        """The session rolled back (exact mode): later rows are the next epoch's."""
+        self.queue.put(_Epoch(epoch))
 
     def end(self) -> None:
         self.queue.put(_End())
@@ -118,7 +129,7 @@ class UploadSender:
         link = self._link
         if isinstance(item, _Session):
             link.detach()
-            link.session, link.seq = item, 0
+            link.session, link.seq, link.epoch = item, 0, 0
             if item.segment:
                 try:
                     link.segment = shm.attach(item.segment)
@@ -127,26 +138,29 @@ class UploadSender:
                                 item.segment, getattr(exc, "strerror", None) or exc, self.address)
         elif link.session is None:
             return  # no session: standalone, nothing goes up
+        elif isinstance(item, _Epoch):
+            link.epoch, link.seq, link.stalled = item.epoch, 0, False
         elif isinstance(item, _Rows):
             if link.stalled:  # the cloud missed an upload: the session is broken there, rows are moot
                 self.dropped += 1
                 return
-            link.stalled = not self._send(sock, self._upload(link.session, link.seq, item, link.segment))
+            link.stalled = not self._send(sock, self._upload(link, item))
             link.seq += 1
         else:
             self._send(sock, ep.End(link.session.device_id, link.session.session).to_frames())
             link.detach()  # the cloud releases the segment: mapping it would keep its memory
 
-    def _upload(self, session: _Session, seq: int, item: _Rows, segment) -> list:
+    def _upload(self, link: _Link, item: _Rows) -> list:
+        session, segment, seq, marks = link.session, link.segment, link.seq, dict(epoch=link.epoch, drafts=item.drafts)
         n, hidden = item.rows.shape
         if segment is None or item.start + n > session.capacity:
-            return ep.Upload(session.device_id, session.session, seq, item.start, item.rows).to_frames()
+            return ep.Upload(session.device_id, session.session, seq, item.start, item.rows, **marks).to_frames()
         offset = session.rows_offset + item.start * hidden * item.rows.dtype.itemsize
         target = np.ndarray((n, hidden), dtype=item.rows.dtype, buffer=segment.buf, offset=offset)
         target[:] = item.rows  # [n, hidden] straight into the cloud's segment
         del target
         self.shm_bytes += item.rows.nbytes
-        return ep.UploadShm(session.device_id, session.session, seq, item.start, n).to_frames()
+        return ep.UploadShm(session.device_id, session.session, seq, item.start, n, **marks).to_frames()
 
     def _send(self, sock: zmq.Socket, frames: list) -> bool:
         """Whether the socket took the message within the send timeout."""

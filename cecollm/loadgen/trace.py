@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from cecollm.edge.client import EdgeClient, EdgeResult
+from cecollm.edge.client import EdgeClient
 from cecollm.edge.sender import UploadSender
+from cecollm.edge.session import EdgeResult
 from cecollm.errors import UserError
 from cecollm.wire import edge_cloud as ep
 from cecollm.wire.rpc import CallTimeout, RpcSocket

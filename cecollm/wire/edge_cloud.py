@@ -1,12 +1,18 @@
 """Edge <-> cloud wire protocol (tag b"CE").
 
 Request channel (edge DEALER, sent like REQ with an empty delimiter frame -> broker ROUTER):
-HELLO -> WELCOME | ERROR, DECIDE -> TOKEN | ERROR. Upload channel (edge PUSH -> content
-manager PULL, no replies): UPLOAD (rows as a tensor), UPLOAD_SHM (rows already written into
-the device's shared-memory segment), END (the generation ended: release the state).
+HELLO -> WELCOME | ERROR, DECIDE -> TOKEN | ERROR, VERIFY -> TOKEN | ERROR. Upload channel
+(edge PUSH -> content manager PULL, no replies): UPLOAD (rows as a tensor), UPLOAD_SHM (rows
+already written into the device's shared-memory segment), END (the generation ended: release
+the state).
 
 `seq` numbers requests of a device; `session` names one generation's state on the cloud
-(given by WELCOME); upload `seq` numbers a session's uploads, which must arrive in order.
+(given by WELCOME); upload `seq` numbers a session's uploads of one `epoch`, which must arrive
+in order. The exact mode: uploads carry the edge's draft after each row (the token it went on
+with); VERIFY folds the rows up to `position` and checks their drafts, and its TOKEN names the
+first row whose draft was wrong, with the full model's token after it (the cloud has then rolled
+the session back to row + 1 positions and begun the next epoch: uploads of an earlier epoch are
+dropped), or `position` and the token after it.
 """
 
 from __future__ import annotations
@@ -21,13 +27,16 @@ from cecollm.wire.wire import U32, U64, Boundary, Decision, Message, Refusal, Te
 MAX_UPLOAD_BYTES = 64 << 20  # largest upload tensor accepted
 
 
-Command = enum.IntEnum("Command", "HELLO WELCOME DECIDE TOKEN UPLOAD UPLOAD_SHM END ERROR")  # 1, 2, ...
+Command = enum.IntEnum("Command", "HELLO WELCOME DECIDE TOKEN UPLOAD UPLOAD_SHM END ERROR VERIFY")  # 1, 2, ...
 
 
-EDGE = Boundary(b"CE", 2, Command)  # 2: fields declared once (msgspec bodies)
+EDGE = Boundary(b"CE", 3, Command)  # 2: fields declared once (msgspec bodies); 3: the exact mode
+NO_DRAFT = (1 << 32) - 1  # in an upload's drafts: the edge made no draft after this row
+MAX_ROWS = 1 << 16  # most rows one upload carries
 TAG, VERSION = EDGE.tag, EDGE.version
 
 Exits = Annotated[tuple[U32, ...], msgspec.Meta(min_length=1, max_length=256)]
+Drafts = Annotated[tuple[U32, ...], msgspec.Meta(max_length=MAX_ROWS)]
 
 
 class DeviceMessage(Message, frozen=True):
@@ -47,8 +56,15 @@ class SessionMessage(Message, frozen=True):
 class RowsMessage(SessionMessage, frozen=True):
     """Rows of a session arrived, in order: the session's upload number and the first position."""
 
-    seq: U32  # the session's upload number, from 0
+    seq: U32  # the upload's number in its epoch, from 0
     start: U32
+
+
+class DraftedRows(RowsMessage, frozen=True, kw_only=True):
+    """Rows with the exact mode's fields (keyword-only: they come after each message's own)."""
+
+    epoch: U32 = 0  # roll-backs of the session so far
+    drafts: Drafts = ()  # the edge's token after each row (NO_DRAFT: none); () = no drafts (the paper's mode)
 
 
 @EDGE.message(Command.HELLO)
@@ -91,7 +107,7 @@ class Token(Decision, frozen=True):
 
 
 @EDGE.message(Command.UPLOAD)
-class Upload(RowsMessage, frozen=True, eq=False):
+class Upload(DraftedRows, frozen=True, eq=False):
     """Upload-layer rows [start, start + n) of a session, rows [n, hidden] in the wire dtype."""
 
     rows: Tensor(2, MAX_UPLOAD_BYTES)  # [n, hidden]
@@ -99,13 +115,17 @@ class Upload(RowsMessage, frozen=True, eq=False):
     def __post_init__(self) -> None:
         if self.rows.shape[0] == 0:
             raise ValueError(f"rows must be [n >= 1, hidden], got shape {self.rows.shape}")
+        check_drafts(self.drafts, self.rows.shape[0])
 
 
 @EDGE.message(Command.UPLOAD_SHM)
-class UploadShm(RowsMessage, frozen=True):
+class UploadShm(DraftedRows, frozen=True):
     """Rows [start, start + count) were written into the session's shared-memory segment."""
 
-    count: Annotated[int, msgspec.Meta(ge=1, lt=1 << 32)]
+    count: Annotated[int, msgspec.Meta(ge=1, le=MAX_ROWS)]
+
+    def __post_init__(self) -> None:
+        check_drafts(self.drafts, self.count)
 
 
 @EDGE.message(Command.END)
@@ -113,12 +133,26 @@ class End(SessionMessage, frozen=True):
     """The generation ended: release the session's state."""
 
 
+@EDGE.message(Command.VERIFY)
+class Verify(DeviceMessage, frozen=True):
+    """Check the drafts of the rows up to `position` (exact mode); TOKEN answers. No tensor either."""
+
+    session: U32
+    epoch: U32  # the session's epoch the edge is in: a request of an earlier one is stale
+    position: U32
+
+
+def check_drafts(drafts: tuple, rows: int) -> None:
+    if drafts and len(drafts) != rows:
+        raise ValueError(f"{len(drafts)} drafts for {rows} rows (one a row, or none)")
+
+
 @EDGE.message(Command.ERROR)
 class Error(Refusal, frozen=True):
     """A request was refused; `seq` is the request's (0 when it could not be read)."""
 
 
-REQUESTS = (Command.HELLO, Command.DECIDE)  # what the request channel carries from the edge
+REQUESTS = (Command.HELLO, Command.DECIDE, Command.VERIFY)  # what the request channel carries from the edge
 REPLIES = (Command.WELCOME, Command.TOKEN, Command.ERROR)
 UPLOADS = (Command.UPLOAD, Command.UPLOAD_SHM, Command.END)  # what the upload channel carries
 MESSAGES = EDGE.messages

@@ -65,5 +65,18 @@ class RpcSocket:
             if frames and len(frames[0].buffer) == 0:
                 return frames[1:]
 
+    def poll(self, timeout: float):
+        """The next reply's frames if one comes within `timeout` seconds (0: only one already here), else
+        None; unlike receive() the socket stays as it is (a call may still be answered later)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            if not self.poller.poll(int(left * 1000)):
+                return None
+            frames = self.socket.recv_multipart(copy=False)
+            self.bytes_received += sum(len(f.buffer) for f in frames)
+            if frames and len(frames[0].buffer) == 0:
+                return frames[1:]
+
     def close(self) -> None:
         self.socket.close(0)

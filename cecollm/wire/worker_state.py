@@ -17,24 +17,31 @@ STATE_GRANT: the lease's numbers plus the state as tensors, the KV cache's fille
 [0, folded) of every cloud layer) and the received rows not yet folded. It ends the lease with
 STATE_COMMIT, a call: the KV entries it appended (positions [from, folded) of every cloud layer), which the
 manager checks against the device's state and writes into the segment, answering COMMITTED or ERROR.
+
+The exact mode: a verifying LEASE (`verify`, the edge's `epoch`) is granted with the drafts of the
+rows to check; a lease that finds a wrong draft ends with ROLLBACK (STATE_COMMIT with `rollback`
+for a remote worker), a call: the content manager cuts the session back, begins its next epoch,
+and answers COMMITTED before the worker answers the edge, so the edge's uploads of the new epoch
+never reach it first.
 """
 
 from __future__ import annotations
 
 import enum
 
+from cecollm.wire.edge_cloud import Drafts, check_drafts
 from cecollm.wire.wire import DTYPE_CODES, DTYPES, U8, U32, U64, Boundary, Decision, ErrorCode, Message, Tensor, Text
 
 MAX_STATE_BYTES = 1 << 31  # largest KV or rows tensor a remote grant or commit may carry
 
 
 Command = enum.IntEnum(  # 1, 2, ...
-    "Command", "OPEN OPENED LEASE GRANT COMMIT ERROR DECIDED STATE_GRANT STATE_COMMIT COMMITTED")
+    "Command", "OPEN OPENED LEASE GRANT COMMIT ERROR DECIDED STATE_GRANT STATE_COMMIT COMMITTED ROLLBACK")
 
 
 # 2: COMMIT carries the decided token; DECIDED. 3: remote workers (LEASE flag, STATE_GRANT, ...).
-# 4: fields declared once (msgspec bodies).
-STATE = Boundary(b"CS", 4, Command)
+# 4: fields declared once (msgspec bodies). 5: the exact mode (verifying leases, ROLLBACK).
+STATE = Boundary(b"CS", 5, Command)
 TAG, VERSION = STATE.tag, STATE.version
 KV = Tensor(4, MAX_STATE_BYTES)  # [cloud_layers * 2, n_kv, positions, head_dim], model dtype
 
@@ -76,6 +83,8 @@ class Lease(Message, frozen=True):
     seq: U32  # the edge request's seq: a re-dispatched request supersedes its own older lease
     position: U32
     remote: bool = False  # the worker cannot map the segment: grant the state as tensors (STATE_GRANT)
+    verify: bool = False  # exact mode: the grant carries the drafts of the rows to check
+    epoch: U32 = 0  # the session's epoch the request was made in: another one is stale
 
 
 @STATE.message(Command.GRANT)
@@ -88,9 +97,11 @@ class Grant(Message, frozen=True):
     capacity: U32
     wire_code: U8
     segment: Text
+    drafts: Drafts = ()  # a verifying lease: the edge's token after each row [folded, received) (NO_DRAFT: none)
 
     def __post_init__(self) -> None:
         _check_wire_code(self.wire_code)
+        check_drafts(self.drafts, self.received - self.folded)
 
 
 @STATE.message(Command.COMMIT)
@@ -104,6 +115,19 @@ class Commit(Message, frozen=True):
     prob: float  # its probability
 
 
+@STATE.message(Command.ROLLBACK)
+class Rollback(Message, frozen=True):
+    """A verifying lease ends at a wrong draft (a call, answered COMMITTED): the KV holds `folded`
+    positions, the draft after row folded - 1 was wrong, the session goes back to `folded` positions
+    and its next epoch, and `decided` is the full model's token there."""
+
+    device_id: U32
+    token: U64  # the lease
+    folded: U32
+    decided: U32
+    prob: float
+
+
 @STATE.message(Command.STATE_GRANT)
 class StateGrant(Message, frozen=True, eq=False):
     """A remote worker's grant: the lease and the device's state, carried as tensors."""
@@ -114,6 +138,7 @@ class StateGrant(Message, frozen=True, eq=False):
     capacity: U32
     kv: KV  # [cloud_layers * 2, n_kv, folded, head_dim], model dtype: the filled KV
     rows: Tensor(2, MAX_STATE_BYTES)  # [received - folded, hidden], wire dtype: rows not yet folded
+    drafts: Drafts = ()  # a verifying lease: the edge's token after each of those rows
 
     def __post_init__(self) -> None:
         if not self.folded < self.received <= self.capacity:
@@ -122,6 +147,7 @@ class StateGrant(Message, frozen=True, eq=False):
         _check_kv(self.kv, self.folded)
         if self.rows.shape[0] != self.received - self.folded:
             raise ValueError(f"rows must be [{self.received - self.folded}, hidden], got {self.rows.shape}")
+        check_drafts(self.drafts, self.received - self.folded)
 
     @property
     def wire_code(self) -> int:
@@ -139,6 +165,7 @@ class StateCommit(Message, frozen=True, eq=False):
     decided: U32  # the token decided after position folded - 1
     prob: float
     kv: KV  # [cloud_layers * 2, n_kv, folded - start, head_dim], model dtype
+    rollback: bool = False  # a draft after row folded - 1 was wrong: the session goes back to `folded` positions
 
     def __post_init__(self) -> None:
         if self.folded <= self.start:
@@ -166,7 +193,7 @@ class Error(Message, frozen=True):
     message: Text
 
 
-REQUESTS = (Command.OPEN, Command.LEASE, Command.COMMIT, Command.STATE_COMMIT)
+REQUESTS = (Command.OPEN, Command.LEASE, Command.COMMIT, Command.STATE_COMMIT, Command.ROLLBACK)
 REPLIES = (Command.OPENED, Command.GRANT, Command.DECIDED, Command.ERROR, Command.STATE_GRANT, Command.COMMITTED)
 MESSAGES = STATE.messages
 parse = STATE.decode

@@ -20,9 +20,9 @@ import torch
 import zmq
 
 from cecollm.bench.baselines import protocol as bp
-from cecollm.edge.client import EdgeResult, EdgeStats
 from cecollm.edge.heads import HeadSet
 from cecollm.edge.partition import EdgePartition
+from cecollm.edge.session import EdgeResult, EdgeStats
 from cecollm.errors import CecollmError
 from cecollm.generation import TokenRecord
 from cecollm.layers import DecoderRunner

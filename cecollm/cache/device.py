@@ -1,0 +1,122 @@
+"""One device's record in the content manager: its session's segment and what it holds.
+
+The record checks what an edge uploads (in order, within the session's capacity and dtype, of
+the current epoch), keeps the exact mode's drafts beside the rows, and rolls the session back
+when a verifying worker found a wrong draft. It sends nothing: the content manager does.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from multiprocessing.shared_memory import SharedMemory
+
+import numpy as np
+
+from cecollm.cache import shm
+from cecollm.wire import edge_cloud as ep
+from cecollm.wire import worker_state as sp
+from cecollm.wire.wire import DTYPES, ProtocolError
+
+
+@dataclass
+class Waiter:
+    """A worker's lease that waits for rows still in flight (or for the device to be free)."""
+
+    peer: bytes  # the worker's routing id
+    lease: sp.Lease
+    deadline: float
+
+
+class StaleUpload(Exception):
+    """Rows of an epoch the session has rolled back from: dropped, the session goes on."""
+
+
+@dataclass
+class DeviceState:
+    """What the manager holds for one device's current session."""
+
+    device_id: int
+    session: int
+    wire_code: int
+    layout: shm.StateLayout
+    segment: SharedMemory
+    received: int = 0  # rows received: positions [0, received)
+    folded: int = 0  # positions in the KV cache; their rows are dropped
+    epoch: int = 0  # roll-backs so far (exact mode): uploads name the epoch they belong to
+    upload_seq: int = 0  # the next upload's expected seq in this epoch
+    drafts: np.ndarray = field(default=None, repr=False)  # [capacity] the edge's token after each row (NO_DRAFT)
+    lease_token: int = 0  # 0: no lease
+    lease_seq: int = 0  # the edge request the lease serves
+    lease_expires: float = 0.0
+    answer_seq: int = 0  # the edge request the last commit served...
+    answer: sp.Decided | None = None  # ...and its token, for a retry of that request
+    last_used: float = field(default_factory=time.monotonic)
+    broken: str | None = None  # why an upload was refused (the session cannot go on)
+    waiters: list[Waiter] = field(default_factory=list)
+    stale_uploads: int = 0  # uploads of an earlier epoch, dropped
+
+    def __post_init__(self) -> None:
+        if self.drafts is None:
+            self.drafts = np.full(self.layout.capacity, ep.NO_DRAFT, dtype=np.int64)
+
+    def leased(self, now: float) -> bool:
+        return self.lease_token != 0 and now < self.lease_expires
+
+    # ---- uploads ---------------------------------------------------------------------
+    def take_rows(self, msg: ep.Upload | ep.UploadShm, count: int) -> None:
+        """Check an upload and note its rows and drafts (an UPLOAD's rows are copied into the segment)."""
+        if msg.epoch < self.epoch:
+            self.stale_uploads += 1
+            raise StaleUpload(f"device {self.device_id}: rows of epoch {msg.epoch}, the session is in {self.epoch}")
+        problem = None
+        if self.broken:
+            problem = f"session already broken ({self.broken})"
+        elif msg.epoch > self.epoch:
+            problem = f"upload of epoch {msg.epoch}, the session is in {self.epoch}"
+        elif msg.seq != self.upload_seq:
+            problem = f"upload seq {msg.seq}, expected {self.upload_seq}"
+        elif msg.start != self.received:
+            problem = f"upload starts at position {msg.start}, expected {self.received}"
+        elif msg.start + count > self.layout.capacity:
+            problem = f"rows up to {msg.start + count} exceed the capacity of {self.layout.capacity} positions"
+        elif isinstance(msg, ep.Upload):
+            rows = msg.rows
+            if rows.dtype != DTYPES[self.wire_code] or rows.shape[1] != self.layout.hidden:
+                problem = (f"rows {rows.dtype.name} {rows.shape} do not fit {DTYPES[self.wire_code].name} "
+                           f"[n, {self.layout.hidden}]")
+        if problem:
+            self.broken = self.broken or problem
+            raise ProtocolError(f"device {self.device_id}: {problem}")
+        if isinstance(msg, ep.Upload):
+            begin, _ = self.layout.rows_span(msg.start, msg.start + count)
+            target = np.ndarray(msg.rows.shape, dtype=msg.rows.dtype, buffer=self.segment.buf, offset=begin)
+            target[:] = msg.rows  # [n, hidden]: the one copy, from the frame into shared memory
+        if msg.drafts:
+            self.drafts[msg.start:msg.start + count] = msg.drafts
+        self.upload_seq += 1
+        self.received += count
+
+    def pending_drafts(self) -> tuple[int, ...]:
+        """The drafts of the rows not yet folded, [folded, received), for a verifying grant."""
+        return tuple(int(d) for d in self.drafts[self.folded:self.received])
+
+    # ---- leases ending -------------------------------------------------------------------
+    def end_lease(self, folded: int, decided: int, prob: float) -> None:
+        """The lease's work is in: `folded` positions in the KV, `decided` the token after the last."""
+        if folded > self.folded:
+            self.answer_seq, self.answer = self.lease_seq, sp.Decided(folded - 1, decided, prob)
+        self.folded = folded
+        self.lease_token = 0
+        self.last_used = time.monotonic()
+        shm.drop_pages(self.segment, *self.layout.dropped_pages(self.folded))
+
+    def roll_back(self, folded: int, decided: int, prob: float) -> None:
+        """A verifying lease found the draft after row folded - 1 wrong: the session keeps `folded`
+        positions and begins its next epoch; later rows and drafts are gone."""
+        self.end_lease(folded, decided, prob)
+        self.answer_seq, self.answer = self.lease_seq, sp.Decided(folded - 1, decided, prob)
+        self.received = folded
+        self.drafts[folded:] = ep.NO_DRAFT
+        self.epoch += 1
+        self.upload_seq = 0
