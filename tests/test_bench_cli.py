@@ -94,6 +94,10 @@ def test_bench_end_to_end(bench_run):
         assert 0.0 <= acc["xsum"] <= 1.0 and 0.0 <= acc["truthfulqa"] <= 1.0, name
     goals = {(g["dataset"], g["goal"]): g for g in results["goals"]}
     assert goals[("alpaca", "ce-1.0-fp32: token-identical to cloud-based (fraction of prompts)")]["status"] == "pass"
+    for dataset in ("alpaca", "xsum"):  # the exact mode's output is the full model's at threshold 0.8
+        assert goals[(dataset, "exact-fp32: token-identical to cloud-based (fraction of prompts)")]["status"] == "pass"
+        exact = results["datasets"][dataset]["strategies"]["exact-fp32"]
+        assert exact["drafts"] >= exact["tokens"] and exact["verifies"] > 0
     assert all(g["status"] in ("pass", "miss") for g in results["goals"])
     scaling = results["scaling"]
     kinds = ("ce-0.8", "cloud")
@@ -103,6 +107,7 @@ def test_bench_end_to_end(bench_run):
     assert all(not r.get("errors") and not r.get("error") for r in scaling["rows"])
     report = (out / "report.md").read_text()
     for heading in ("Speed (the paper's Table 2)", "Ablation at threshold 0.8", "What each removal shows",
+                    "Exact collaboration: where the time goes",
                     "Accuracy", "Goal check", "Scaling"):
         assert heading in report
     raw = list((out / "raw").glob("*__*.jsonl"))

@@ -23,6 +23,7 @@ class Strategy:
     fp16: bool = True  # float16 hidden states on the wire
     standalone: bool = False  # the edge alone
     accuracy: bool = False  # part of the accuracy grid (also runs on TruthfulQA)
+    exact: bool = False  # the exact mode: drafts the cloud verifies (the full model's output)
 
 
 STRATEGIES = (
@@ -36,6 +37,8 @@ STRATEGIES = (
     Strategy("ce-0.9-fp32", "CE-CoLLM (threshold=0.9, float32)", "ce", 0.9, fp16=False, accuracy=True),
     Strategy("ce-1.0-fp32", "CE-CoLLM (threshold=1.0, float32)", "ce", 1.0, fp16=False, accuracy=True),
     Strategy("ce-0.8-nocm", "Without content manager & parallel upload (0.8)", "full", 0.8, fp16=True),
+    Strategy("exact", "CE-CoLLM exact (threshold=0.8)", "ce", 0.8, accuracy=True, exact=True),
+    Strategy("exact-fp32", "CE-CoLLM exact (threshold=0.8, float32)", "ce", 0.8, fp16=False, accuracy=True, exact=True),
 )
 BY_NAME = {s.name: s for s in STRATEGIES}
 
@@ -50,7 +53,14 @@ GOALS = (
     ("bytes_vs_naive", "bytes vs naive cloud-edge", "<=", 0.01, {"alpaca": 0.0085, "xsum": 0.0056}),
     ("rouge_vs_cloud", "ROUGE-L vs cloud-based output", ">=", 0.95, {"alpaca": 0.95, "xsum": 0.92}),
 )
-ACCURACY = ("ce-0.8-fp32", "ce-0.8", "ce-0.9-fp32", "ce-0.9", "ce-1.0-fp32", "ce-1.0", "cloud")
+ACCURACY = ("ce-0.8-fp32", "ce-0.8", "ce-0.9-fp32", "ce-0.9", "ce-1.0-fp32", "ce-1.0", "exact-fp32", "exact", "cloud")
+EXACT = ("exact", "exact-fp32")
+# The exact mode's goals against cloud-based: output identical (float32 upload), total time, cloud compute.
+EXACT_GOALS = (
+    ("exact-fp32", "identical_to_cloud", "token-identical to cloud-based (fraction of prompts)", ">=", 1.0),
+    ("exact", "total_vs_cloud", "total time vs cloud-based", "<=", 0.95),
+    ("exact", "cloud_vs_cloud", "cloud compute vs cloud-based", "<=", 0.35),
+)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from cecollm.bench.config import ACCURACY, BY_NAME, TABLE2, TABLE4
+from cecollm.bench.exact_report import render_exact
 
 MB = 1e6
 
@@ -152,6 +153,7 @@ def render_report(results: dict) -> str:
                   "\"Without early exit\" is the threshold-1.0 run (float16, content manager on). \"Without "
                   "content manager\" sends every row so far with each request, synchronously, to a stateless "
                   "cloud.", "", *ablation, *_render_ablation_notes(results)]
+    lines += render_exact(results)
     lines += _table3(results)
     lines += _goals(results)
     lines += _scaling(results["scaling"])

@@ -103,7 +103,7 @@ class EdgeSet:
         # without a broker (standalone only) the edge never connects; the addresses are placeholders
         edge_config = EdgeConfig(device_id=100 + number, broker=a.broker or "tcp://127.0.0.1:9",
                                  upload=a.upload or "tcp://127.0.0.1:10", shm=False, threshold=s.threshold,
-                                 standalone=s.standalone, fp16=s.fp16, max_new_tokens=c.max_new_tokens,
+                                 standalone=s.standalone, exact=s.exact, fp16=s.fp16, max_new_tokens=c.max_new_tokens,
                                  timeout=c.timeout, hello_timeout=c.timeout, max_timeouts=1)
         return EdgeClient(self.loaded.model, self.loaded.identity, self.split, self.heads, edge_config, self._context)
 
@@ -140,6 +140,8 @@ def run_one(edge, cloud, strategy: Strategy, prompt: Prompt, ids: list[int], tok
         "cloud_requests": s.cloud_tokens, "edge_tokens": s.edge_tokens, "fallback_tokens": s.fallback_tokens,
         "wire_up": wire_up, "wire_down": wire_down, "app_up": s.bytes_up, "app_down": s.bytes_down,
         "problems": problems, "load_1m": os.getloadavg()[0],
+        **({"drafts": s.drafts, "rollbacks": s.rollbacks, "verifies": s.verifies, "verify_s": s.verify_seconds,
+            "waiting_s": s.waiting_seconds, "wasted_s": s.wasted_seconds} if strategy.exact else {}),
     }
 
 
