@@ -102,7 +102,8 @@ def _run_split(label, exits, heads_mode, prompts_text, args) -> list[dict]:
 @click.option("--n", type=click.IntRange(1, 30), default=10, show_default=True, help="Held-out prompts to use.")
 @click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--link", default="wifi", show_default=True)
-@click.option("--splits", default=",".join(SPLITS), show_default=True, help="Which of: " + ", ".join(SPLITS) + " (exits, then trained or logit-lens heads).")
+@click.option("--splits", default=",".join(SPLITS), show_default=True,
+              help="Which of: " + ", ".join(SPLITS) + " (exits, then trained or logit-lens heads).")
 @click.option("--thresholds", default="0.5,0.8,0.9,1.0", show_default=True)
 @click.option("--waits", default="0,0.3", show_default=True, help="wait-below values.")
 @click.option("--out", type=click.Path(file_okay=False), default="results/exact-sweep", show_default=True)
