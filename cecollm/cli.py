@@ -9,6 +9,7 @@ import orjson
 
 from cecollm.cliutil import GuardedGroup, model_options, set_threads, setup_logging
 from cecollm.config import MODES, GenerationConfig
+from cecollm.errors import UserError
 
 _DEFAULTS = GenerationConfig()
 
@@ -62,6 +63,37 @@ def generate(spec, prompt, mode, threshold, max_new_tokens, raw, no_fp16, wait_b
         f"{s.bytes_up} bytes to the cloud" + (f"; {s.drafts} drafts, {s.rollbacks} roll-backs" if mode == "exact" else ""),
         err=True,
     )
+
+
+@cli.command("keys")
+@click.argument("directory", required=False)
+@click.option("--device", "devices", multiple=True, metavar="NAME[=IDS]",
+              help="A key bundle for a device: NAME is its bundle's name and, without =IDS, its device id; IDS "
+              "are the device ids it may act for (3, 4-7, a comma list, or * for any). Repeat for more.")
+@click.option("--worker", "workers", multiple=True, metavar="NAME", help="A key bundle for a worker host. Repeat.")
+def keys_command(directory, devices, workers):
+    """Make the cloud's keys (once) and key bundles for devices and worker hosts.
+
+    DIRECTORY [default: $CECOLLM_HOME/keys] gets the broker's key pair, devices.txt and workers.txt (the
+    accepted public keys; edit them and send the broker SIGHUP to reload), and bundles/<kind>-<NAME>/
+    to copy to each client (cecollm-edge --keys, cecollm-worker --keys). Secret keys never leave it."""
+    from cecollm.config import cecollm_home
+    from cecollm.wire.security import make_keys
+
+    directory = directory or str(cecollm_home() / "keys")
+    pairs = []
+    for text in devices:
+        name, _, ids = text.partition("=")
+        if not name or "/" in name:
+            raise UserError(f"--device {text!r}: a name, then optionally =IDS")
+        pairs.append((name, ids or name))
+    for name in workers:
+        if not name or "/" in name:
+            raise UserError(f"--worker {name!r}: a name")
+    made = make_keys(directory, pairs, list(workers))
+    click.echo(f"keys in {directory} (the broker: cecollm-broker --keys {directory})")
+    for bundle in made:
+        click.echo(f"  {bundle}")
 
 
 from cecollm.linkem.cli import linkem  # noqa: E402

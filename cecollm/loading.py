@@ -13,7 +13,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from cecollm.config import DEFAULT_MODEL
+from cecollm.config import DEFAULT_MODEL, cecollm_home
 from cecollm.errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -30,10 +29,6 @@ SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
 _CONVERTED_MARK = "cecollm.json"  # written last into a converted directory
 
 log = logging.getLogger(__name__)
-
-
-def cecollm_home() -> Path:
-    return Path(os.environ.get("CECOLLM_HOME") or Path.home() / ".cache" / "cecollm")
 
 
 def default_model_gguf() -> Path:

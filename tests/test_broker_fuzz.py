@@ -23,6 +23,7 @@ from cecollm.split import Split
 from cecollm.wire import broker_worker as wp
 from cecollm.wire import edge_cloud as ep
 from cecollm.wire import worker_state as sp
+from cecollm.wire.security import ClientKeys
 from cecollm.wire.wire import Frames, pack_header
 
 from conftest import hf_greedy, make_tiny_model
@@ -134,15 +135,18 @@ def test_fuzz_every_socket_then_serve_exactly(setup):
     pid = broker.proc.pid
     log_text = broker.log_path.read_text
     state_address = f"ipc:///tmp/cecollm-{pid}-state.ipc"
+    # the hostile client holds valid keys (the worst case: a device or worker host that was let in)
     sockets = {
-        "request": (zmq.DEALER, broker.request_address, ep, True, True),
-        "upload": (zmq.PUSH, broker.upload_address, ep, False, False),
-        "worker": (zmq.DEALER, broker.worker_address, wp, True, False),
-        "state": (zmq.DEALER, state_address, sp, True, True),
+        "request": (zmq.DEALER, broker.request_address, ep, True, True, broker.device_keys),
+        "upload": (zmq.PUSH, broker.upload_address, ep, False, False, broker.device_keys),
+        "worker": (zmq.DEALER, broker.worker_address, wp, True, False, broker.worker_keys),
+        "state": (zmq.DEALER, state_address, sp, True, True, None),  # ipc: a file on this host, no CURVE
     }
-    for name, (kind, address, module, answered, delimiter) in sockets.items():
+    for name, (kind, address, module, answered, delimiter, keys) in sockets.items():
         sock = context.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
+        if keys:
+            ClientKeys.load(keys).secure(sock)
         sock.connect(address)
         messages = [_garbage(rng, module) for _ in range(N)]
         if delimiter:  # most go in a proper envelope; the rest must be answered as malformed
@@ -158,7 +162,7 @@ def test_fuzz_every_socket_then_serve_exactly(setup):
     assert len(re.findall(r"refused", log_text())) >= 3 * N  # one log line per bad message
     split = Split.create(loaded.n_layers, (2, 3))
     config = EdgeConfig(device_id=1, broker=broker.request_address, upload=broker.upload_address, threshold=1.0,
-                        max_new_tokens=12, timeout=20)
+                        max_new_tokens=12, timeout=20, keys=broker.device_keys)
     with EdgeClient(loaded.model, loaded.identity, split, HeadSet.lens(loaded.model, (2, 3)), config) as client:
         result = client.generate([3, 1, 4, 1, 5])
     assert result.token_ids == hf_greedy(loaded.model, [3, 1, 4, 1, 5], 12)

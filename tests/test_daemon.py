@@ -25,6 +25,7 @@ from cecollm.errors import UserError
 from cecollm.loading import load_model
 from cecollm.split import Split
 from cecollm.wire import edge_cloud as ep
+from cecollm.wire.security import ClientKeys
 from cecollm.wire.wire import ErrorCode
 
 from conftest import hf_greedy
@@ -58,7 +59,7 @@ def broker(model_dir, tmp_path_factory):
 
 def _client(loaded, split, broker, device, heads=None, **options):
     config = EdgeConfig(device_id=device, broker=broker.request_address, upload=broker.upload_address,
-                        **{"threshold": 1.0, "max_new_tokens": 16, "timeout": 20.0, **options})
+                        keys=broker.device_keys, **{"threshold": 1.0, "max_new_tokens": 16, "timeout": 20.0, **options})
     return EdgeClient(loaded.model, loaded.identity, split, heads or HeadSet.lens(loaded.model, split.exits), config)
 
 
@@ -115,6 +116,7 @@ def test_exits_that_fire_match_the_in_process_engine(loaded, split, broker):
 def test_edge_reuploads_when_the_cloud_lost_its_state(loaded, split, broker):
     context = zmq.Context.instance()
     push = context.socket(zmq.PUSH)
+    ClientKeys.load(broker.device_keys).secure(push)  # the device's own key: the cloud takes its END
     push.connect(broker.upload_address)
     with _client(loaded, split, broker, 8) as client:
 
@@ -143,7 +145,7 @@ def test_a_mismatched_edge_is_refused_with_a_clear_error(loaded, broker, model_d
 
     out = CliRunner().invoke(edge_command, ["--model", str(model_dir), "--exits", "2,3", "--broker",
                                             broker.request_address, "--upload", broker.upload_address, "--raw",
-                                            "--prompt", "hello"])
+                                            "--keys", broker.device_keys, "--prompt", "hello"])
     assert out.exit_code == 2 and "error: the cloud at" in out.output and "split mismatch" in out.output
 
 
@@ -151,7 +153,8 @@ def test_cli_streams_tokens_as_json(loaded, model_dir, broker):
     from cecollm.edge.cli import edge_command
 
     args = ["--model", str(model_dir), "--exits", "2,4", "--broker", broker.request_address, "--upload",
-            broker.upload_address, "--device-id", "11", "--threshold", "1.0", "--raw", "--max-new-tokens", "6",
+            broker.upload_address, "--keys", broker.device_keys, "--device-id", "11", "--threshold", "1.0", "--raw",
+            "--max-new-tokens", "6",
             "--prompt", "The capital of France is", "--json"]
     out = CliRunner().invoke(edge_command, args)
     assert out.exit_code == 0, out.output
@@ -207,7 +210,7 @@ def _run_against(loaded, split, answer, **options):
     server.start()
     try:
         config = EdgeConfig(device_id=1, broker=f"tcp://127.0.0.1:{port}", upload=f"tcp://127.0.0.1:{upload}",
-                            **{"threshold": 1.0, "max_new_tokens": 8, **options})
+                            insecure=True, **{"threshold": 1.0, "max_new_tokens": 8, **options})
         with EdgeClient(loaded.model, loaded.identity, split, HeadSet.lens(loaded.model, EXITS), config) as client:
             return client.generate(PROMPTS[3])
     finally:
@@ -287,10 +290,10 @@ def test_a_worker_started_by_hand_edges_over_ipc_and_sigint(loaded, split, model
     b = BrokerProcess(str(model_dir), workers=0, log_path=tmp_path / "broker.log", ipc_base=base,
                       extra=["--exits", "2,4"])
     worker = subprocess.Popen([sys.executable, "-c", "from cecollm.cloud.cli import main; main()",
-                               "--broker", b.worker_address], stderr=subprocess.DEVNULL)
+                               "--broker", b.worker_address, "--keys", b.worker_keys], stderr=subprocess.DEVNULL)
     try:
         config = EdgeConfig(device_id=12, broker=f"{base}.requests", threshold=1.0, max_new_tokens=10, timeout=60,
-                            hello_timeout=180)  # the worker may still be loading on a busy machine
+                            hello_timeout=180, keys=b.device_keys)  # the worker may still be loading on a busy machine
         assert config.upload_address == f"{base}.uploads" and config.use_shm
         with EdgeClient(loaded.model, loaded.identity, split, HeadSet.lens(loaded.model, EXITS), config) as client:
             result = client.generate(PROMPTS[3])  # waits in the queue until the worker is ready
@@ -325,7 +328,7 @@ def test_an_edge_that_goes_alone_releases_its_cloud_state(loaded, split):
     server.start()
     try:
         config = EdgeConfig(device_id=1, broker=f"tcp://127.0.0.1:{port}", upload=f"tcp://127.0.0.1:{upload}",
-                            threshold=1.0, max_new_tokens=4, timeout=20.0)
+                            threshold=1.0, max_new_tokens=4, timeout=20.0, insecure=True)
         with EdgeClient(loaded.model, loaded.identity, split, HeadSet.lens(loaded.model, EXITS), config) as client:
             result = client.generate(PROMPTS[3])
         assert "capacity" in result.stats.standalone_reason

@@ -63,7 +63,7 @@ def broker(model_dir, tmp_path_factory):
 
 def _client(loaded, split, heads, broker, device, **options):
     config = EdgeConfig(device_id=device, broker=broker.request_address, upload=broker.upload_address,
-                        **{"exact": True, "threshold": 0.5, "fp16": False, "max_new_tokens": 24, "timeout": 20.0,
+                        keys=broker.device_keys, **{"exact": True, "threshold": 0.5, "fp16": False, "max_new_tokens": 24, "timeout": 20.0,
                            **options})
     return EdgeClient(loaded.model, loaded.identity, split, heads, config)
 
@@ -149,7 +149,8 @@ def test_the_cli_marks_each_token(model_dir, broker):
     from cecollm.edge.cli import edge_command
 
     args = ["--model", str(model_dir), "--exits", "2,4", "--broker", broker.request_address, "--upload",
-            broker.upload_address, "--device-id", "27", "--exact", "--no-fp16", "--raw", "--max-new-tokens", "8",
+            broker.upload_address, "--keys", broker.device_keys, "--device-id", "27", "--exact", "--no-fp16", "--raw",
+            "--max-new-tokens", "8",
             "--prompt", "The cat", "--json"]
     out = CliRunner().invoke(edge_command, args)
     assert out.exit_code == 0, out.output

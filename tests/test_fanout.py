@@ -50,7 +50,7 @@ def broker(model_dir, tmp_path_factory):
 def _config(broker, model_dir, prompts_file, **options) -> FanoutConfig:
     return FanoutConfig(**{"broker": broker.request_address, "upload": broker.upload_address, "model": str(model_dir),
                            "exits": "2,4", "prompts": str(prompts_file), "max_new_tokens": 10, "timeout": 20.0,
-                           "broker_pid": broker.proc.pid, **options})
+                           "broker_pid": broker.proc.pid, "keys": broker.device_keys, **options})
 
 
 @pytest.fixture(scope="module")
@@ -147,12 +147,14 @@ def test_bad_input_is_one_line_and_exit_2(broker, prompts_file, tmp_path):
     dead = f"tcp://127.0.0.1:{free_ports(1)[0]}"
     cases = {
         "does not exist": ["--broker", broker.request_address, "--upload", broker.upload_address, "--mode", "live",
-                           "--prompts", str(tmp_path / "missing.jsonl")],
+                           "--keys", broker.device_keys, "--prompts", str(tmp_path / "missing.jsonl")],
         "at least 1": ["--broker", broker.request_address, "--clients", "0", "--trace", "x"],
         "must start with": ["--broker", "localhost:5555", "--trace", "x"],
         "no broker at": ["--broker", dead, "--trace", "x"],
         "cannot read the trace": ["--broker", broker.request_address, "--upload", broker.upload_address,
-                                  "--trace", str(tmp_path / "none.jsonl")],
+                                  "--keys", broker.device_keys, "--trace", str(tmp_path / "none.jsonl")],
+        "not a key bundle": ["--broker", broker.request_address, "--upload", broker.upload_address,
+                             "--keys", str(tmp_path), "--trace", str(tmp_path / "none.jsonl")],
     }
     main = _tool_main()
     for expected, args in cases.items():

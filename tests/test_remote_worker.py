@@ -65,7 +65,8 @@ def cloud(model_dir, tmp_path_factory):
         assert b.info["state"] == f"tcp://*:{state_port}"
         worker_log = open(logs / "worker.log", "w")
         # no --state: a remote worker finds the content manager on the broker's host, at the port it names
-        worker = subprocess.Popen([sys.executable, "-c", NO_SHM_WORKER, "--broker", b.worker_address, "--remote"],
+        worker = subprocess.Popen([sys.executable, "-c", NO_SHM_WORKER, "--broker", b.worker_address, "--remote",
+                                   "--keys", b.worker_keys],
                                   stderr=worker_log)
         try:
             deadline = time.monotonic() + 180
@@ -83,6 +84,7 @@ def cloud(model_dir, tmp_path_factory):
 
 def _client(loaded, split, cloud, device, heads=None, **options):
     config = EdgeConfig(device_id=device, broker=cloud.request_address, upload=cloud.upload_address, fp16=False,
+                        keys=cloud.device_keys,
                         **{"threshold": 1.0, "max_new_tokens": 16, "timeout": 20.0, "hello_timeout": 60.0, **options})
     return EdgeClient(loaded.model, loaded.identity, split, heads or HeadSet.lens(loaded.model, split.exits), config)
 
@@ -128,7 +130,8 @@ def test_a_remote_worker_with_exits_that_fire_matches_the_in_process_engine(load
 def test_a_remote_worker_needs_a_tcp_state_socket(model_dir, tmp_path):
     """A broker whose content manager listens on ipc:// only: the remote worker says how to fix it, exit 2."""
     with BrokerProcess(str(model_dir), workers=0, log_path=tmp_path / "broker.log", extra=["--exits", "2,4"]) as b:
-        out = subprocess.run([sys.executable, "-c", NO_SHM_WORKER, "--broker", b.worker_address, "--remote"],
+        out = subprocess.run([sys.executable, "-c", NO_SHM_WORKER, "--broker", b.worker_address, "--remote",
+                                   "--keys", b.worker_keys],
                              capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--state-address tcp://*:PORT" in out.stderr and "Traceback" not in out.stderr
 

@@ -77,6 +77,12 @@ def _save_model(path: Path) -> None:
     LlamaForCausalLM(config).save_pretrained(path)
 
 
+def _keys(broker):
+    from cecollm.wire.security import ClientKeys
+
+    return ClientKeys.load(broker.device_keys) if broker.device_keys else None
+
+
 def broker_rtts(broker, identity: str, n: int) -> tuple[list[float], list[float]]:
     """(round trips, round trips minus the worker's compute) of n DECIDEs on a prefilled session."""
     import zmq
@@ -85,11 +91,14 @@ def broker_rtts(broker, identity: str, n: int) -> tuple[list[float], list[float]
     from cecollm.wire.rpc import RpcSocket
 
     context = zmq.Context.instance()
-    rpc = RpcSocket(context, broker.request_address)
+    keys = _keys(broker)
+    rpc = RpcSocket(context, broker.request_address, keys=keys)
     rpc.send(ep.Hello(1, 1, identity, 4, (1, 2), 2, "float16", False).to_frames())
     welcome = ep.parse(rpc.receive(time.monotonic() + 30))
     assert isinstance(welcome, ep.Welcome), welcome
     push = context.socket(zmq.PUSH)
+    if keys is not None:
+        keys.secure(push)
     push.connect(broker.upload_address)
     rows = np.random.default_rng(0).standard_normal((n + 50, 576)).astype(np.float16)
     push.send_multipart(ep.Upload(1, welcome.session, 0, 0, rows).to_frames(), copy=False)
@@ -120,12 +129,13 @@ def upload_throughput(broker, identity: str, state_address: str, shm: bool, rows
     from cecollm.wire.rpc import RpcSocket
 
     context = zmq.Context.instance()
-    rpc = RpcSocket(context, broker.request_address)
+    keys = _keys(broker)
+    rpc = RpcSocket(context, broker.request_address, keys=keys)
     rpc.send(ep.Hello(2, 1, identity, 4, (1, 2), 2, "float16", shm).to_frames())
     welcome = ep.parse(rpc.receive(time.monotonic() + 30))
     assert isinstance(welcome, ep.Welcome), welcome
     state = RpcSocket(context, state_address)
-    sender = UploadSender(context, broker.upload_address)
+    sender = UploadSender(context, broker.upload_address, keys=keys)
     rows = np.random.default_rng(1).standard_normal((total_rows, 576)).astype(np.float16)
     chunks = [rows[i : i + rows_per_message] for i in range(0, total_rows, rows_per_message)]
     t0 = time.perf_counter()
@@ -163,7 +173,7 @@ def worker_memory(workers: int) -> tuple[float, float, float]:
     with tempfile.NamedTemporaryFile(suffix=".log") as log:
         with BrokerProcess(DEFAULT_MODEL, workers, log_path=log.name) as broker:
             config = EdgeConfig(1, broker.request_address, broker.upload_address, threshold=1.0, max_new_tokens=8,
-                                timeout=60)
+                                timeout=60, keys=broker.device_keys)
             with EdgeClient(loaded.model, loaded.identity, split, heads, config) as client:
                 for _ in range(workers):  # LRU: every worker serves some requests
                     client.generate(list(range(100, 140)))
@@ -194,26 +204,38 @@ def main(memory: bool, n: int, total_rows: int) -> None:
         identity = load_model(str(model_dir)).identity
         bare = bare_rtts(n)
         capacity = max(total_rows, n + 50)
-        with BrokerProcess(str(model_dir), 1, ["--exits", "1,2", "--capacity", str(capacity), "--wait-seconds", "120",
-                                               "--budget-mb", "4096"]) as broker:
-            rtt, net = broker_rtts(broker, identity, n)
-            state = f"ipc://{tempfile.gettempdir()}/cecollm-{broker.proc.pid}-state.ipc"  # as the broker names it
-            rates = {(shm, k): upload_throughput(broker, identity, state, shm, k, total_rows)
-                     for shm in (False, True) for k in (1, 128)}
+        runs = {}
+        for secure in (True, False):  # with keys (CURVE on every socket) and --insecure, in the same run
+            with BrokerProcess(str(model_dir), 1, ["--exits", "1,2", "--capacity", str(capacity), "--wait-seconds",
+                                                   "120", "--budget-mb", "4096"], secure=secure) as broker:
+                rtt, net = broker_rtts(broker, identity, n)
+                state = f"ipc://{tempfile.gettempdir()}/cecollm-{broker.proc.pid}-state.ipc"  # as the broker names it
+                rates = {(shm, k): upload_throughput(broker, identity, state, shm, k, total_rows)
+                         for shm in (False, True) for k in (1, 128)}
+            runs[secure] = (rtt, net, rates)
     b50, b99 = _percentiles(bare)
-    r50, r99 = _percentiles(rtt)
-    n50, n99 = _percentiles(net)
-    print(f"single-token request round trip, {n} requests (microseconds):")
-    print(f"  bare ZeroMQ REQ/REP on loopback       p50 {b50:8.0f}  p99 {b99:8.0f}")
-    print(f"  through the broker, compute left out  p50 {n50:8.0f}  p99 {n99:8.0f}   ratio p50 {n50 / b50:.1f}x, p99 {n99 / b99:.1f}x")
-    print(f"  through the broker, with compute      p50 {r50:8.0f}  p99 {r99:8.0f}   (model of width 576, 2 cloud layers)")
     row_bytes = 576 * 2
-    print(f"upload of float16 rows of width 576 ({row_bytes} bytes a row), {total_rows} rows, into the content manager:")
-    for (shm, k), rate in rates.items():
-        print(f"  {'shared memory' if shm else 'TCP          '}  {k:4d} rows a message  {rate:10.0f} rows/s  "
-              f"{rate * row_bytes / 1e6:8.1f} MB/s")
+    for secure in (True, False):
+        rtt, net, rates = runs[secure]
+        r50, r99 = _percentiles(rtt)
+        n50, n99 = _percentiles(net)
+        print(f"{'with keys (CURVE)' if secure else '--insecure'}: single-token request round trip, {n} requests "
+              "(microseconds):")
+        print(f"  bare ZeroMQ REQ/REP on loopback       p50 {b50:8.0f}  p99 {b99:8.0f}")
+        print(f"  through the broker, compute left out  p50 {n50:8.0f}  p99 {n99:8.0f}   ratio p50 {n50 / b50:.1f}x, "
+              f"p99 {n99 / b99:.1f}x")
+        print(f"  through the broker, with compute      p50 {r50:8.0f}  p99 {r99:8.0f}   (width 576, 2 cloud layers)")
+        print(f"  upload of float16 rows of width 576 ({row_bytes} bytes a row), {total_rows} rows, into the content "
+              "manager:")
+        for (shm, k), rate in rates.items():
+            print(f"    {'shared memory' if shm else 'TCP          '}  {k:4d} rows a message  {rate:10.0f} rows/s  "
+                  f"{rate * row_bytes / 1e6:8.1f} MB/s")
+    (_, s_net, s_rates), (_, i_net, i_rates) = runs[True], runs[False]
+    print("the cost of CURVE (with keys / --insecure, same run):")
+    print(f"  round trip, compute left out: p50 {_percentiles(s_net)[0] / _percentiles(i_net)[0]:.2f}x, "
+          f"p99 {_percentiles(s_net)[1] / _percentiles(i_net)[1]:.2f}x")
     for k in (1, 128):
-        print(f"  shared memory / TCP at {k} rows a message: {rates[(True, k)] / rates[(False, k)]:.2f}x")
+        print(f"  TCP upload throughput at {k} rows a message: {s_rates[(False, k)] / i_rates[(False, k)]:.2f}x")
     if memory:
         from cecollm.config import DEFAULT_MODEL
         from cecollm.loading import resolve_model_dir

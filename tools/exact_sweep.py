@@ -51,12 +51,13 @@ def _run_split(label, exits, heads_mode, prompts_text, args) -> list[dict]:
                    broker=True, baseline=True, broker_extra=["--capacity", "1024"]) as cloud:
         context = zmq.Context()
         a = cloud.addresses
-        base = CloudBasedEdge(a.baseline, args["max_new_tokens"], 120.0, context)
+        base = CloudBasedEdge(a.baseline, args["max_new_tokens"], 120.0, context, cloud.device_keys)
         edges = {}
         for i, (threshold, wait) in enumerate(settings):
             config = EdgeConfig(device_id=300 + i, broker=a.broker, upload=a.upload, shm=False, exact=True,
                                 threshold=threshold, wait_below=wait, fp16=True,
-                                max_new_tokens=args["max_new_tokens"], timeout=120.0, hello_timeout=120.0)
+                                max_new_tokens=args["max_new_tokens"], timeout=120.0, hello_timeout=120.0,
+                                keys=cloud.device_bundle)
             edges[(threshold, wait)] = EdgeClient(loaded.model, loaded.identity, split, heads, config, context)
         totals = {key: dict(total=0.0, tokens=0, identical=0, drafts=0, rollbacks=0, waiting=0.0, wasted=0.0,
                             edge=0.0, cloud=0.0) for key in [None, *settings]}

@@ -81,6 +81,9 @@ D = FanoutConfig()  # the options' defaults
               help="The broker's pid: its content manager is measured "
                    "[default: the process bound to the upload address].")
 @click.option("--cm-pid", type=int, default=D.cm_pid, help="The content manager's pid, if known.")
+@click.option("--keys", default=D.keys, help="A device key bundle whose ids cover every client's "
+              "(`cecollm keys --device fanout=1000-1999`) [default: $CECOLLM_HOME/keys/bundles/device-<id>].")
+@click.option("--insecure", is_flag=True, help="No keys: for a broker started with --insecure.")
 @click.option("--json", "json_path", default=None, help="Write the report as JSON to this file ('-': stdout).")
 @click.option("--threads", type=int, default=D.threads, show_default=True, help="Torch threads (live/record).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")

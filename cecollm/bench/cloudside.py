@@ -20,6 +20,7 @@ import psutil
 from cecollm.broker.launch import BrokerProcess
 from cecollm.errors import CecollmError, UserError
 from cecollm.runtime import DaemonProcess, free_ports
+from cecollm.wire.security import ClientKeys, make_keys
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class BaselineProcess(DaemonProcess):
     what = "baseline cloud"
 
     def __init__(self, model: str, exits: str = "", heads: str = "", threads: int = 1,
-                 log_path: str | Path | None = None, start_timeout: float = 180.0) -> None:
+                 log_path: str | Path | None = None, start_timeout: float = 180.0, keys_dir: str | Path = "") -> None:
         (port,) = free_ports(1)
         self.address = f"tcp://127.0.0.1:{port}"
         args = [sys.executable, "-m", "cecollm.bench.baselines.server", "--address", self.address, "--model", str(model),
@@ -79,6 +80,8 @@ class BaselineProcess(DaemonProcess):
             args += ["--exits", exits]
         if heads:
             args += ["--heads", heads]
+        if keys_dir:
+            args += ["--keys", str(keys_dir)]
         super().__init__(args, threads, log_path, start_timeout)
 
 
@@ -129,16 +132,22 @@ class CloudSide:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         split_args = (["--exits", self.exits] if self.exits else []) + (["--heads", self.heads] if self.heads else [])
         targets = []
+        keys_dir = self.log_dir / "keys"  # every cloud socket speaks CURVE, the baselines' too
+        if not (keys_dir / "bundles" / "device-any").is_dir():
+            make_keys(keys_dir, [("any", "*")], ["any"])
+        self.device_keys = ClientKeys.load(keys_dir / "bundles" / "device-any")
+        self.device_bundle = str(keys_dir / "bundles" / "device-any")
         if self.want_broker:
             self.broker = self._stack.enter_context(BrokerProcess(
-                self.model, workers=1, log_path=self.log_dir / "broker.log",
+                self.model, workers=1, log_path=self.log_dir / "broker.log", keys_dir=keys_dir,
                 extra=["--threads", str(self.threads), *split_args, *self.broker_extra]))
             pinned = pin_tree(self.broker.proc.pid, self.plan.cloud)
             log.info("broker up (%d processes on cores %s)", pinned, list(self.plan.cloud))
             targets += [self.broker.request_address, self.broker.upload_address]
         if self.want_baseline:
             self.baseline = self._stack.enter_context(BaselineProcess(
-                self.model, self.exits, self.heads, self.threads, log_path=self.log_dir / "baseline-cloud.log"))
+                self.model, self.exits, self.heads, self.threads, log_path=self.log_dir / "baseline-cloud.log",
+                keys_dir=keys_dir))
             pin_tree(self.baseline.proc.pid, self.plan.cloud)
             targets.append(self.baseline.address)
         if not targets:

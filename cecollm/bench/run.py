@@ -95,16 +95,18 @@ class EdgeSet:
 
         c, a = self.config, self.cloud.addresses
         self._context = self._context or zmq.Context()
+        keys = self.cloud.device_keys
         if s.kind == "cloud":
-            return CloudBasedEdge(a.baseline, c.max_new_tokens, c.timeout, self._context)
+            return CloudBasedEdge(a.baseline, c.max_new_tokens, c.timeout, self._context, keys)
         if s.kind == "full":
             return FullUploadEdge(self.loaded.model, self.split, self.heads, a.baseline, s.threshold, s.fp16,
-                                  c.max_new_tokens, c.timeout, self._context)
+                                  c.max_new_tokens, c.timeout, self._context, keys)
         # without a broker (standalone only) the edge never connects; the addresses are placeholders
         edge_config = EdgeConfig(device_id=100 + number, broker=a.broker or "tcp://127.0.0.1:9",
                                  upload=a.upload or "tcp://127.0.0.1:10", shm=False, threshold=s.threshold,
                                  standalone=s.standalone, exact=s.exact, fp16=s.fp16, max_new_tokens=c.max_new_tokens,
-                                 timeout=c.timeout, hello_timeout=c.timeout, max_timeouts=1)
+                                 timeout=c.timeout, hello_timeout=c.timeout, max_timeouts=1,
+                                 keys=self.cloud.device_bundle)
         return EdgeClient(self.loaded.model, self.loaded.identity, self.split, self.heads, edge_config, self._context)
 
     def close(self) -> None:

@@ -76,8 +76,8 @@ def _cloud_based(config: BenchConfig, cloud, prompt_ids: list[list[int]], device
     from cecollm.bench.baselines.edge import CloudBasedEdge
 
     context = zmq.Context()
-    edges = [CloudBasedEdge(cloud.addresses.baseline, config.max_new_tokens, config.timeout * devices, context)
-             for _ in range(devices)]
+    edges = [CloudBasedEdge(cloud.addresses.baseline, config.max_new_tokens, config.timeout * devices, context,
+                            cloud.device_keys) for _ in range(devices)]
     results: list[list] = [[] for _ in range(devices)]
     errors: list[str] = []
 
@@ -117,7 +117,7 @@ def _fanout(config: BenchConfig, cloud, dataset: str, texts: list[str], devices:
     common = dict(broker=a.broker, upload=a.upload, model=config.model, heads=config.heads, exits=config.exits,
                   threshold=0.8, fp16=True, max_new_tokens=config.max_new_tokens, timeout=config.timeout,
                   threads=config.threads, trace=str(trace), broker_pid=cloud.broker.proc.pid,
-                  cm_pid=cloud.content_manager_pid())
+                  cm_pid=cloud.content_manager_pid(), keys=cloud.device_bundle)
     if not trace.is_file():
         log.info("scaling: recording a trace of %d %s prompts (one real edge)", len(texts), dataset)
         record_trace(FanoutConfig(prompts=tuple(texts), **common))

@@ -46,6 +46,10 @@ _B = BrokerConfig()
 @click.option("--retries", type=click.IntRange(min=0), default=_B.retries, show_default=True,
               help="Times a request whose worker died is handed to another.")
 @click.option("--threads", type=int, default=_B.threads, show_default=True, help="Torch threads per worker.")
+@click.option("--keys", default=_B.keys, help="The keys directory from `cecollm keys` (the broker's key pair, the "
+              "accepted device and worker keys) [default: $CECOLLM_HOME/keys]. SIGHUP reloads its key lists.")
+@click.option("--insecure", is_flag=True, default=_B.insecure, help="No keys, no encryption: anyone who reaches a "
+              "port can act as any device, so every socket binds loopback only. For local experiments.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def broker_command(**options) -> None:
     """Serve the cloud partition: a broker, a content manager holding every device's state in

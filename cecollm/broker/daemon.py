@@ -11,16 +11,18 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cecollm.config import DEFAULT_MODEL
+from cecollm.config import DEFAULT_MODEL, cecollm_home
 from cecollm.errors import CecollmError, UserError
 from cecollm.runtime import ReadyWaiter, run_daemon
 from cecollm.wire import broker_worker as wp
 from cecollm.wire import launch
+from cecollm.wire.security import DEVICES, WORKERS, KeyRing, loopback_only
 
 log = logging.getLogger("cecollm.broker")
 
@@ -31,8 +33,9 @@ MANAGER_START_SECONDS = 60.0  # the content manager binds its sockets within thi
 class BrokerConfig:
     """How the broker daemon runs; the click options take their defaults from here."""
 
-    request_address: str = "tcp://*:5555"  # edges' requests (ROUTER, bound here); commas bind several
-    upload_address: str = "tcp://*:5556"  # edges' uploads (PULL, bound by the content manager); commas too
+    request_address: str = "tcp://127.0.0.1:5555"  # edges' requests (ROUTER, bound here); commas bind several;
+    #                                                tcp://*:5555 serves other hosts
+    upload_address: str = "tcp://127.0.0.1:5556"  # edges' uploads (PULL, bound by the content manager); commas too
     worker_address: str = "tcp://127.0.0.1:5557"  # workers connect here (ROUTER, bound here)
     state_address: str = ""  # the content manager's control socket; "" = ipc:// in the temp dir (tcp://*:PORT for
     #                           workers on other hosts)
@@ -50,7 +53,14 @@ class BrokerConfig:
     max_queue: int = 1024  # requests waiting for a worker before new ones are refused
     retries: int = 1  # times a request whose worker died is handed to another
     threads: int = 1  # torch threads per worker
+    keys: str = ""  # the keys directory (`cecollm keys`); "" = $CECOLLM_HOME/keys
+    insecure: bool = False  # no keys and no encryption: every socket binds loopback only
     verbose: bool = False  # debug logging
+
+
+def default_keys_dir() -> str:
+    """Where `cecollm keys` puts its directory by default: $CECOLLM_HOME/keys."""
+    return str(cecollm_home() / "keys")
 
 
 def endpoints(text: str) -> list[str]:
@@ -90,6 +100,9 @@ class _Plan:
     split_text: str  # the split, for the startup line
     manager: object  # ContentManagerConfig
     worker: wp.Config  # sent to every worker that connects
+    worker_address: str  # where workers connect (bound here)
+    ring: object  # security.KeyRing, or None with --insecure
+    local_keys: object  # security.ClientKeys of the workers this broker starts (None with --insecure)
 
 
 def _check(config: BrokerConfig) -> None:
@@ -113,12 +126,21 @@ def _plan(config: BrokerConfig) -> _Plan:
         if len(endpoints(address)) != 1:
             raise UserError(f"address {address!r}: one endpoint only")
     _check(config)
+    worker_address, state_address = config.worker_address, config.state_address
+    ring = local_keys = None
+    if config.insecure:
+        requests, uploads = [loopback_only(e) for e in requests], [loopback_only(e) for e in uploads]
+        worker_address = loopback_only(worker_address)
+        state_address = state_address and loopback_only(state_address)
+    else:
+        ring = KeyRing(config.keys or default_keys_dir())
+        local_keys = ring.local_worker_keys()
     spec = ModelSpec.from_options(config.model, config.exits, config.upload_layer, config.heads)
     loaded = spec.load(mapped=True)
     split = spec.resolve(loaded).split
     c = loaded.model.config
     pid = os.getpid()
-    state_address = config.state_address or f"ipc://{tempfile.gettempdir()}/cecollm-{pid}-state.ipc"
+    state_address = state_address or f"ipc://{tempfile.gettempdir()}/cecollm-{pid}-state.ipc"
     prefix = shm.segment_prefix(pid)
     manager = ContentManagerConfig(
         upload_address=",".join(uploads), state_address=state_address,
@@ -126,10 +148,12 @@ def _plan(config: BrokerConfig) -> _Plan:
         head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads, hidden=c.hidden_size,
         capacity=config.capacity, budget_bytes=config.budget_mb << 20, idle_ttl=config.idle_ttl,
         wait_seconds=config.wait_seconds, segment_prefix=prefix,
-        kv_dtype=str(loaded.model.dtype).removeprefix("torch."))
+        kv_dtype=str(loaded.model.dtype).removeprefix("torch."), keys=str(ring.directory) if ring else "",
+        local_workers=(local_keys.public,) if local_keys else ())
     worker = wp.Config(str(loaded.path), loaded.identity, split.exits, split.upload_layer,
                        connectable(state_address), config.heartbeat_ms, config.liveness)
-    return _Plan(requests, uploads, state_address, prefix, split.describe(), manager, worker)
+    return _Plan(requests, uploads, state_address, prefix, split.describe(), manager, worker, worker_address, ring,
+                 local_keys)
 
 
 class _Children:
@@ -142,7 +166,8 @@ class _Children:
         self.config = config
         self.plan = plan
         self.spawn = multiprocessing.get_context("spawn")
-        self.per_worker = WorkerConfig(connectable(config.worker_address), config.threads, verbose=config.verbose)
+        self.per_worker = WorkerConfig(connectable(plan.worker_address), config.threads, verbose=config.verbose,
+                                       client_keys=plan.local_keys)
         self.restarts = 0
         self.failed: int | None = None  # the content manager's exit code, once it died
         self.waiter = ReadyWaiter()  # READY and FAILED of every child
@@ -220,7 +245,14 @@ def serve_broker(config: BrokerConfig, runtime) -> int:
     frontend, backend = context.socket(zmq.ROUTER), context.socket(zmq.ROUTER)
     for sock in (frontend, backend):
         sock.setsockopt(zmq.LINGER, 0)
-    broker = Broker(frontend, backend, plan.worker, config.max_queue, config.retries)
+    ring = plan.ring
+    auth = None
+    if ring is not None:
+        auth = ring.authenticator(context)
+        ring.secure(frontend, DEVICES)
+        ring.secure(backend, WORKERS)
+    broker = Broker(frontend, backend, plan.worker, config.max_queue, config.retries,
+                    authorize=ring.may_act_for if ring else None)
     runtime.on_stop(lambda: setattr(broker, "running", False))
     children = None
     announced = False
@@ -234,8 +266,9 @@ def serve_broker(config: BrokerConfig, runtime) -> int:
 
     try:
         _bind(frontend, plan.requests, "request")
-        _bind(backend, [config.worker_address], "worker")
+        _bind(backend, [plan.worker_address], "worker")
         children = _Children(config, plan)
+        runtime.on_reload(lambda: _reload(ring, children))
         broker.serve(tick)
     finally:
         broker.shutdown()
@@ -243,11 +276,13 @@ def serve_broker(config: BrokerConfig, runtime) -> int:
             children.stop()
         frontend.close(0)
         backend.close()  # with the linger shutdown() set: hand-started workers hear the goodbye
+        if auth is not None:
+            auth.stop()
         context.term()
         leftovers = shm.remove_leftovers(plan.segment_prefix)
         if leftovers:
             log.warning("removed %d shared-memory segments left behind", len(leftovers))
-        for address in [plan.state_address, *plan.requests, *plan.uploads, config.worker_address]:
+        for address in [plan.state_address, *plan.requests, *plan.uploads, plan.worker_address]:
             if address.startswith("ipc://"):
                 Path(address[len("ipc://"):]).unlink(missing_ok=True)
         log.info("broker stopped")
@@ -256,10 +291,21 @@ def serve_broker(config: BrokerConfig, runtime) -> int:
     return 0
 
 
+def _reload(ring, children) -> None:
+    """SIGHUP: the broker's key lists, and the content manager's (a signal of its own)."""
+    if ring is not None:
+        ring.reload()
+    if children.manager.is_alive():
+        os.kill(children.manager.pid, signal.SIGHUP)
+
+
 def _announce(config: BrokerConfig, plan: _Plan, ready: int, runtime) -> None:
     """The startup line for the person who started the broker, and READY for a launcher."""
+    security = (f"keys {plan.ring.directory}" if plan.ring else
+                "INSECURE: no keys, no encryption, anyone on this host can act as any device (loopback only)")
     print(f"cecollm-broker: requests {','.join(plan.requests)} | uploads {','.join(plan.uploads)} | "
-          f"workers {config.worker_address} | state {plan.state_address} | model {config.model} "
-          f"({plan.worker.identity[:12]}) | {plan.split_text} | {ready} workers", flush=True)
-    runtime.ready(requests=",".join(plan.requests), uploads=",".join(plan.uploads), workers=config.worker_address,
-                  state=plan.state_address, identity=plan.worker.identity, split=plan.split_text)
+          f"workers {plan.worker_address} | state {plan.state_address} | model {config.model} "
+          f"({plan.worker.identity[:12]}) | {plan.split_text} | {ready} workers | {security}", flush=True)
+    runtime.ready(requests=",".join(plan.requests), uploads=",".join(plan.uploads), workers=plan.worker_address,
+                  state=plan.state_address, identity=plan.worker.identity, split=plan.split_text,
+                  keys=str(plan.ring.directory) if plan.ring else "")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 from cecollm.runtime import DaemonProcess, free_ports
+from cecollm.wire.security import make_keys
 
 
 class BrokerProcess(DaemonProcess):
@@ -14,8 +16,11 @@ class BrokerProcess(DaemonProcess):
     what = "broker"
 
     def __init__(self, model: str, workers: int = 1, extra: list[str] | None = None, log_path: str | Path | None = None,
-                 start_timeout: float = 180.0, ipc_base: str | None = None) -> None:
-        """`ipc_base` (ipc://DIR/NAME): also bind NAME.requests and NAME.uploads for same-host edges."""
+                 start_timeout: float = 180.0, ipc_base: str | None = None, secure: bool = True,
+                 keys_dir: str | Path | None = None) -> None:
+        """`ipc_base` (ipc://DIR/NAME): also bind NAME.requests and NAME.uploads for same-host edges.
+        `secure`: with keys made in `keys_dir` (default: a temporary directory) with a device bundle for any
+        device id (`device_keys`) and one for a worker host (`worker_keys`); else --insecure."""
         req, upl, wrk = free_ports(3)
         self.request_address = f"tcp://127.0.0.1:{req}"
         self.upload_address = f"tcp://127.0.0.1:{upl}"
@@ -24,6 +29,16 @@ class BrokerProcess(DaemonProcess):
         also_upl = f",{ipc_base}.uploads" if ipc_base else ""
         if ipc_base:
             extra = ["--state-address", f"{ipc_base}.state", *(extra or [])]
+        self.keys_dir = self.device_keys = self.worker_keys = None
+        if secure:
+            self.keys_dir = Path(keys_dir or tempfile.mkdtemp(prefix="cecollm-keys-"))
+            if not (self.keys_dir / "bundles" / "device-any").is_dir():
+                make_keys(self.keys_dir, [("any", "*")], ["any"])
+            self.device_keys = str(self.keys_dir / "bundles" / "device-any")
+            self.worker_keys = str(self.keys_dir / "bundles" / "worker-any")
+            extra = ["--keys", str(self.keys_dir), *(extra or [])]
+        else:
+            extra = ["--insecure", *(extra or [])]
         args = [sys.executable, "-m", "cecollm.broker", "--model", str(model), "--workers", str(workers),
                 "--requests", self.request_address + also_req, "--uploads", self.upload_address + also_upl,
                 "--workers-address", self.worker_address, *(extra or [])]

@@ -30,12 +30,15 @@ class Broker:
     """Routes edge requests to workers; knows nothing about models or state."""
 
     def __init__(self, frontend: zmq.Socket, backend: zmq.Socket, worker_config: wp.Config,
-                 max_queue: int = 1024, retries: int = 1) -> None:
+                 max_queue: int = 1024, retries: int = 1, authorize=None) -> None:
+        """`authorize(user_id, device_id)`: whether the key CURVE authenticated may act for the device the
+        request names (security.KeyRing.may_act_for); None: no keys (--insecure)."""
         self.frontend = frontend
         self.backend = backend
         self.worker_config = worker_config
         self.max_queue = max_queue
         self.retries = retries
+        self.authorize = authorize
         self.interval = worker_config.heartbeat_ms / 1000
         self.pool = WorkerPool(self.interval, worker_config.liveness)
         self.queue: deque[Job] = deque()
@@ -82,6 +85,12 @@ class Broker:
             msg = ep.parse(frames[2:], ep.REQUESTS)
         except ProtocolError as exc:
             self._refuse(client, 0, str(exc))
+            return
+        if self.authorize is not None and not self.authorize(frames[-1].get("User-Id"), msg.device_id):
+            self.bad_messages += 1
+            log.warning("edge request refused: a key acted for device %d, which it may not", msg.device_id)
+            self.reply(client, ep.Error(msg.seq, ErrorCode.FORBIDDEN, f"this key may not act for device "
+                                        f"{msg.device_id}").to_frames())
             return
         if len(self.queue) >= self.max_queue:
             self.reply(client, ep.Error(msg.seq, ErrorCode.BUSY, "the broker's queue is full").to_frames())

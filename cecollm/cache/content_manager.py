@@ -28,6 +28,7 @@ from cecollm.errors import UserError
 from cecollm.wire import edge_cloud as ep
 from cecollm.wire import worker_state as sp
 from cecollm.wire.dispatch import Dispatcher, drain
+from cecollm.wire.security import DEVICES, WORKERS, KeyRing
 from cecollm.wire.wire import DTYPE_CODES, DTYPES, ErrorCode, ProtocolError, clip
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class ContentManagerConfig:
     wait_seconds: float = 2.0  # how long a lease waits for rows still in flight
     lease_seconds: float = 120.0  # a lease not committed within this lapses
     segment_prefix: str = "cecollm-0-"  # segment names start with this (shm.segment_prefix)
+    keys: str = ""  # the keys directory: uploads speak CURVE with device keys (a tcp state socket: worker keys)
+    local_workers: tuple[bytes, ...] = ()  # public keys of the broker's own workers (made at its start)
 
 
 class BudgetExceeded(Exception):
@@ -71,6 +74,8 @@ class ContentManager:
         self._counter = random.randrange(1 << 30)
         self.running = True
         self.failures = 0  # messages a handler failed on (bugs, logged)
+        self.ring: KeyRing | None = None  # the accepted keys (None: --insecure)
+        self.auth = None  # the ZAP authenticator thread while the sockets are bound
         self.upload: zmq.Socket | None = None  # PULL: edges' rows and ENDs
         self.state: zmq.Socket | None = None  # ROUTER: workers' requests
         self.uploads = Dispatcher({ep.Upload: self.on_rows, ep.UploadShm: self.on_rows_in_segment, ep.End: self.on_end})
@@ -84,6 +89,14 @@ class ContentManager:
         self.state = self.context.socket(zmq.ROUTER)
         for sock in (self.upload, self.state):
             sock.setsockopt(zmq.LINGER, 0)
+        if self.config.keys:
+            self.ring = KeyRing(self.config.keys)
+            for public in self.config.local_workers:
+                self.ring.add_worker(public, "local")
+            self.auth = self.ring.authenticator(self.context)
+            self.ring.secure(self.upload, DEVICES)
+            if self.config.state_address.startswith("tcp://"):
+                self.ring.secure(self.state, WORKERS)
         try:
             for endpoint in self.config.upload_address.split(","):
                 self.upload.bind(endpoint)
@@ -121,6 +134,9 @@ class ContentManager:
             if sock is not None:
                 sock.close()
         self.upload = self.state = None
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
 
     def housekeeping(self, now: float) -> None:
         for dev in list(self.devices.values()):
@@ -133,6 +149,8 @@ class ContentManager:
     def on_upload(self, frames) -> None:
         try:
             msg = ep.parse(frames, self.uploads.commands)
+            if self.ring is not None and not self.ring.may_act_for(frames[-1].get("User-Id"), msg.device_id):
+                raise ProtocolError(f"a key acted for device {msg.device_id}, which it may not")
             dev = self.devices.get(msg.device_id)
             if dev is None or dev.session != msg.session:
                 raise ProtocolError(f"device {msg.device_id} session {msg.session} is not open")
@@ -368,6 +386,8 @@ def serve_content_manager(config: ContentManagerConfig, runtime) -> int:
     """The content manager's main (started by the broker through the process runtime)."""
     manager = ContentManager(config)
     manager.bind()
+    if manager.ring is not None:
+        runtime.on_reload(manager.ring.reload)
     runtime.ready(upload=config.upload_address, state=config.state_address)
     manager.serve(runtime)
     return 0

@@ -30,10 +30,13 @@ def _one_endpoint(address: str, remote: bool) -> None:
               "tcp://HOST:PORT [default: as the broker names it; with --remote, on the --broker host].")
 @click.option("--model", "model_dir", default=_W.model_dir, help="The model's transformers directory on this host "
               "[default: the broker's path].")
+@click.option("--keys", "keys", default="", help="This worker host's key bundle from `cecollm keys DIR --worker NAME` "
+              "(DIR/bundles/worker-NAME) [default: $CECOLLM_HOME/keys/bundles/worker-local].")
+@click.option("--insecure", is_flag=True, help="No keys: for a broker started with --insecure (loopback only).")
 @click.option("--threads", type=click.IntRange(min=1), default=_W.threads, show_default=True, help="Torch threads.")
 @click.option("-v", "--verbose", is_flag=True, default=_W.verbose, help="Debug logging.")
-def worker_command(broker_address: str, remote: bool, state_address: str, model_dir: str, threads: int,
-                   verbose: bool) -> None:
+def worker_command(broker_address: str, remote: bool, state_address: str, model_dir: str, keys: str, insecure: bool,
+                   threads: int, verbose: bool) -> None:
     """Start one more cloud worker for a running broker: on its host (device state in shared memory), or with
     --remote on another host (device state sent over TCP per request)."""
     from cecollm.cloud.worker import serve_worker
@@ -41,8 +44,14 @@ def worker_command(broker_address: str, remote: bool, state_address: str, model_
 
     for address in (broker_address, state_address):
         _one_endpoint(address, remote)
+    client_keys = None
+    if not insecure:
+        from cecollm.config import cecollm_home
+        from cecollm.wire.security import ClientKeys
+
+        client_keys = ClientKeys.load(keys or cecollm_home() / "keys" / "bundles" / "worker-local")
     config = WorkerConfig(broker_address, threads, verbose=verbose, remote=remote, state_address=state_address,
-                          model_dir=model_dir)
+                          model_dir=model_dir, client_keys=client_keys)
     sys.exit(run_daemon("worker", serve_worker, config, verbose))
 
 

@@ -43,6 +43,7 @@ class WorkerConfig:
     remote: bool = False  # never map shared memory: the content manager sends the state (another host)
     state_address: str = ""  # the content manager's address; "" = the one the broker names (for remote: its host)
     model_dir: str = ""  # the model's transformers directory here; "" = the broker's path
+    client_keys: object = None  # security.ClientKeys for the broker (and a tcp state) socket; None: --insecure
 
 
 class Worker:
@@ -58,6 +59,8 @@ class Worker:
     def _connect(self) -> tuple[zmq.Socket, wp.Config]:
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.config.client_keys is not None:
+            self.config.client_keys.secure(sock)
         sock.connect(self.config.broker_address)
         sock.send_multipart(wp.Connect(os.getpid()).to_frames())
         deadline = time.monotonic() + self.config.connect_timeout
@@ -92,7 +95,8 @@ class Worker:
             raise UserError(f"the model at {model_dir} here is {identity[:12]}, the broker serves "
                             f"{config.identity[:12]}")
         split = Split.create(model.config.num_hidden_layers, config.exits, config.upload_layer)
-        state = RpcSocket(self.context, state_address)
+        keys = self.config.client_keys if state_address.startswith("tcp://") else None  # ipc: this host only
+        state = RpcSocket(self.context, state_address, keys=keys)
         return CloudService(DecoderRunner(model), split, identity, state, self.config.state_timeout, self.config.remote)
 
     def state_address(self, config: wp.Config) -> str:

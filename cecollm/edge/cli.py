@@ -37,6 +37,10 @@ _E = EdgeConfig()
 @click.option("--max-new-tokens", type=int, default=_E.max_new_tokens, show_default=True)
 @click.option("--timeout", type=float, default=_E.timeout, show_default=True,
               help="Seconds a single-token request may take before the edge decides the token itself.")
+@click.option("--keys", default=_E.keys, help="This device's key bundle from `cecollm keys --device ID` "
+              "[default: $CECOLLM_HOME/keys/bundles/device-ID].")
+@click.option("--insecure", is_flag=True, default=_E.insecure, help="No keys, no encryption: for a broker started "
+              "with --insecure (loopback only).")
 @click.option("--prompt", default=None, help="One prompt.")
 @click.option("--prompts", "prompts_file", default=None, help="A JSONL file of prompts (fields \"prompt\", "
               "\"instruction\" + \"input\", \"document\", \"question\" or \"text\"), or a text file, one a line.")
@@ -45,7 +49,7 @@ _E = EdgeConfig()
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Torch threads.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def edge_command(spec, device_id, broker, upload, shm, threshold, standalone, exact, wait_below, no_fp16,
-                 max_new_tokens, timeout, prompt, prompts_file, raw, as_json, threads, verbose) -> None:
+                 max_new_tokens, timeout, keys, insecure, prompt, prompts_file, raw, as_json, threads, verbose) -> None:
     """Generate on this edge device; tokens no exit is sure of are asked of the cloud broker.
 
     Tokens stream to stdout as they are decided; each generation's stats go to stderr."""
@@ -57,7 +61,9 @@ def edge_command(spec, device_id, broker, upload, shm, threshold, standalone, ex
     if exact and standalone:
         raise UserError("--exact needs the cloud to verify; it cannot be --standalone")
     config = EdgeConfig(device_id, broker, upload, shm, threshold, standalone, exact, wait_below, not no_fp16,
-                        max_new_tokens, timeout)
+                        max_new_tokens, timeout, keys=keys, insecure=insecure)
+    if not standalone:
+        config.client_keys()  # a missing or damaged bundle is an error now, not after the model loads
     try:
         _ = config.upload_address  # derived from --broker: a broker address it cannot be derived from is an error now
     except ValueError as exc:

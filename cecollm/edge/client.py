@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import zmq
 
-from cecollm.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_THRESHOLD, DEFAULT_WAIT_BELOW
+from cecollm.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_THRESHOLD, DEFAULT_WAIT_BELOW, cecollm_home
 from cecollm.edge.exact import ExactRun
 from cecollm.edge.heads import HeadSet
 from cecollm.edge.partition import EdgePartition
@@ -35,6 +35,8 @@ from cecollm.wire.rpc import CallTimeout, RpcSocket
 from cecollm.wire.wire import ErrorCode, ProtocolError
 
 log = logging.getLogger(__name__)
+
+MAX_REPLY_BYTES = 64 << 10  # the cloud's replies (WELCOME, TOKEN, ERROR) are small: anything larger is refused
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,16 @@ class EdgeConfig:
     timeout: float = 5.0  # seconds a single-token request may take before the edge decides it itself
     hello_timeout: float = 10.0  # seconds to wait for the cloud to open a session
     max_timeouts: int = 3  # timeouts in a row after which the rest is decided on the edge
+    keys: str = ""  # this device's key bundle (`cecollm keys`); "" = $CECOLLM_HOME/keys/bundles/device-<device_id>
+    insecure: bool = False  # no keys: for a broker started with --insecure (loopback only)
+
+    def client_keys(self):
+        """The device's CURVE keys (security.ClientKeys), or None when insecure."""
+        if self.insecure:
+            return None
+        from cecollm.wire.security import ClientKeys
+
+        return ClientKeys.load(self.keys or cecollm_home() / "keys" / "bundles" / f"device-{self.device_id}")
 
     @property
     def upload_address(self) -> str:
@@ -120,8 +132,9 @@ class EdgeClient:
 
     def _connect(self) -> None:
         if self._rpc is None:
-            self._rpc = RpcSocket(self.context, self.config.broker)
-            self._sender = UploadSender(self.context, self.config.upload_address, self.config.timeout)
+            keys = self.config.client_keys()
+            self._rpc = RpcSocket(self.context, self.config.broker, keys=keys, max_reply_bytes=MAX_REPLY_BYTES)
+            self._sender = UploadSender(self.context, self.config.upload_address, self.config.timeout, keys=keys)
 
     # ---- one request -------------------------------------------------------------------
     def _request(self, msg, timeout: float, stats: EdgeStats):

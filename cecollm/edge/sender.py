@@ -68,9 +68,11 @@ class _Link:
 class UploadSender:
     """Sends a session's rows (TCP/IPC bytes or shared memory) and its END, in order."""
 
-    def __init__(self, context: zmq.Context, address: str, send_timeout: float = 5.0) -> None:
+    def __init__(self, context: zmq.Context, address: str, send_timeout: float = 5.0, keys=None) -> None:
+        """`keys` (security.ClientKeys): speak CURVE to the content manager."""
         self.context = context
         self.address = address
+        self.keys = keys
         self.send_timeout = send_timeout
         self.queue: queue.Queue = queue.Queue()
         self.bytes_sent = 0  # what went over the socket
@@ -107,6 +109,8 @@ class UploadSender:
         sock = self.context.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, int(self.send_timeout * 1000))
         sock.setsockopt(zmq.SNDTIMEO, int(self.send_timeout * 1000))
+        if self.keys is not None:
+            self.keys.secure(sock)
         sock.connect(self.address)
         self._link = _Link()
         try:

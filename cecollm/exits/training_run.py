@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from cecollm.config import cecollm_home
 from cecollm.edge.heads import HeadSet
 from cecollm.errors import UserError
 from cecollm.exits.collect import CacheSpec, collect, file_sources
@@ -15,7 +16,6 @@ from cecollm.exits.config import DataConfig, TrainConfig
 from cecollm.exits.data import read_examples
 from cecollm.exits.measure import measure_heads
 from cecollm.exits.train import ExitTrainer
-from cecollm.loading import cecollm_home
 from cecollm.split import Split
 
 log = logging.getLogger(__name__)

@@ -46,6 +46,8 @@ class FanoutConfig:
     cm_pid: int = 0  # the content manager's pid if known (wins over broker_pid)
     memory_interval: float = 0.1  # seconds between memory samples
     threads: int = 1  # torch threads (live/record)
+    keys: str = ""  # a device key bundle for every client (its ids must cover device_base + 0..clients-1)
+    insecure: bool = False  # no keys: for a broker started with --insecure
 
     @property
     def edge(self) -> EdgeConfig:
@@ -54,7 +56,7 @@ class FanoutConfig:
 
         return EdgeConfig(device_id=self.device_base, broker=self.broker, upload=self.upload, threshold=self.threshold,
                           fp16=self.fp16, max_new_tokens=self.max_new_tokens, timeout=self.timeout,
-                          max_timeouts=1 << 30)
+                          max_timeouts=1 << 30, keys=self.keys, insecure=self.insecure)
 
 
 def check_config(config: FanoutConfig) -> None:
@@ -76,6 +78,7 @@ def check_config(config: FanoutConfig) -> None:
         raise UserError(str(exc)) from None
     _reachable(config.broker, "the broker's request address")
     _reachable(upload, "the broker's upload address" + ("" if config.upload else ", derived: give --upload"))
+    config.edge.client_keys()  # a missing or damaged key bundle: one line now, not an error per device
 
 
 def _reachable(address: str, what: str) -> None:

@@ -51,8 +51,9 @@ class ReplayDevice:
         if self.stop.wait(delay):
             return
         context = zmq.Context.instance()
-        self.rpc = RpcSocket(context, self.edge.broker)
-        self.sender = UploadSender(context, self.edge.upload_address, self.config.timeout)
+        keys = self.edge.client_keys()
+        self.rpc = RpcSocket(context, self.edge.broker, keys=keys)
+        self.sender = UploadSender(context, self.edge.upload_address, self.config.timeout, keys=keys)
         t0 = time.perf_counter()
         try:
             for index in order:

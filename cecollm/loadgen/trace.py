@@ -209,13 +209,13 @@ class _Recorder:
 class _TracingSender(UploadSender):
     """The edge's real sender that also notes each upload and the END (adapter, see TracingClient)."""
 
-    def __init__(self, context, address: str, send_timeout: float, recorder: _Recorder) -> None:
-        super().__init__(context, address, send_timeout)
+    def __init__(self, context, address: str, send_timeout: float, recorder: _Recorder, keys=None) -> None:
+        super().__init__(context, address, send_timeout, keys)
         self.recorder = recorder
 
-    def rows(self, start: int, rows: np.ndarray) -> None:
+    def rows(self, start: int, rows: np.ndarray, drafts: tuple[int, ...] = ()) -> None:
         self.recorder.add_rows(start, rows)
-        super().rows(start, rows)
+        super().rows(start, rows, drafts)
 
     def end(self) -> None:
         now = time.perf_counter()
@@ -235,9 +235,10 @@ class TracingClient(EdgeClient):
 
     def _connect(self) -> None:
         if self._rpc is None:
-            self._rpc = RpcSocket(self.context, self.config.broker)
+            keys = self.config.client_keys()
+            self._rpc = RpcSocket(self.context, self.config.broker, keys=keys)
             self._sender = _TracingSender(self.context, self.config.upload_address, self.config.timeout,
-                                          self.recorder)
+                                          self.recorder, keys=keys)
 
     def _request(self, msg, timeout, stats):
         began = time.perf_counter()

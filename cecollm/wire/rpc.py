@@ -22,10 +22,14 @@ class CallTimeout(Exception):
 class RpcSocket:
     """One DEALER connection; send() then receive() (bounded) make a call."""
 
-    def __init__(self, context: zmq.Context, address: str, send_timeout: float = 5.0) -> None:
+    def __init__(self, context: zmq.Context, address: str, send_timeout: float = 5.0, keys=None,
+                 max_reply_bytes: int = -1) -> None:
+        """`keys` (security.ClientKeys): speak CURVE to the peer; `max_reply_bytes`: refuse larger replies."""
         self.context = context
         self.address = address
         self.send_timeout = send_timeout
+        self.keys = keys
+        self.max_reply_bytes = max_reply_bytes
         self.bytes_sent = 0
         self.bytes_received = 0
         self.poller = zmq.Poller()
@@ -35,6 +39,9 @@ class RpcSocket:
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.send_timeout * 1000)))
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_reply_bytes)
+        if self.keys is not None:
+            self.keys.secure(sock)
         sock.connect(self.address)
         self.poller.register(sock, zmq.POLLIN)
         return sock

@@ -44,6 +44,7 @@ class ErrorCode(enum.IntEnum):
     WORKER_LOST = 8  # the worker died and the request was already retried
     INTERNAL = 9  # a bug or an unexpected failure on the cloud
     STALE = 10  # the request or lease was superseded
+    FORBIDDEN = 11  # the peer's key may not act for the device the message names
 
 
 # Wire dtypes by one-byte code; numpy names are the interchange format.

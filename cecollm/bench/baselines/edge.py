@@ -39,8 +39,8 @@ class BaselineCloudError(CecollmError):
 class _Caller:
     """Request/reply over one DEALER connection, with byte and time accounting into EdgeStats."""
 
-    def __init__(self, context: zmq.Context, address: str, timeout: float) -> None:
-        self.rpc = RpcSocket(context, address)
+    def __init__(self, context: zmq.Context, address: str, timeout: float, keys=None) -> None:
+        self.rpc = RpcSocket(context, address, keys=keys)
         self.address = address
         self.timeout = timeout
         self._seq = 0
@@ -86,9 +86,9 @@ class CloudBasedEdge:
     """The cloud-based deployment: the prompt goes up, the response comes down."""
 
     def __init__(self, address: str, max_new_tokens: int, timeout: float = 600.0,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, keys=None) -> None:
         self.max_new_tokens = max_new_tokens
-        self._caller = _Caller(context or zmq.Context.instance(), address, timeout)
+        self._caller = _Caller(context or zmq.Context.instance(), address, timeout, keys)
 
     def generate(self, prompt_ids: list[int]) -> EdgeResult:
         stats = EdgeStats(prompt_tokens=len(prompt_ids))
@@ -108,7 +108,8 @@ class FullUploadEdge:
     """Edge partition plus a stateless cloud: every request carries every upload-layer row so far."""
 
     def __init__(self, model: torch.nn.Module, split: Split, heads: HeadSet, address: str, threshold: float,
-                 fp16: bool, max_new_tokens: int, timeout: float = 600.0, context: zmq.Context | None = None) -> None:
+                 fp16: bool, max_new_tokens: int, timeout: float = 600.0, context: zmq.Context | None = None,
+                 keys=None) -> None:
         self.split = split
         self.heads = heads
         self.threshold = threshold
@@ -116,7 +117,7 @@ class FullUploadEdge:
         self.runner = DecoderRunner(model)
         self.eos = eos_ids(model)
         self.wire_dtype = torch.float16 if fp16 else torch.float32
-        self._caller = _Caller(context or zmq.Context.instance(), address, timeout)
+        self._caller = _Caller(context or zmq.Context.instance(), address, timeout, keys)
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int]) -> EdgeResult:

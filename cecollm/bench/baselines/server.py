@@ -24,6 +24,7 @@ from cecollm.cliutil import GuardedCommand
 from cecollm.config import DEFAULT_MODEL
 from cecollm.errors import UserError
 from cecollm.wire.dispatch import Dispatcher
+from cecollm.wire.security import DEVICES, KeyRing
 from cecollm.wire.wire import ErrorCode, ProtocolError, clip
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class BaselineServerConfig:
     heads: str = ""  # heads file whose exits define the split
     threads: int = 1  # torch threads
     poll_ms: int = 200  # how often the serving loop looks at its stop flag
+    keys: str = ""  # a keys directory (`cecollm keys`): CURVE with its device keys, as the broker; "" = none
     verbose: bool = False  # debug logging
 
 
@@ -147,6 +149,11 @@ def serve_baseline(config: BaselineServerConfig, runtime) -> int:
     context = zmq.Context()
     sock = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
+    auth = None
+    if config.keys:  # the baselines pay for encryption as CE-CoLLM does
+        ring = KeyRing(config.keys)
+        auth = ring.authenticator(context)
+        ring.secure(sock, DEVICES)
     try:
         try:
             sock.bind(config.address)
@@ -159,6 +166,8 @@ def serve_baseline(config: BaselineServerConfig, runtime) -> int:
         log.info("baseline cloud stopped after %d requests", answered)
     finally:
         sock.close(0)
+        if auth is not None:
+            auth.stop()
         context.term()
     return 0
 
@@ -175,6 +184,7 @@ _D = BaselineServerConfig()
               "[default: the last exit].")
 @click.option("--heads", default=_D.heads, help="Heads file whose exits define the split.")
 @click.option("--threads", type=int, default=_D.threads, show_default=True, help="Torch threads.")
+@click.option("--keys", default=_D.keys, help="A keys directory (`cecollm keys`): speak CURVE with its device keys.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def baseline_command(**options) -> None:
     """The stateless cloud of the benchmark's baselines (cloud-based and naive cloud-edge)."""
