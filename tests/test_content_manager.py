@@ -37,7 +37,7 @@ def manager():
     prefix = f"cecollm-test-{os.getpid()}-"
     config = ContentManagerConfig("inproc://unused-up", "inproc://unused-state", cloud_layers=2, n_kv_heads=1,
                                   head_dim=8, hidden=HIDDEN, capacity=64, budget_bytes=1 << 30, idle_ttl=60.0,
-                                  wait_seconds=0.2, segment_prefix=prefix)
+                                  segment_prefix=prefix)
     m = ContentManager(config)
     m.state = FakeSocket()
     yield m
@@ -76,18 +76,31 @@ def test_open_upload_lease_commit_and_release(manager):
     assert err.code == ErrorCode.UNKNOWN_DEVICE and "ended" in err.message
 
 
-def test_lease_waits_for_rows_in_flight_then_times_out(manager):
+def test_a_lease_never_waits_and_a_watch_hears_when_the_rows_are_in(manager):
     opened = _open(manager)
     manager.lease(sp.Lease(3, opened.session, 1, 1), b"w1")
-    assert manager.state.take() == []  # parked: position 1 not here yet
-    _upload(manager, 3, opened.session, 0, 0, 2)
+    (_, err), = manager.state.take()
+    assert err.code == ErrorCode.NOT_YET  # at once: the worker is free, the broker parks the request
+    manager.on_watch(sp.Watch(41, 3, opened.session, 1, 1), b"broker")
+    assert manager.state.take() == []
+    _upload(manager, 3, opened.session, 0, 0, 1)
+    assert manager.state.take() == []  # position 1 is still missing
+    _upload(manager, 3, opened.session, 1, 1, 1)
+    (peer, arrived), = manager.state.take()
+    assert peer == b"broker" and arrived == sp.Arrived(41)
+    manager.lease(sp.Lease(3, opened.session, 1, 1), b"w2")
     (_, grant), = manager.state.take()
     assert isinstance(grant, sp.Grant)
+    manager.on_watch(sp.Watch(42, 3, opened.session + 1, 2, 5), b"broker")  # a session that is not open: go at once
+    manager.on_watch(sp.Watch(43, 3, opened.session, 3, 0), b"broker")  # position 0 is in: go when the lease ends
+    assert manager.state.take() == [(b"broker", sp.Arrived(42))]
     manager.commit(sp.Commit(3, grant.token, 2, 0, 0.0))
-    manager.lease(sp.Lease(3, opened.session, 2, 5), b"w1")
-    manager.housekeeping(time.monotonic() + 1.0)
-    (_, err), = manager.state.take()
-    assert err.code == ErrorCode.MISSING
+    assert manager.state.take() == [(b"broker", sp.Arrived(43))]
+    manager.lease(sp.Lease(3, opened.session, 2, 0), b"w1")  # position 0 was decided: never granted again
+    assert manager.state.take()[0][1].code == ErrorCode.STALE
+    manager.on_watch(sp.Watch(44, 3, opened.session, 4, 9), b"broker")
+    manager.on_upload([bytes(f) for f in ep.End(3, opened.session).to_frames()])
+    assert manager.state.take() == [(b"broker", sp.Arrived(44))]  # released: its lease will say why
 
 
 def test_one_worker_at_a_time_and_a_retried_request_supersedes(manager):
@@ -95,14 +108,18 @@ def test_one_worker_at_a_time_and_a_retried_request_supersedes(manager):
     _upload(manager, 3, opened.session, 0, 0, 4)
     manager.lease(sp.Lease(3, opened.session, 7, 1), b"w1")
     (_, first), = manager.state.take()
-    manager.lease(sp.Lease(3, opened.session, 8, 2), b"w2")  # another request: waits for the lease
-    assert manager.state.take() == []
+    manager.lease(sp.Lease(3, opened.session, 8, 2), b"w2")  # another request: not while w1 holds the device
+    (_, busy), = manager.state.take()
+    assert busy.code == ErrorCode.NOT_YET
+    manager.on_watch(sp.Watch(8, 3, opened.session, 8, 2), b"broker")
     manager.lease(sp.Lease(3, opened.session, 7, 1), b"w3")  # request 7 again (w1 died): takes over
     (peer, second), = manager.state.take()
     assert peer == b"w3" and second.token != first.token
     assert "not current" in manager.commit(sp.Commit(3, first.token, 2, 0, 0.0))  # w1's lease is gone
     assert manager.commit(sp.Commit(3, second.token, 2, 0, 0.0)) is None
-    (peer, third), = manager.state.take()  # request 8 gets its turn
+    assert manager.state.take() == [(b"broker", sp.Arrived(8))]  # request 8 may go now
+    manager.lease(sp.Lease(3, opened.session, 8, 2), b"w2")
+    (peer, third), = manager.state.take()
     assert peer == b"w2" and third.folded == 2
     assert "outside" in manager.commit(sp.Commit(3, third.token, 99, 0, 0.0))  # more than it received
 
@@ -144,9 +161,10 @@ def test_budget_evicts_least_recently_used_idle_device(manager):
     _upload(manager, 1, a.session, 1, 1, 1)
     manager.lease(sp.Lease(1, a.session, 1, 0), b"w")  # device 1 is busy now
     manager.state.take()
-    manager.lease(sp.Lease(3, manager.devices[3].session, 1, 0), b"w")  # parked: device 3 is not idle either
+    manager.on_watch(sp.Watch(9, 3, manager.devices[3].session, 1, 0), b"broker")  # parked: device 3 is not idle either
     refused = manager.open(sp.Open(4, F16))
     assert refused.code == ErrorCode.BUDGET
+    assert str(manager.used_bytes) not in refused.message  # says nothing of what other devices hold
 
 
 def test_idle_ttl_releases(manager):
@@ -314,3 +332,35 @@ def test_a_roll_back_of_a_lease_that_is_not_current_is_refused(manager):
     manager.on_rollback(sp.Rollback(3, 12345, 1, 5, 0.5), b"w1")
     (_, err), = manager.state.take()
     assert err.code == ErrorCode.STALE and manager.devices[3].epoch == 0
+
+
+def test_a_parked_retry_of_a_request_that_holds_the_lease_or_got_its_answer_goes_at_once(manager):
+    opened = _open(manager)
+    _upload(manager, 3, opened.session, 0, 0, 3)
+    manager.lease(sp.Lease(3, opened.session, 5, 1), b"w1")  # granted, but w1's worker gave up waiting for it
+    (_, grant), = manager.state.take()
+    manager.on_watch(sp.Watch(70, 3, opened.session, 5, 1), b"broker")  # request 5 again: it may take its lease
+    manager.on_watch(sp.Watch(71, 3, opened.session, 6, 2), b"broker")  # another request waits for the lease
+    assert manager.state.take() == [(b"broker", sp.Arrived(70))]
+    manager.commit(sp.Commit(3, grant.token, 2, 42, 0.5))
+    assert manager.state.take() == [(b"broker", sp.Arrived(71))]
+    manager.on_watch(sp.Watch(72, 3, opened.session, 5, 1), b"broker")  # request 5 once more: its answer is noted
+    assert manager.state.take() == [(b"broker", sp.Arrived(72))]
+    manager.lease(sp.Lease(3, opened.session, 5, 1), b"w2")
+    (_, decided), = manager.state.take()
+    assert decided == sp.Decided(1, 42, 0.5)
+
+
+def test_a_second_edge_is_refused_while_the_first_uses_the_device_unless_it_takes_over(manager):
+    first = manager.open(sp.Open(3, F16, instance=11))
+    assert isinstance(first, sp.Opened) and manager.devices[3].owner == 11
+    refused = manager.open(sp.Open(3, F16, instance=22))
+    assert refused.code == ErrorCode.IN_USE and "--take-over" in refused.message
+    again = manager.open(sp.Open(3, F16, instance=11))  # the same edge opens its next generation
+    assert isinstance(again, sp.Opened) and again.session != first.session
+    taken = manager.open(sp.Open(3, F16, instance=22, take_over=True))
+    assert isinstance(taken, sp.Opened) and manager.devices[3].owner == 22
+    manager.devices[3].last_used -= manager.config.claim_seconds + 1  # that edge went quiet long ago
+    assert isinstance(manager.open(sp.Open(3, F16, instance=33)), sp.Opened)
+    sessions = {manager.open(sp.Open(4, F16, instance=44)).session for _ in range(16)}
+    assert len(sessions) == 16 and max(sessions) > 1 << 40  # 64 random bits, not a counter

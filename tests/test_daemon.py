@@ -364,3 +364,96 @@ def test_a_killed_broker_leaves_no_content_manager_behind(model_dir, tmp_path):
         from cecollm.cache.shm import remove_leftovers
 
         remove_leftovers(f"cecollm-{b.proc.pid}-")
+
+
+def _shm_left(pid: int) -> list[str]:
+    return [name for name in os.listdir("/dev/shm") if name.startswith(f"cecollm-{pid}-")]
+
+
+def test_a_killed_content_manager_is_replaced_and_the_output_stays_the_same(loaded, split, model_dir, tmp_path):
+    log = tmp_path / "broker.log"
+    b = BrokerProcess(str(model_dir), workers=1, extra=["--exits", "2,4"], log_path=log)
+    try:
+        first = b.content_manager_pid()
+        killed = []
+        with _client(loaded, split, b, 5, max_new_tokens=20, timeout=5.0) as client:  # the edge's default timeout
+
+            def kill(record):
+                if not killed and record.position == len(PROMPTS[2]) + 5:
+                    os.kill(first, signal.SIGKILL)
+                    killed.append(first)
+
+            result = client.generate(PROMPTS[2], kill)
+            assert killed
+            assert result.token_ids == hf_greedy(loaded.model, PROMPTS[2], 20)
+            assert (result.stats.cloud_tokens, result.stats.fallback_tokens, result.stats.reuploads) == (20, 0, 1)
+            again = client.generate(PROMPTS[1])  # the new content manager serves the next generation as usual
+        assert again.token_ids == hf_greedy(loaded.model, PROMPTS[1], 20) and again.stats.reuploads == 0
+        assert b.content_manager_pid() not in (0, first)
+        assert "the content manager exited (code -9); starting another" in log.read_text()
+    finally:
+        code = b.stop()
+    assert code == 0 and not _shm_left(b.proc.pid)
+    assert "resource_tracker" not in log.read_text()  # the killed manager's segments were ours to remove
+
+
+def test_an_edge_outlives_a_broker_restart_and_goes_on_with_the_cloud(loaded, split, model_dir, tmp_path):
+    """The broker goes away mid-generation and comes back on the same ports a few seconds later: the edge,
+    with its default timeouts, decides tokens itself meanwhile and then goes on with the cloud."""
+    keys = tmp_path / "keys"
+    b = BrokerProcess(str(model_dir), workers=1, extra=["--exits", "2,4"], log_path=tmp_path / "first.log",
+                      keys_dir=keys)
+    brokers = [b]
+    restart_at = len(PROMPTS[1]) + 3
+
+    done = threading.Event()
+
+    def restart():
+        brokers[0].stop()
+        brokers.append(BrokerProcess(str(model_dir), workers=1, extra=["--exits", "2,4"], ports=b.ports,
+                                     log_path=tmp_path / "second.log", keys_dir=keys))
+        done.wait()  # the broker's parent-death signal fires when the thread that started it ends
+
+    thread = threading.Thread(target=restart)
+    config = EdgeConfig(device_id=5, broker=b.request_address, upload=b.upload_address, threshold=1.0,
+                        max_new_tokens=200, keys=b.device_keys)  # timeouts as cecollm-edge has them
+    try:
+        with EdgeClient(loaded.model, loaded.identity, split, HeadSet.lens(loaded.model, EXITS), config) as client:
+            client.eos = set()  # the tokens decided alone may hit the random model's EOS: go on to the end
+
+            def pace(record):  # a real edge takes its time per token; the tiny model would finish at once
+                if record.position == restart_at:
+                    thread.start()
+                if record.position >= restart_at:
+                    time.sleep(0.15)
+
+            result = client.generate(PROMPTS[1], pace)
+    finally:
+        for broker in brokers:
+            broker.stop()
+        done.set()
+        thread.join(120)
+    assert len(brokers) == 2
+    after = [t.decided_by for t in result.tokens if t.position > restart_at]
+    back = after.index("cloud")  # the cloud decides again...
+    assert back > 0 and set(after[back:]) == {"cloud"}  # ...and every token from then on
+    assert result.stats.rejoins + result.stats.reuploads >= 1 and result.stats.standalone_reason == ""
+
+
+def test_sigterm_stops_the_cloud_promptly_and_a_budget_below_one_device_is_refused(model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    b = BrokerProcess(str(model_dir), workers=2, extra=["--exits", "2,4"], log_path=tmp_path / "broker.log")
+    children = psutil.Process(b.proc.pid).children(recursive=True)
+    t0 = time.monotonic()
+    b.proc.send_signal(signal.SIGTERM)
+    b.proc.wait(30)  # a hang guard; the time it took is printed
+    took = time.monotonic() - t0
+    b.stop()
+    print(f"SIGTERM to exit: {took:.2f} s")
+    time.sleep(0.2)
+    assert b.proc.returncode == 0 and not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    run = subprocess.run([sys.executable, "-m", "cecollm.broker", "--model", str(model_dir), "--insecure",
+                          "--budget-mb", "1", "--capacity", "100000"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "holds no device" in run.stderr and "Traceback" not in run.stderr, run.stderr

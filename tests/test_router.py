@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import zmq
 
@@ -43,7 +44,7 @@ class _Collect:
     def __init__(self):
         self.sent = []
 
-    def send_multipart(self, frames, copy=True):
+    def send_multipart(self, frames, copy=True, flags=0):
         self.sent.append([f.bytes if isinstance(f, zmq.Frame) else bytes(f) for f in frames])
 
     def setsockopt(self, option, value):
@@ -89,3 +90,64 @@ def test_least_recently_used_dispatch_and_a_worker_that_starts_over():
     broker.on_edge(_frames(b"edge", b"", *ep.Decide(1, 3, 1, 3).to_frames()))
     broker.dispatch()
     assert _jobs_sent(back) == [(b"w1", 2), (b"w2", 3)]  # w2 once, never two jobs at a time
+
+
+def _messages(sock, module):
+    return [module.parse(frames[1:]) for frames in sock.sent]
+
+
+def test_a_deferred_request_is_parked_holding_no_worker_until_its_rows_arrive():
+    from cecollm.broker.router import Broker
+    from cecollm.wire import broker_worker as wp
+    from cecollm.wire import edge_cloud as ep
+    from cecollm.wire import worker_state as sp
+    from cecollm.wire.wire import ErrorCode
+
+    front, back, state = _Collect(), _Collect(), _Collect()
+    broker = Broker(front, back, wp.Config("/m", "id", (2,), 2, "ipc:///x", 250, 4), state=state,
+                    wait_seconds=2.0, max_per_device=2)
+    broker.on_worker(_frames(b"w1", *wp.Connect(1).to_frames()))
+    broker.on_worker(_frames(b"w1", *wp.Ready().to_frames()))
+    broker.on_edge(_frames(b"edge", b"", *ep.Decide(7, 1, 99, 12).to_frames()))
+    broker.dispatch()
+    broker.on_worker(_frames(b"w1", *wp.Defer(1).to_frames()))  # its rows are not in yet
+    assert [f[1:] for f in state.sent] == [sp.Watch(1, 7, 99, 1, 12).to_frames()]
+    broker.on_edge(_frames(b"other", b"", *ep.Decide(8, 1, 5, 3).to_frames()))
+    broker.dispatch()
+    assert _jobs_sent(back) == [(b"w1", 1), (b"w1", 2)]  # the worker is free for another device meanwhile
+    broker.on_worker(_frames(b"w1", *wp.Reply(2, Frames((b"answer",))).to_frames()))
+    broker.on_state([b"", *sp.Arrived(1).to_frames()])  # the content manager: job 1 may go
+    broker.dispatch()
+    assert _jobs_sent(back)[-1] == (b"w1", 1)
+    broker.on_worker(_frames(b"w1", *wp.Defer(1).to_frames()))  # still not grantable: parked again
+    for seq in (2, 3):  # a device past its limit of requests in the broker is told so at once
+        broker.on_edge(_frames(b"edge", b"", *ep.Decide(7, seq, 99, 12).to_frames()))
+    busy = ep.parse(front.sent[-1][2:])
+    assert busy.code == ErrorCode.BUSY and busy.seq == 3
+    broker.expire_parked(time.monotonic() + 3)  # its rows never came
+    missing = [ep.parse(f[2:]) for f in front.sent if f[0] == b"edge"]
+    assert [(m.seq, m.code) for m in missing] == [(3, ErrorCode.BUSY), (1, ErrorCode.MISSING)]
+    assert broker.in_broker[7] == 1  # request 2 is still queued; the others left the broker
+
+
+def test_a_worker_that_holds_a_job_too_long_is_dropped_and_its_job_goes_to_another():
+    from cecollm.broker.router import Broker
+    from cecollm.wire import broker_worker as wp
+    from cecollm.wire import edge_cloud as ep
+
+    front, back = _Collect(), _Collect()
+    broker = Broker(front, back, wp.Config("/m", "id", (2,), 2, "ipc:///x", 250, 4), job_seconds=0.5)
+    for worker, pid in ((b"w1", 11), (b"w2", 12)):
+        broker.on_worker(_frames(worker, *wp.Connect(pid).to_frames()))
+        broker.on_worker(_frames(worker, *wp.Ready().to_frames()))
+    broker.on_edge(_frames(b"edge", b"", *ep.Decide(1, 1, 1, 1).to_frames()))
+    broker.dispatch()
+    now = time.monotonic()
+    broker.on_worker(_frames(b"w1", *wp.Heartbeat().to_frames()))  # it beats, but never answers
+    broker.purge(now + 0.3)
+    assert broker.hung == []
+    broker.purge(now + 0.7)  # past the job's deadline, well within the heartbeats' liveness
+    assert broker.hung == [11] and broker.pool.get(b"w1") is None
+    assert isinstance(wp.parse(back.sent[-1][1:]), wp.Disconnect) and back.sent[-1][0] == b"w1"
+    broker.dispatch()
+    assert _jobs_sent(back)[-1] == (b"w2", 1)

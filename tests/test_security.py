@@ -14,6 +14,7 @@ import pytest
 import torch
 import zmq
 from click.testing import CliRunner
+from zmq.utils.monitor import recv_monitor_message
 
 from cecollm.broker.launch import BrokerProcess
 from cecollm.cli import cli
@@ -191,3 +192,145 @@ def test_sighup_reloads_the_keys(cloud):
         if reply is not None:
             break
     assert isinstance(reply, ep.Welcome), reply
+
+
+# ---- a hostile client that holds a key for every device id (the worst case: a fleet key let in) ----------
+def _hostile(broker) -> ClientKeys:
+    return _bundle(broker, "device-any")
+
+
+def _hello_as(loaded, device: int, seq: int, instance: int, take_over: bool = False) -> list:
+    return [b"", *ep.Hello(device, seq, loaded.identity, loaded.n_layers, EXITS, 4, "float16", False, instance,
+                           take_over).to_frames()]
+
+
+def _bob(loaded, broker, **options) -> EdgeClient:
+    config = EdgeConfig(**{"device_id": 6, "broker": broker.request_address, "upload": broker.upload_address,
+                           "threshold": 1.0, "max_new_tokens": 12, "timeout": 20.0,
+                           "keys": str(broker.keys_dir / "bundles" / "device-bob"), **options})
+    return EdgeClient(loaded.model, loaded.identity, Split.create(loaded.n_layers, EXITS),
+                      HeadSet.lens(loaded.model, EXITS), config)
+
+
+def test_sessions_are_random_and_guessed_ones_touch_nothing(cloud):
+    broker, loaded = cloud
+    sock = _dealer(broker.request_address, _hostile(broker))
+    sessions = []
+    for seq in range(1, 9):  # the same edge (instance) reopening device 40: a new session each time
+        sock.send_multipart(_hello_as(loaded, 40, seq, instance=77))
+        sessions.append(_reply(sock, 10_000).session)
+    assert len(set(sessions)) == 8 and sum(s > 1 << 40 for s in sessions) >= 6  # 64 random bits, not a counter
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    _hostile(broker).secure(push)
+    push.connect(broker.upload_address)
+    refusals = []
+    prompt = [4, 8, 15, 16]
+    with _bob(loaded, broker) as client:
+
+        def probe(record):  # around the victim's session: END, UPLOAD and DECIDE with guessed numbers
+            for guess in (client.session + d for d in (-3, -2, -1, 1, 2, 3)):
+                push.send_multipart(ep.End(6, guess).to_frames())
+                rows = np.zeros((1, loaded.model.config.hidden_size), np.float16)
+                push.send_multipart([bytes(f) for f in ep.Upload(6, guess, 0, record.position, rows).to_frames()])
+                sock.send_multipart([b"", *ep.Decide(6, 100 + record.position, guess, record.position).to_frames()])
+                refusals.append(_reply(sock, 10_000))
+
+        result = client.generate(prompt, probe)
+    push.close(0)
+    sock.close(0)
+    assert result.token_ids == hf_greedy(loaded.model, prompt, 12)
+    assert result.stats.cloud_tokens == 12 and result.stats.reuploads == 0
+    assert refusals and all(r.code == ErrorCode.UNKNOWN_DEVICE for r in refusals)
+    assert all(str(client.session) not in r.message for r in refusals)  # the victim's session is never told
+
+
+def test_a_device_id_in_use_is_refused_and_taken_over_only_when_asked(cloud):
+    broker, loaded = cloud
+    sock = _dealer(broker.request_address, _hostile(broker))
+    prompt, other = [9, 9, 2, 7], [3, 1, 4]
+    answers = []
+    with _bob(loaded, broker) as first, _bob(loaded, broker, max_new_tokens=6) as second:
+
+        def intrude(record):
+            if record.position == len(prompt) + 2:  # mid-generation: a second edge, then a flood of HELLOs
+                with pytest.raises(UserError, match="in use by another edge"):
+                    second.generate(other)
+                for seq in range(1, 51):
+                    sock.send_multipart(_hello_as(loaded, 6, seq, instance=1234))
+                    answers.append(_reply(sock, 10_000))
+
+        result = first.generate(prompt, intrude)
+        assert result.token_ids == hf_greedy(loaded.model, prompt, 12)
+        assert result.stats.reuploads == 0 and result.stats.fallback_tokens == 0
+        assert len(answers) == 50 and all(a.code == ErrorCode.IN_USE for a in answers)
+
+        def take_over(record):
+            if record.position == len(prompt) + 2:
+                taker = _bob(loaded, broker, max_new_tokens=6, take_over=True)
+                with taker:
+                    took = taker.generate(other)
+                assert took.token_ids == hf_greedy(loaded.model, other, 6) and took.stats.cloud_tokens == 6
+
+        again = first.generate(prompt, take_over)  # its session was taken once: it opens a new one, once
+    sock.close(0)
+    assert again.token_ids == hf_greedy(loaded.model, prompt, 12)
+    assert again.stats.reuploads == 1 and again.stats.fallback_tokens == 0
+
+
+def _peak_rss(pid: int) -> int:
+    """VmHWM: the most resident memory the process ever had, in bytes."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError("no VmHWM in /proc/PID/status")
+
+
+def test_an_oversized_frame_is_cut_off_before_it_is_read(cloud):
+    broker, loaded = cloud
+    pids = {"broker": broker.proc.pid, "content manager": broker.content_manager_pid()}
+    before = {name: _peak_rss(pid) for name, pid in pids.items()}
+    big = np.zeros(200 << 20, np.uint8)  # 200 MB: far beyond any message these sockets take
+    for kind, address in ((zmq.DEALER, broker.request_address), (zmq.PUSH, broker.upload_address)):
+        sock = zmq.Context.instance().socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        _hostile(broker).secure(sock)
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        sock.connect(address)
+        head = ep.Decide(6, 1, 1, 1).to_frames()[0]
+        sock.send_multipart([b"", head, big] if kind == zmq.DEALER else [head, big], copy=False)
+        events = []
+        while zmq.EVENT_DISCONNECTED not in events and monitor.poll(20_000):
+            events.append(recv_monitor_message(monitor)["event"])
+        assert zmq.EVENT_DISCONNECTED in events, f"{address}: the sender of an oversized frame stayed connected"
+        sock.disable_monitor()
+        monitor.close(0)
+        sock.close(0)
+    for name, pid in pids.items():
+        grew = _peak_rss(pid) - before[name]
+        assert grew < 64 << 20, f"the {name}'s peak memory grew by {grew >> 20} MiB"
+    with _bob(loaded, broker, max_new_tokens=6) as client:  # and the cloud serves on
+        result = client.generate([5, 6, 7])
+    assert result.token_ids == hf_greedy(loaded.model, [5, 6, 7], 6) and result.stats.cloud_tokens == 6
+
+
+def test_requests_for_rows_that_never_come_hold_no_worker(cloud):
+    """30 devices ask for a position they never upload, against one worker; a real device is served in time."""
+    broker, loaded = cloud
+    sock = _dealer(broker.request_address, _hostile(broker))
+    sessions = {}
+    for device in range(100, 130):
+        sock.send_multipart(_hello_as(loaded, device, 1, instance=device))
+        sessions[device] = _reply(sock, 10_000).session
+    for device, session in sessions.items():
+        sock.send_multipart([b"", *ep.Decide(device, 2, session, 50).to_frames()])
+    for seq in range(3, 9):  # one device's burst: past its limit of requests in the cloud
+        sock.send_multipart([b"", *ep.Decide(100, seq, sessions[100], 50).to_frames()])
+    prompt = [11, 22, 33, 44, 55]
+    with _bob(loaded, broker, timeout=1.5, max_timeouts=100) as client:
+        result = client.generate(prompt)
+    assert result.token_ids == hf_greedy(loaded.model, prompt, 12)
+    assert (result.stats.cloud_tokens, result.stats.timeouts, result.stats.fallback_tokens) == (12, 0, 0)
+    replies = [r for r in iter(lambda: _reply(sock, 8000), None)]
+    sock.close(0)
+    codes = [r.code for r in replies]
+    assert codes.count(ErrorCode.MISSING) >= 30 and codes.count(ErrorCode.BUSY) >= 2, codes

@@ -31,7 +31,8 @@ def _print_summary(report) -> None:
                f"(mean {r.latency_mean_ms}, max {r.latency_max_ms})")
     click.echo(f"  cloud: {r.cloud_tokens} tokens, {r.cloud_tokens_per_s:.2f} tokens/s, "
                f"{r.cloud_seconds:.2f} s of worker compute; edge tokens {r.edge_tokens}")
-    click.echo(f"  errors {r.errors} (mismatches {r.mismatches}), timeouts {r.timeouts}")
+    click.echo(f"  errors {r.errors} (mismatches {r.mismatches}), timeouts {r.timeouts}, sessions reopened "
+               f"{r.reuploads}")
     for m in r.error_messages:
         click.echo(f"    {m}")
     if r.cm_pid is None:
@@ -76,6 +77,8 @@ D = FanoutConfig()  # the options' defaults
               help="Devices start at random offsets in [0, STAGGER) seconds.")
 @click.option("--no-rotate", is_flag=True, help="Every device starts at the first prompt (lockstep).")
 @click.option("--seed", type=int, default=D.seed, show_default=True, help="Seeds the start offsets.")
+@click.option("--duration", type=float, default=D.duration, show_default=True,
+              help="Replay: go round the trace's generations until this many seconds pass (0: each once).")
 @click.option("--device-base", type=int, default=D.device_base, show_default=True)
 @click.option("--broker-pid", type=int, default=D.broker_pid,
               help="The broker's pid: its content manager is measured "
@@ -122,7 +125,7 @@ def main(record: bool, no_fp16: bool, no_rotate: bool, json_path: str | None, ve
         per_client = len(Trace.load(config.trace).generations) if config.trace else 0
     else:
         per_client = len(texts)
-    with tqdm(total=per_client * config.clients, desc=f"{config.mode} x{config.clients}", unit="gen",
+    with tqdm(total=None if config.duration else per_client * config.clients, desc=f"{config.mode} x{config.clients}", unit="gen",
               file=sys.stderr) as bar:
         report = run_fanout(config, progress=bar.update)
     if json_path == "-":

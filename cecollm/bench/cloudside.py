@@ -164,16 +164,7 @@ class CloudSide:
 
     def content_manager_pid(self) -> int:
         """The broker's child that listens on the real upload port (0 if not found)."""
-        if self.broker is None:
-            return 0
-        port = int(self.broker.upload_address.rpartition(":")[2])
-        for child in psutil.Process(self.broker.proc.pid).children(recursive=True):
-            try:
-                if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in child.net_connections("tcp")):
-                    return child.pid
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        return 0
+        return self.broker.content_manager_pid() if self.broker is not None else 0
 
     def wire_bytes(self) -> tuple[int, int, float]:
         """(up bytes, down bytes, seconds on the wire) the link delivered since the last reset, after letting

@@ -40,7 +40,15 @@ _B = BrokerConfig()
 @click.option("--idle-ttl", type=float, default=_B.idle_ttl, show_default=True,
               help="Seconds before an idle device's state is released.")
 @click.option("--wait-seconds", type=float, default=_B.wait_seconds, show_default=True,
-              help="How long a request waits for hidden states still in flight.")
+              help="How long a request waits for hidden states still in flight (parked: it holds no worker).")
+@click.option("--job-seconds", type=float, default=_B.job_seconds, show_default=True,
+              help="A worker that holds one request longer is dropped (its request goes to another; a worker "
+              "this broker started is killed and replaced).")
+@click.option("--claim-seconds", type=float, default=_B.claim_seconds, show_default=True,
+              help="A device id whose session was used within this long belongs to its edge: another edge with "
+              "the same id is refused (unless it takes over: cecollm-edge --take-over).")
+@click.option("--max-per-device", type=int, default=_B.max_per_device, show_default=True,
+              help="Requests one device may have in the cloud at once (queued, waiting for rows, computing).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=_B.max_queue, show_default=True,
               help="Requests waiting for a worker before new ones are refused (busy).")
 @click.option("--retries", type=click.IntRange(min=0), default=_B.retries, show_default=True,

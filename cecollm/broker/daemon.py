@@ -23,10 +23,12 @@ from cecollm.runtime import ReadyWaiter, run_daemon
 from cecollm.wire import broker_worker as wp
 from cecollm.wire import launch
 from cecollm.wire.security import DEVICES, WORKERS, KeyRing, loopback_only
+from cecollm.wire.wire import MAX_BODY
 
 log = logging.getLogger("cecollm.broker")
 
 MANAGER_START_SECONDS = 60.0  # the content manager binds its sockets within this, or the broker gives up
+MANAGER_RESTARTS = 10  # content managers started after the first died, before the broker gives up
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,9 @@ class BrokerConfig:
     max_queue: int = 1024  # requests waiting for a worker before new ones are refused
     retries: int = 1  # times a request whose worker died is handed to another
     threads: int = 1  # torch threads per worker
+    job_seconds: float = 60.0  # a worker that holds one request longer is dropped (ours are killed and restarted)
+    claim_seconds: float = 30.0  # a device's session used within this long is its edge's: another edge is refused
+    max_per_device: int = 4  # requests one device may have in the broker (queued, parked or computing)
     keys: str = ""  # the keys directory (`cecollm keys`); "" = $CECOLLM_HOME/keys
     insecure: bool = False  # no keys and no encryption: every socket binds loopback only
     verbose: bool = False  # debug logging
@@ -111,8 +116,10 @@ def _check(config: BrokerConfig) -> None:
                              ("--liveness", config.liveness, 1), ("--threads", config.threads, 1)):
         if value < low:
             raise UserError(f"{name} must be at least {low}, got {value}")
-    if config.idle_ttl <= 0 or config.wait_seconds <= 0:
-        raise UserError("--idle-ttl and --wait-seconds must be positive")
+    if config.idle_ttl <= 0 or config.wait_seconds <= 0 or config.job_seconds <= 0 or config.claim_seconds < 0:
+        raise UserError("--idle-ttl, --wait-seconds and --job-seconds must be positive, --claim-seconds not negative")
+    if config.max_per_device < 1:
+        raise UserError(f"--max-per-device must be at least 1, got {config.max_per_device}")
 
 
 def _plan(config: BrokerConfig) -> _Plan:
@@ -147,9 +154,14 @@ def _plan(config: BrokerConfig) -> _Plan:
         cloud_layers=split.n_layers - split.upload_layer, n_kv_heads=c.num_key_value_heads,
         head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads, hidden=c.hidden_size,
         capacity=config.capacity, budget_bytes=config.budget_mb << 20, idle_ttl=config.idle_ttl,
-        wait_seconds=config.wait_seconds, segment_prefix=prefix,
+        claim_seconds=config.claim_seconds, segment_prefix=prefix,
         kv_dtype=str(loaded.model.dtype).removeprefix("torch."), keys=str(ring.directory) if ring else "",
         local_workers=(local_keys.public,) if local_keys else ())
+    one_device = manager.layout(wire_itemsize=4).nbytes  # float32 rows, the larger wire dtype
+    if manager.budget_bytes < one_device:
+        raise UserError(f"--budget-mb {config.budget_mb} holds no device: one device's state at --capacity "
+                        f"{config.capacity} takes {one_device / (1 << 20):.1f} MiB (float32 rows); give --budget-mb "
+                        f"{-(-one_device >> 20)} or more, or a smaller --capacity")
     worker = wp.Config(str(loaded.path), loaded.identity, split.exits, split.upload_layer,
                        connectable(state_address), config.heartbeat_ms, config.liveness)
     return _Plan(requests, uploads, state_address, prefix, split.describe(), manager, worker, worker_address, ring,
@@ -157,7 +169,7 @@ def _plan(config: BrokerConfig) -> _Plan:
 
 
 class _Children:
-    """The content manager and the workers this broker started; dead workers are replaced."""
+    """The content manager and the workers this broker started; dead ones are replaced, hung workers killed."""
 
     def __init__(self, config: BrokerConfig, plan: _Plan) -> None:
         from cecollm.cache.content_manager import serve_content_manager
@@ -169,10 +181,11 @@ class _Children:
         self.per_worker = WorkerConfig(connectable(plan.worker_address), config.threads, verbose=config.verbose,
                                        client_keys=plan.local_keys)
         self.restarts = 0
-        self.failed: int | None = None  # the content manager's exit code, once it died
+        self.manager_restarts = 0
+        self.failed: int | None = None  # the content manager's exit code, once it died for good
         self.waiter = ReadyWaiter()  # READY and FAILED of every child
-        self.manager = self.spawn.Process(target=run_daemon, name="content-manager", args=(
-            "content-manager", serve_content_manager, plan.manager, config.verbose, self.waiter.address))
+        self._serve_manager = serve_content_manager
+        self.manager = self._manager()
         self.manager.start()
         try:
             self.waiter.wait(self.manager.is_alive, MANAGER_START_SECONDS, "content manager")
@@ -183,6 +196,10 @@ class _Children:
         for p in self.workers:
             p.start()
 
+    def _manager(self):
+        return self.spawn.Process(target=run_daemon, name="content-manager", args=(
+            "content-manager", self._serve_manager, self.plan.manager, self.config.verbose, self.waiter.address))
+
     def _worker(self, index: int):
         from cecollm.cloud.worker import serve_worker
 
@@ -190,9 +207,15 @@ class _Children:
             "worker", serve_worker, self.per_worker, self.config.verbose, self.waiter.address))
 
     def tick(self, broker) -> None:
-        """Between the broker's polls: children's news, replacing dead workers, a dead manager."""
+        """Between the broker's polls: children's news, killing hung workers, replacing dead ones and a dead
+        content manager."""
         self._news()
         c = self.config
+        for pid in broker.hung:
+            if any(p.pid == pid and p.is_alive() for p in self.workers):
+                log.warning("worker %d stopped answering: killed", pid)
+                os.kill(pid, signal.SIGKILL)
+        broker.hung.clear()
         for i, p in enumerate(self.workers):
             if p.exitcode is not None and self.restarts < c.workers * 10:
                 # a worker of ours died (its request already went to another): start a new one
@@ -201,9 +224,25 @@ class _Children:
                 self.workers[i] = self._worker(i)
                 self.workers[i].start()
         if not self.manager.is_alive():
-            log.error("the content manager exited (code %s); shutting down", self.manager.exitcode)
-            self.failed = self.manager.exitcode
-            broker.running = False
+            self._replace_manager(broker)
+
+    def _replace_manager(self, broker) -> None:
+        """The content manager died: every device's state went with it. A new one takes its addresses; edges
+        hear that their session is unknown and upload again; parked requests go out again."""
+        from cecollm.cache import shm
+
+        code = self.manager.exitcode
+        if self.manager_restarts >= MANAGER_RESTARTS:
+            log.error("the content manager exited (code %s), %d times; shutting down", code, self.manager_restarts + 1)
+            self.failed, broker.running = code, False
+            return
+        self.manager_restarts += 1
+        removed = shm.remove_leftovers(self.plan.segment_prefix)
+        log.error("the content manager exited (code %s); starting another (%d device states lost, their edges "
+                  "upload again)", code, len(removed))
+        self.manager = self._manager()
+        self.manager.start()
+        broker.requeue_parked()
 
     def _news(self) -> None:
         import zmq
@@ -242,17 +281,23 @@ def serve_broker(config: BrokerConfig, runtime) -> int:
 
     plan = _plan(config)
     context = zmq.Context()
-    frontend, backend = context.socket(zmq.ROUTER), context.socket(zmq.ROUTER)
-    for sock in (frontend, backend):
+    frontend, backend, state = context.socket(zmq.ROUTER), context.socket(zmq.ROUTER), context.socket(zmq.DEALER)
+    for sock in (frontend, backend, state):
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_BODY)  # requests, workers' answers, ARRIVED: fields only, no tensor
     ring = plan.ring
     auth = None
     if ring is not None:
         auth = ring.authenticator(context)
         ring.secure(frontend, DEVICES)
         ring.secure(backend, WORKERS)
+        if plan.state_address.startswith("tcp://"):
+            plan.local_keys.secure(state)
+    state.connect(connectable(plan.state_address))  # parked requests: WATCH out, ARRIVED in
     broker = Broker(frontend, backend, plan.worker, config.max_queue, config.retries,
-                    authorize=ring.may_act_for if ring else None)
+                    authorize=ring.may_act_for if ring else None, state=state, wait_seconds=config.wait_seconds,
+                    job_seconds=config.job_seconds, max_per_device=config.max_per_device,
+                    local_key=plan.local_keys.public if plan.local_keys else None)
     runtime.on_stop(lambda: setattr(broker, "running", False))
     children = None
     announced = False
@@ -275,6 +320,7 @@ def serve_broker(config: BrokerConfig, runtime) -> int:
         if children is not None:
             children.stop()
         frontend.close(0)
+        state.close(0)
         backend.close()  # with the linger shutdown() set: hand-started workers hear the goodbye
         if auth is not None:
             auth.stop()

@@ -6,6 +6,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import psutil
+
 from cecollm.runtime import DaemonProcess, free_ports
 from cecollm.wire.security import make_keys
 
@@ -17,11 +19,12 @@ class BrokerProcess(DaemonProcess):
 
     def __init__(self, model: str, workers: int = 1, extra: list[str] | None = None, log_path: str | Path | None = None,
                  start_timeout: float = 180.0, ipc_base: str | None = None, secure: bool = True,
-                 keys_dir: str | Path | None = None) -> None:
+                 keys_dir: str | Path | None = None, ports: tuple[int, int, int] | None = None) -> None:
         """`ipc_base` (ipc://DIR/NAME): also bind NAME.requests and NAME.uploads for same-host edges.
         `secure`: with keys made in `keys_dir` (default: a temporary directory) with a device bundle for any
-        device id (`device_keys`) and one for a worker host (`worker_keys`); else --insecure."""
-        req, upl, wrk = free_ports(3)
+        device id (`device_keys`) and one for a worker host (`worker_keys`); else --insecure. `ports`: the
+        request, upload and worker ports (default: free ones), e.g. an earlier broker's (`self.ports`)."""
+        self.ports = req, upl, wrk = ports or free_ports(3)
         self.request_address = f"tcp://127.0.0.1:{req}"
         self.upload_address = f"tcp://127.0.0.1:{upl}"
         self.worker_address = f"tcp://127.0.0.1:{wrk}"
@@ -43,3 +46,14 @@ class BrokerProcess(DaemonProcess):
                 "--requests", self.request_address + also_req, "--uploads", self.upload_address + also_upl,
                 "--workers-address", self.worker_address, *(extra or [])]
         super().__init__(args, 1, log_path, start_timeout)
+
+    def content_manager_pid(self) -> int:
+        """The broker's child that listens on the upload port (0 if none does)."""
+        port = int(self.upload_address.rpartition(":")[2])
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in child.net_connections("tcp")):
+                    return child.pid
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return 0

@@ -19,7 +19,10 @@ class Job:
     client: bytes  # the edge's routing id on the request socket
     seq: int  # the edge's request seq (for an error reply)
     frames: tuple  # the edge's message, forwarded untouched
-    attempts: int = 0  # workers it was sent to
+    request: object  # the same message parsed (edge_cloud.Hello/Decide/Verify): its device, session, position
+    attempts: int = 0  # workers it failed on, or is at
+    park_until: float = 0.0  # once parked: when it stops waiting for its rows
+    retry_at: float = 0.0  # a parked HELLO: when it goes out again
 
 
 @dataclass
@@ -31,6 +34,8 @@ class WorkerRecord:
     expires: float  # purged when no message arrives before this
     ready: bool = False  # loaded and serving
     job: Job | None = None  # the request it is working on
+    busy_since: float = 0.0  # when it got that request
+    local: bool = False  # connected with the key of the workers this broker started (its children)
     free_since: float = 0.0  # when it last became free: the least recently used free worker goes first
 
 

@@ -2,52 +2,72 @@
 
 Edges talk to the request ROUTER (REQ-style envelopes); workers to the worker ROUTER
 (broker_worker protocol). Requests are checked before they are queued (a bad one is answered
-with an error at once); a worker that misses `liveness` heartbeats is purged and its request
-goes to another worker (up to `retries` times), because the device's state lives in the
-content manager, not in the worker.
+with an error at once), and a device has at most `max_per_device` requests in the broker. A
+worker that misses `liveness` heartbeats, or holds a job longer than `job_seconds`, is purged
+and its request goes to another worker (up to `retries` times), because the device's state lives
+in the content manager, not in the worker. A request whose rows are still in flight comes back
+from its worker (DEFER) and is parked, holding no worker, until the content manager says it may
+go (WATCH, ARRIVED on the `state` socket) or `wait_seconds` pass (then the edge hears MISSING).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 
 import zmq
 
 from cecollm.broker.pool import Job, WorkerPool, WorkerRecord
 from cecollm.wire import broker_worker as wp
 from cecollm.wire import edge_cloud as ep
+from cecollm.wire import worker_state as sp
 from cecollm.wire.dispatch import Dispatcher, drain
 from cecollm.wire.wire import ErrorCode, Frames, ProtocolError, clip
 
 log = logging.getLogger(__name__)
 
 CHORES_SECONDS = 0.02  # purging silent workers and the on_tick chores run at most this often
+REOPEN_SECONDS = 5.0  # a HELLO whose OPEN went unanswered (a content manager restarting) is tried again this long
+REOPEN_EVERY = 0.1  # ...this often
 
 
 class Broker:
     """Routes edge requests to workers; knows nothing about models or state."""
 
     def __init__(self, frontend: zmq.Socket, backend: zmq.Socket, worker_config: wp.Config,
-                 max_queue: int = 1024, retries: int = 1, authorize=None) -> None:
+                 max_queue: int = 1024, retries: int = 1, authorize=None, state: zmq.Socket | None = None,
+                 wait_seconds: float = 2.0, job_seconds: float = 60.0, max_per_device: int = 4,
+                 local_key: bytes | None = None) -> None:
         """`authorize(user_id, device_id)`: whether the key CURVE authenticated may act for the device the
-        request names (security.KeyRing.may_act_for); None: no keys (--insecure)."""
+        request names (security.KeyRing.may_act_for); None: no keys (--insecure). `state`: a DEALER to the
+        content manager for parked requests (None: a deferred request is answered MISSING at once).
+        `local_key`: the key of the workers this broker started (only those may be killed when they hang);
+        None: every worker is on this host (--insecure binds loopback only)."""
         self.frontend = frontend
         self.backend = backend
+        self.state = state
         self.worker_config = worker_config
         self.max_queue = max_queue
         self.retries = retries
         self.authorize = authorize
+        self.wait_seconds = wait_seconds
+        self.job_seconds = job_seconds
+        self.max_per_device = max_per_device
+        self.local_key = local_key.decode() if local_key else None
         self.interval = worker_config.heartbeat_ms / 1000
         self.pool = WorkerPool(self.interval, worker_config.liveness)
         self.queue: deque[Job] = deque()
+        self.parked: dict[int, Job] = {}  # job number -> a request waiting for its rows (no worker holds it)
+        self.in_broker: Counter[int] = Counter()  # device id -> its requests queued, parked or at a worker
+        self.hung: list[int] = []  # pids of workers dropped for holding a job too long (the daemon kills its own)
         self._jobs = 0
         self.running = True
         self.bad_messages = 0
         self.failures = 0  # messages a handler failed on (bugs, logged)
         self.from_worker = Dispatcher({wp.Connect: self.on_connect, wp.Ready: self.on_ready,
-                                       wp.Heartbeat: self.on_heartbeat, wp.Reply: self.on_reply})
+                                       wp.Heartbeat: self.on_heartbeat, wp.Reply: self.on_reply,
+                                       wp.Defer: self.on_defer})
 
     @property
     def ready_workers(self) -> int:
@@ -57,11 +77,15 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
+        if self.state is not None:
+            poller.register(self.state, zmq.POLLIN)
         next_beat = next_chores = time.monotonic()
         while self.running:
             ready = dict(poller.poll(max(1, int(self.interval * 1000))))
             if self.backend in ready:
                 self.failures += drain(self.backend, self.on_worker, log)
+            if self.state in ready:
+                self.failures += drain(self.state, self.on_state, log)
             if self.frontend in ready:
                 self.failures += drain(self.frontend, self.on_edge, log)
             self.dispatch()
@@ -71,6 +95,7 @@ class Broker:
                 next_beat = now + self.interval
             if now >= next_chores:  # not on every message: a request passes this loop twice
                 self.purge(now)
+                self.expire_parked(now)
                 if on_tick:
                     on_tick(self)
                 next_chores = now + CHORES_SECONDS
@@ -92,11 +117,16 @@ class Broker:
             self.reply(client, ep.Error(msg.seq, ErrorCode.FORBIDDEN, f"this key may not act for device "
                                         f"{msg.device_id}").to_frames())
             return
+        if self.in_broker[msg.device_id] >= self.max_per_device:
+            self.reply(client, ep.Error(msg.seq, ErrorCode.BUSY, f"device {msg.device_id} has "
+                                        f"{self.max_per_device} requests in the cloud already").to_frames())
+            return
         if len(self.queue) >= self.max_queue:
             self.reply(client, ep.Error(msg.seq, ErrorCode.BUSY, "the broker's queue is full").to_frames())
             return
         self._jobs += 1
-        self.queue.append(Job(self._jobs, client, msg.seq, tuple(frames[2:])))
+        self.in_broker[msg.device_id] += 1
+        self.queue.append(Job(self._jobs, client, msg.seq, tuple(frames[2:]), msg))
 
     def _refuse(self, client: bytes, seq: int, why: str) -> None:
         self.bad_messages += 1
@@ -105,6 +135,14 @@ class Broker:
 
     def reply(self, client: bytes, frames) -> None:
         self.frontend.send_multipart([client, b"", *frames], copy=False)
+
+    def answer(self, job: Job, frames) -> None:
+        """The edge's reply to `job`; the job leaves the broker."""
+        self.reply(job.client, frames)
+        device = job.request.device_id
+        self.in_broker[device] -= 1
+        if self.in_broker[device] <= 0:
+            del self.in_broker[device]
 
     # ---- workers -------------------------------------------------------------------------
     def on_worker(self, frames) -> None:
@@ -120,6 +158,8 @@ class Broker:
             self.backend.send_multipart([identity, *wp.Disconnect().to_frames()])
             return
         self.from_worker(msg, identity, record, time.monotonic())
+        if isinstance(msg, wp.Connect):  # its key says whether it is one of this broker's own workers
+            self.pool.get(identity).local = self.local_key is None or frames[-1].get("User-Id") == self.local_key
 
     def _refuse_worker(self, identity: bytes, why: str) -> None:
         self.bad_messages += 1
@@ -147,8 +187,67 @@ class Broker:
         if job is None or job.number != msg.job:
             self._refuse_worker(identity, f"worker {record.pid} answered job {msg.job} it does not hold")
             return
-        self.reply(job.client, msg.payload)
+        self.answer(job, msg.payload)
         self.pool.free(record, now)
+
+    # ---- parked requests -----------------------------------------------------------------
+    def on_defer(self, msg: wp.Defer, identity: bytes, record: WorkerRecord, now: float) -> None:
+        """The job's lease must wait: the worker is free, the job parked until the content manager says so."""
+        self.pool.heard(record, now)
+        job = record.job
+        if job is None or job.number != msg.job:
+            self._refuse_worker(identity, f"worker {record.pid} deferred job {msg.job} it does not hold")
+            return
+        self.pool.free(record, now)
+        job.attempts -= 1  # a deferral is no failed attempt
+        request = job.request
+        if not job.park_until:
+            job.park_until = now + (self.wait_seconds if hasattr(request, "position") else REOPEN_SECONDS)
+        self.parked[job.number] = job
+        if not hasattr(request, "position"):  # a HELLO: the content manager did not answer its OPEN
+            job.retry_at = now + REOPEN_EVERY
+            return
+        if self.state is None:
+            return  # nothing to watch with: it waits out its time
+        watch = sp.Watch(job.number, request.device_id, request.session, request.seq, request.position)
+        try:
+            self.state.send_multipart([b"", *watch.to_frames()], flags=zmq.NOBLOCK)
+        except zmq.Again:  # the content manager is not taking messages: the job waits out its time
+            log.warning("job %d: the content manager takes no watch; it waits out its time", job.number)
+
+    def on_state(self, frames) -> None:
+        try:
+            msg = sp.parse(frames[1:], (sp.Command.ARRIVED,))
+        except ProtocolError as exc:
+            log.warning("content manager message refused: %s", exc)
+            return
+        job = self.parked.pop(msg.job, None)
+        if job is not None:  # else it timed out meanwhile
+            self.queue.appendleft(job)
+
+    def expire_parked(self, now: float) -> None:
+        """Parked jobs past their time are answered MISSING; HELLOs due another try go out again."""
+        for job in list(self.parked.values()):
+            if now >= job.park_until:
+                del self.parked[job.number]
+                self.answer(job, ep.Error(job.seq, ErrorCode.MISSING, self._why_parked(job)).to_frames())
+            elif job.retry_at and now >= job.retry_at:
+                del self.parked[job.number]
+                job.retry_at = 0.0
+                self.queue.append(job)
+
+    @staticmethod
+    def _why_parked(job: Job) -> str:
+        r = job.request
+        if not hasattr(r, "position"):
+            return f"device {r.device_id}: the cloud could not open a session (its content manager did not answer)"
+        return (f"device {r.device_id}: position {r.position} could not be served in time (its rows did not "
+                f"arrive, or the device stayed busy)")
+
+    def requeue_parked(self) -> None:
+        """Every parked job goes to a worker again (the content manager restarted: its watches are gone)."""
+        self.queue.extendleft(self.parked.values())
+        self.parked.clear()
 
     def dispatch(self) -> None:
         while self.queue:
@@ -157,7 +256,7 @@ class Broker:
                 return
             job = self.queue.popleft()
             job.attempts += 1
-            record.job = job
+            record.job, record.busy_since = job, time.monotonic()
             request = wp.Request(job.number, Frames(job.frames))
             self.backend.send_multipart([record.identity, *request.to_frames()], copy=False)
 
@@ -171,6 +270,14 @@ class Broker:
         for record in self.pool.expired(now):
             self._forget(record)
             log.warning("worker %d is silent: purged (%d ready)", record.pid, self.ready_workers)
+        for record in self.pool:
+            if record.job is not None and now - record.busy_since > self.job_seconds:
+                log.warning("worker %d held job %d for more than %g s: dropped", record.pid, record.job.number,
+                            self.job_seconds)
+                self.backend.send_multipart([record.identity, *wp.Disconnect().to_frames()])
+                if record.local:  # a pid this broker can vouch for (remote workers only say theirs)
+                    self.hung.append(record.pid)
+                self._forget(record)
 
     def _forget(self, record: WorkerRecord) -> None:
         """Drop a worker; its request goes to another (or, retried enough, back as an error)."""
@@ -181,8 +288,8 @@ class Broker:
                 log.warning("job %d of the dead worker %d goes to another worker", job.number, record.pid)
                 self.queue.appendleft(job)
             else:
-                self.reply(job.client, ep.Error(job.seq, ErrorCode.WORKER_LOST,
-                                                f"the worker died {job.attempts} times on this request").to_frames())
+                self.answer(job, ep.Error(job.seq, ErrorCode.WORKER_LOST,
+                                          f"the worker died {job.attempts} times on this request").to_frames())
 
     def shutdown(self, linger_ms: int = 1000) -> None:
         """Tell every worker to go away; the socket keeps trying for `linger_ms` after it is closed."""

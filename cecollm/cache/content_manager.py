@@ -6,15 +6,18 @@ its upload PULL socket; workers ask on its state ROUTER socket for a lease on a 
 compute in the segment and commit (one way) how many positions are now folded into the KV cache (a remote
 worker, on another host, gets the state as tensors and commits the KV entries it appended, which are
 checked and written into the segment here). A verifying lease of the exact mode that finds a wrong
-draft ends with a roll-back instead (device.py). Rows that are folded are dropped (their pages given
-back). A session ends when the edge says so,
-after an idle TTL, or when a byte budget needs room (least recently used idle device first).
+draft ends with a roll-back instead (device.py). A lease never waits: one that cannot be granted yet
+is answered NOT_YET, and the broker, which parks the request, asks (WATCH) to hear when it may go.
+Rows that are folded are dropped (their pages given back). A session ends when the edge says so,
+after an idle TTL, or when a byte budget needs room (least recently used idle device first). Sessions
+are 64 random bits; a device id that another edge (instance) is generating with is refused IN_USE.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -23,18 +26,20 @@ import numpy as np
 import zmq
 
 from cecollm.cache import shm
-from cecollm.cache.device import DeviceState, StaleUpload, Waiter
+from cecollm.cache.device import DeviceState, StaleUpload, Watcher
 from cecollm.errors import UserError
 from cecollm.wire import edge_cloud as ep
 from cecollm.wire import worker_state as sp
 from cecollm.wire.dispatch import Dispatcher, drain
 from cecollm.wire.security import DEVICES, WORKERS, KeyRing
-from cecollm.wire.wire import DTYPE_CODES, DTYPES, ErrorCode, ProtocolError, clip
+from cecollm.wire.wire import DTYPE_CODES, DTYPES, MAX_BODY, ErrorCode, ProtocolError, clip
 
 log = logging.getLogger(__name__)
 
 KV_ITEMSIZES = {"float32": 4, "float16": 2, "bfloat16": 2}  # bytes per KV element by the model's dtype
-CHORES_SECONDS = 0.02  # housekeeping (waiters' deadlines, idle TTL, the broker's presence) at most this often
+CHORES_SECONDS = 0.02  # housekeeping (lapsed leases, idle TTL) at most this often
+MAX_WATCHERS = 16  # parked requests one device may have watched (the oldest is dropped: the broker times it out)
+WATCH_SECONDS = 60.0  # a watch older than this is dropped (the broker has given up on its request long before)
 
 
 @dataclass(frozen=True)
@@ -51,11 +56,16 @@ class ContentManagerConfig:
     capacity: int = 1024  # positions per device session (prompt + generated tokens)
     budget_bytes: int = 1 << 30  # all sessions' segments together stay under this
     idle_ttl: float = 600.0  # seconds without any message before a session is released
-    wait_seconds: float = 2.0  # how long a lease waits for rows still in flight
+    claim_seconds: float = 30.0  # a session used within this long belongs to its edge: another edge is refused
     lease_seconds: float = 120.0  # a lease not committed within this lapses
     segment_prefix: str = "cecollm-0-"  # segment names start with this (shm.segment_prefix)
     keys: str = ""  # the keys directory: uploads speak CURVE with device keys (a tcp state socket: worker keys)
     local_workers: tuple[bytes, ...] = ()  # public keys of the broker's own workers (made at its start)
+
+    def layout(self, wire_itemsize: int) -> shm.StateLayout:
+        """The byte layout of one device's segment, for rows of `wire_itemsize` bytes a value."""
+        return shm.StateLayout(self.cloud_layers, self.n_kv_heads, self.head_dim, self.hidden, self.capacity,
+                               KV_ITEMSIZES[self.kv_dtype], wire_itemsize)
 
 
 class BudgetExceeded(Exception):
@@ -80,13 +90,17 @@ class ContentManager:
         self.state: zmq.Socket | None = None  # ROUTER: workers' requests
         self.uploads = Dispatcher({ep.Upload: self.on_rows, ep.UploadShm: self.on_rows_in_segment, ep.End: self.on_end})
         self.controls = Dispatcher({sp.Open: self.on_open, sp.Lease: self.lease, sp.Commit: self.on_commit,
-                                    sp.StateCommit: self.on_state_commit, sp.Rollback: self.on_rollback})
+                                    sp.StateCommit: self.on_state_commit, sp.Rollback: self.on_rollback,
+                                    sp.Watch: self.on_watch})
 
     # ---- the loop ----------------------------------------------------------------------
     def bind(self) -> None:
         """Bind the upload and state sockets (a UserError when an address is taken)."""
         self.upload = self.context.socket(zmq.PULL)
         self.state = self.context.socket(zmq.ROUTER)
+        largest = self.config.layout(wire_itemsize=4)  # a peer's frame beyond what one device can hold is cut off
+        self.upload.setsockopt(zmq.MAXMSGSIZE, max(MAX_BODY, largest.capacity * largest.row_bytes))
+        self.state.setsockopt(zmq.MAXMSGSIZE, max(MAX_BODY, largest.kv_bytes))  # a remote worker's whole KV
         for sock in (self.upload, self.state):
             sock.setsockopt(zmq.LINGER, 0)
         if self.config.keys:
@@ -140,9 +154,10 @@ class ContentManager:
 
     def housekeeping(self, now: float) -> None:
         for dev in list(self.devices.values()):
-            if dev.waiters:
-                self._serve_waiters(dev, now)
-            if not dev.leased(now) and not dev.waiters and now - dev.last_used > self.config.idle_ttl:
+            if dev.watchers:
+                dev.watchers = [w for w in dev.watchers if now - w.since < WATCH_SECONDS]
+                self._wake(dev, now)  # a lease that lapsed lets a parked request go
+            if not dev.leased(now) and not dev.watchers and now - dev.last_used > self.config.idle_ttl:
                 self.release(dev, f"idle for more than {self.config.idle_ttl:g} s")
 
     # ---- uploads (no replies) ----------------------------------------------------------
@@ -175,7 +190,7 @@ class ContentManager:
         except StaleUpload as exc:  # the edge sent them before it heard of the roll-back
             log.debug("%s; dropped", exc)
             return
-        self._serve_waiters(dev, time.monotonic())
+        self._wake(dev, time.monotonic())
 
     # ---- worker requests ---------------------------------------------------------------
     def on_control(self, frames) -> None:
@@ -224,94 +239,120 @@ class ContentManager:
             return sp.Error(ErrorCode.MALFORMED, f"unknown wire dtype code {msg.wire_code}")
         old = self.devices.get(msg.device_id)
         if old is not None:
-            self.release(old, "a new generation started")
+            busy = self._claimed(old, msg)
+            if busy:
+                return sp.Error(ErrorCode.IN_USE, busy)
+            self.release(old, "a new generation started" if old.owner == msg.instance else "another edge took over")
         c = self.config
-        layout = shm.StateLayout(c.cloud_layers, c.n_kv_heads, c.head_dim, c.hidden, c.capacity, KV_ITEMSIZES[c.kv_dtype],
-                                 DTYPES[msg.wire_code].itemsize)
+        layout = c.layout(DTYPES[msg.wire_code].itemsize)
         try:
             self._make_room(layout.nbytes)
         except BudgetExceeded as exc:
             return sp.Error(ErrorCode.BUDGET, str(exc))
         self._counter = (self._counter + 1) % (1 << 32) or 1
-        name = f"{c.segment_prefix}{msg.device_id}-{self._counter}"
+        name = f"{c.segment_prefix}{msg.device_id}-{self._counter}"  # the edge learns it only with its session
         try:
             segment = shm.create(name, layout.nbytes)
         except OSError as exc:  # /dev/shm full, too many open files...: refuse this one, keep serving
             log.warning("device %d: no shared-memory segment of %d bytes: %s", msg.device_id, layout.nbytes, exc)
             return sp.Error(ErrorCode.BUDGET, f"no shared memory for the device's state: {exc}")
-        dev = DeviceState(msg.device_id, self._counter, msg.wire_code, layout, segment)
+        dev = DeviceState(msg.device_id, secrets.randbits(64) or 1, msg.wire_code, layout, segment, owner=msg.instance)
         self.devices[msg.device_id] = dev
         self.used_bytes += layout.nbytes
         self.ended.pop(msg.device_id, None)
         log.debug("device %d: session %d opened (%d bytes)", msg.device_id, dev.session, layout.nbytes)
         return sp.Opened(dev.session, layout.capacity, layout.rows_offset, name)
 
+    def _claimed(self, dev: DeviceState, msg: sp.Open) -> str | None:
+        """Why `dev`'s session still belongs to another edge (instance), or None when `msg` may replace it."""
+        if msg.take_over or dev.owner == msg.instance:
+            return None
+        age = time.monotonic() - dev.last_used
+        if not dev.leased(time.monotonic()) and age >= self.config.claim_seconds:
+            return None  # that edge is gone (no upload, no request for claim_seconds)
+        return (f"device {msg.device_id} is in use by another edge (active {age:.1f} s ago): stop that edge, wait "
+                f"{self.config.claim_seconds:g} s after it, or take over its device id (cecollm-edge --take-over)")
+
     def _make_room(self, nbytes: int) -> None:
         now = time.monotonic()
         while self.used_bytes + nbytes > self.config.budget_bytes:
-            idle = next((d for d in self.devices.values() if not d.leased(now) and not d.waiters), None)
-            if idle is None:
-                raise BudgetExceeded(
-                    f"no room for {nbytes} bytes: {self.used_bytes} of {self.config.budget_bytes} held by busy devices")
+            idle = next((d for d in self.devices.values() if not d.leased(now) and not d.watchers), None)
+            if idle is None:  # says nothing of other devices: only that this one does not fit now
+                raise BudgetExceeded("the cloud has no room for another device's state now (its byte budget is "
+                                     "held by devices in use); try again later")
             self.release(idle, "evicted to make room (byte budget)")
 
     def lease(self, msg: sp.Lease, peer: bytes) -> None:
+        """Grant at once, or refuse: NOT_YET when the rows are not in or another worker holds the device."""
         dev = self.devices.get(msg.device_id)
         if dev is None or dev.session != msg.session:
-            why = self.ended.get(msg.device_id, "never opened")
+            why = self.ended.get(msg.device_id, "never opened") if dev is None else "it ended"
             self._reply(peer, sp.Error(ErrorCode.UNKNOWN_DEVICE, f"device {msg.device_id} session {msg.session} "
                                        f"has no state on the cloud ({why})"))
             return
-        dev.last_used = time.monotonic()
+        now = time.monotonic()
+        dev.last_used = now
         self.devices.move_to_end(dev.device_id)
-        if msg.position >= dev.layout.capacity:
-            self._reply(peer, sp.Error(ErrorCode.CAPACITY, f"position {msg.position} is beyond the capacity of "
-                                       f"{dev.layout.capacity} positions"))
-        elif dev.answer and dev.answer_seq == msg.seq:
-            self._reply(peer, dev.answer)  # its first worker committed (or rolled back), then died before replying
-        elif msg.verify and msg.epoch != dev.epoch:
-            self._reply(peer, sp.Error(ErrorCode.STALE, f"epoch {msg.epoch} is over: the session rolled back to "
-                                       f"{dev.folded} positions (epoch {dev.epoch})"))
-        elif msg.position < dev.folded:
-            self._reply(peer, sp.Error(ErrorCode.STALE, f"position {msg.position} was already decided"))
-        elif msg.remote and self.config.kv_dtype not in DTYPE_CODES:
-            self._reply(peer, sp.Error(ErrorCode.INTERNAL, f"a {self.config.kv_dtype} KV cache cannot travel to a "
-                                       "remote worker (float16 and float32 only)"))
+        refusal = self._refusal(dev, msg, now)
+        if isinstance(refusal, sp.Decided):
+            self._reply(peer, refusal)  # its first worker committed (or rolled back), then died before replying
+        elif refusal is not None:
+            self._reply(peer, sp.Error(*refusal))
         else:
-            dev.waiters.append(Waiter(peer, msg, time.monotonic() + self.config.wait_seconds))
-            self._serve_waiters(dev, time.monotonic())
+            self._grant(dev, msg, peer, now)
 
-    def _serve_waiters(self, dev: DeviceState, now: float) -> None:
+    def _refusal(self, dev: DeviceState, msg: sp.Lease, now: float):
+        """Why `msg` cannot be granted now: (code, message), the answer a retried request already got, or None."""
+        if msg.position >= dev.layout.capacity:
+            return ErrorCode.CAPACITY, f"position {msg.position} is beyond the capacity of {dev.layout.capacity} positions"
+        if dev.answer and dev.answer_seq == msg.seq:
+            return dev.answer
+        if msg.verify and msg.epoch != dev.epoch:
+            return ErrorCode.STALE, (f"epoch {msg.epoch} is over: the session rolled back to {dev.folded} positions "
+                                     f"(epoch {dev.epoch})")
+        if msg.position < dev.folded:
+            return ErrorCode.STALE, f"position {msg.position} was already decided"
+        if msg.remote and self.config.kv_dtype not in DTYPE_CODES:
+            return ErrorCode.INTERNAL, (f"a {self.config.kv_dtype} KV cache cannot travel to a remote worker "
+                                        "(float16 and float32 only)")
+        if dev.broken:
+            return ErrorCode.MISSING, f"device {dev.device_id}: {dev.broken}"
+        if msg.position >= dev.received:
+            return ErrorCode.NOT_YET, f"position {msg.position} not received yet (have {dev.received})"
+        if dev.leased(now) and dev.lease_seq != msg.seq:  # the same request again (its worker died) supersedes
+            return ErrorCode.NOT_YET, "another request of the device is being computed"
+        return None
+
+    def _grant(self, dev: DeviceState, lease: sp.Lease, peer: bytes, now: float) -> None:
+        self._counter = (self._counter + 1) % (1 << 32) or 1
+        dev.lease_token, dev.lease_seq = self._counter, lease.seq
+        dev.lease_expires = now + self.config.lease_seconds
+        drafts = dev.pending_drafts() if lease.verify else ()
+        if lease.remote:
+            self._reply(peer, self._state_grant(dev, drafts))
+        else:
+            self._reply(peer, sp.Grant(dev.lease_token, dev.folded, dev.received, dev.layout.capacity, dev.wire_code,
+                                       dev.segment.name, drafts))
+
+    # ---- parked requests (the broker's watches) ----------------------------------------
+    def on_watch(self, msg: sp.Watch, peer: bytes) -> None:
+        dev = self.devices.get(msg.device_id)
+        now = time.monotonic()
+        if dev is None or dev.session != msg.session or dev.may_go(msg.seq, msg.position, now):
+            self._reply(peer, sp.Arrived(msg.job))
+            return
+        dev.watchers.append(Watcher(peer, msg.job, msg.seq, msg.position, now))
+        del dev.watchers[:-MAX_WATCHERS]
+
+    def _wake(self, dev: DeviceState, now: float) -> None:
+        """ARRIVED for every parked request of `dev` that may go to a worker now."""
         keep = []
-        for w in dev.waiters:
-            if dev.broken:
-                self._reply(w.peer, sp.Error(ErrorCode.MISSING, f"device {dev.device_id}: {dev.broken}"))
-            elif w.lease.verify and w.lease.epoch != dev.epoch:
-                self._reply(w.peer, sp.Error(ErrorCode.STALE, f"epoch {w.lease.epoch} is over (now {dev.epoch})"))
-            elif self._grantable(dev, w.lease, now):
-                self._counter = (self._counter + 1) % (1 << 32) or 1
-                dev.lease_token, dev.lease_seq = self._counter, w.lease.seq
-                dev.lease_expires = now + self.config.lease_seconds
-                drafts = dev.pending_drafts() if w.lease.verify else ()
-                if w.lease.remote:
-                    self._reply(w.peer, self._state_grant(dev, drafts))
-                else:
-                    self._reply(w.peer, sp.Grant(dev.lease_token, dev.folded, dev.received, dev.layout.capacity,
-                                                 dev.wire_code, dev.segment.name, drafts))
-            elif now > w.deadline:
-                self._reply(w.peer, sp.Error(ErrorCode.MISSING, f"device {dev.device_id}: position "
-                                             f"{w.lease.position} not received in {self.config.wait_seconds:g} s "
-                                             f"(have {dev.received}) or the device stayed busy"))
+        for w in dev.watchers:
+            if dev.may_go(w.seq, w.position, now):
+                self._reply(w.peer, sp.Arrived(w.job))
             else:
                 keep.append(w)
-        dev.waiters = keep
-
-    @staticmethod
-    def _grantable(dev: DeviceState, lease: sp.Lease, now: float) -> bool:
-        if lease.position >= dev.received:
-            return False
-        # the same request again (its first worker died) supersedes that worker's lease
-        return not dev.leased(now) or dev.lease_seq == lease.seq
+        dev.watchers = keep
 
     def _kv_view(self, dev: DeviceState) -> np.ndarray:
         """The segment's KV cache [cloud_layers, 2, n_kv, capacity, head_dim] (a view: drop it before release)."""
@@ -360,17 +401,17 @@ class ContentManager:
             log.debug("device %d: rolled back to %d positions (epoch %d)", dev.device_id, dev.folded, dev.epoch)
         else:
             dev.end_lease(msg.folded, msg.decided, msg.prob)
-        self._serve_waiters(dev, time.monotonic())
+        self._wake(dev, time.monotonic())
         return None
 
     # ---- releasing ---------------------------------------------------------------------
     def release(self, dev: DeviceState, why: str) -> None:
-        for w in dev.waiters:
-            self._reply(w.peer, sp.Error(ErrorCode.UNKNOWN_DEVICE, f"device {dev.device_id}: {why}"))
+        for w in dev.watchers:  # their requests learn from their lease that the state is gone
+            self._reply(w.peer, sp.Arrived(w.job))
         del self.devices[dev.device_id]
         self.used_bytes -= dev.layout.nbytes
         dev.segment.close()
-        dev.segment.unlink()
+        shm.unlink(dev.segment)
         self.ended[dev.device_id] = why
         while len(self.ended) > 4096:
             self.ended.popitem(last=False)
@@ -378,7 +419,7 @@ class ContentManager:
 
     def release_all(self) -> None:
         for dev in list(self.devices.values()):
-            dev.waiters = []
+            dev.watchers = []
             self.release(dev, "the broker shut down")
 
 

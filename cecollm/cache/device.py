@@ -20,12 +20,14 @@ from cecollm.wire.wire import DTYPES, ProtocolError
 
 
 @dataclass
-class Waiter:
-    """A worker's lease that waits for rows still in flight (or for the device to be free)."""
+class Watcher:
+    """A request the broker parked (its lease had to wait): ARRIVED goes to `peer` when it may go."""
 
-    peer: bytes  # the worker's routing id
-    lease: sp.Lease
-    deadline: float
+    peer: bytes  # the broker's routing id on the state socket
+    job: int  # the broker's job number
+    seq: int  # the edge request's seq
+    position: int  # the request's position
+    since: float
 
 
 class StaleUpload(Exception):
@@ -37,7 +39,7 @@ class DeviceState:
     """What the manager holds for one device's current session."""
 
     device_id: int
-    session: int
+    session: int  # 64 random bits: names this generation's state
     wire_code: int
     layout: shm.StateLayout
     segment: SharedMemory
@@ -53,8 +55,9 @@ class DeviceState:
     answer: sp.Decided | None = None  # ...and its token, for a retry of that request
     last_used: float = field(default_factory=time.monotonic)
     broken: str | None = None  # why an upload was refused (the session cannot go on)
-    waiters: list[Waiter] = field(default_factory=list)
+    watchers: list[Watcher] = field(default_factory=list)
     stale_uploads: int = 0  # uploads of an earlier epoch, dropped
+    owner: int = 0  # the instance of the edge that opened the session (HELLO's)
 
     def __post_init__(self) -> None:
         if self.drafts is None:
@@ -62,6 +65,13 @@ class DeviceState:
 
     def leased(self, now: float) -> bool:
         return self.lease_token != 0 and now < self.lease_expires
+
+    def may_go(self, seq: int, position: int, now: float) -> bool:
+        """Whether the parked request `seq` up to `position` would now get an answer from its lease (a grant,
+        the answer it got already, or a refusal that is final) rather than NOT_YET."""
+        if self.broken is not None or position < self.folded or (self.answer and self.answer_seq == seq):
+            return True
+        return position < self.received and (not self.leased(now) or self.lease_seq == seq)
 
     # ---- uploads ---------------------------------------------------------------------
     def take_rows(self, msg: ep.Upload | ep.UploadShm, count: int) -> None:

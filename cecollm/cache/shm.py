@@ -14,6 +14,7 @@ from __future__ import annotations
 import mmap
 import os
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
@@ -70,7 +71,20 @@ def segment_prefix(owner_pid: int) -> str:
 
 
 def create(name: str, nbytes: int) -> SharedMemory:
-    return SharedMemory(name=name, create=True, size=nbytes)
+    """A new segment, owned by the caller alone: it is not left to the resource tracker, which would warn
+    about (and unlink) every segment of a content manager that was killed; unlink() removes it, and
+    remove_leftovers() what a killed owner left."""
+    seg = SharedMemory(name=name, create=True, size=nbytes)
+    resource_tracker.unregister(seg._name, "shared_memory")  # noqa: SLF001 (the name it registered)
+    return seg
+
+
+def unlink(seg: SharedMemory) -> None:
+    """Remove a segment made by create() (SharedMemory.unlink would unregister it a second time)."""
+    try:
+        os.unlink(SHM_DIR / seg.name)
+    except FileNotFoundError:
+        pass
 
 
 class Attachment:

@@ -3,6 +3,8 @@
 HELLO: check the edge runs the same model and split, open a session. DECIDE: lease the
 device, attach its shared-memory segment, resume a CloudPartition over the KV cache and
 rows there (the KV is written in place), commit the folded positions (one way), answer the token.
+A lease that must wait (NOT_YET: rows still in flight, or another worker holds the device) makes
+the request go back to the broker, which parks it: no worker waits.
 Segments stay mapped between requests (no map, unmap and page faults per token); sweep()
 unmaps those the content manager has released, so their memory goes back.
 
@@ -92,8 +94,9 @@ class CloudService:
             pass
         del self.segments[name]
 
-    def handle(self, frames) -> list:
-        """Frames of the reply to the edge request `frames` (never raises for bad input)."""
+    def handle(self, frames) -> list | None:
+        """Frames of the reply to the edge request `frames`, or None when its lease must wait (the
+        broker parks it); never raises for bad input."""
         seq = 0
         try:
             msg = ep.parse(frames, self.requests.commands)
@@ -103,17 +106,24 @@ class CloudService:
             log.warning("edge request refused: %s", exc)
             return ep.Error(seq, ErrorCode.MALFORMED, clip(str(exc))).to_frames()
         except Refused as exc:
+            if exc.code == ErrorCode.NOT_YET:
+                return None
             return ep.Error(seq, exc.code, clip(str(exc))).to_frames()
         except Exception as exc:  # a bug must not take the worker down; the edge hears of it
             log.exception("request failed")
             return ep.Error(seq, ErrorCode.INTERNAL, clip(f"{type(exc).__name__}: {exc}")).to_frames()
 
-    def _call(self, msg):
+    def _call(self, msg, retry_later: bool = False):
+        """The content manager's answer to `msg`. A call it does not answer in time (the socket then starts
+        afresh, so a late answer cannot pass for the next call's) fails the request; with `retry_later`
+        (OPEN and LEASE: nothing computed yet) the broker keeps the request and sends it out again, so a
+        restarted content manager serves it (a lease then hears that the session is gone)."""
         try:
             self.state.send(msg.to_frames())
             reply = sp.parse(self.state.receive(time.monotonic() + self.state_timeout), sp.REPLIES)
-        except CallTimeout:  # the socket starts afresh: a late answer cannot pass for the next call's
-            raise Refused(ErrorCode.INTERNAL, "the content manager did not answer") from None
+        except CallTimeout:
+            raise Refused(ErrorCode.NOT_YET if retry_later else ErrorCode.INTERNAL,
+                          "the content manager did not answer") from None
         if isinstance(reply, sp.Error):
             raise Refused(reply.code, reply.message)
         return reply
@@ -126,7 +136,8 @@ class CloudService:
             edge = f"exits {','.join(map(str, msg.exits))}, upload after {msg.upload_layer}"
             raise Refused(ErrorCode.MISMATCH, f"split mismatch: the edge has {edge}, the cloud serves "
                           f"exits {','.join(map(str, self.split.exits))}, upload after {self.split.upload_layer}")
-        opened = self._call(sp.Open(msg.device_id, DTYPE_CODES[msg.wire_dtype]))
+        opened = self._call(sp.Open(msg.device_id, DTYPE_CODES[msg.wire_dtype], msg.instance, msg.take_over),
+                            retry_later=True)
         return ep.Welcome(msg.device_id, msg.seq, opened.session, opened.capacity, opened.rows_offset, opened.segment)
 
     def decide(self, msg: ep.Decide) -> ep.Token:
@@ -139,7 +150,8 @@ class CloudService:
         """Lease the device, fold its rows up to the position (checking their drafts when `verify`),
         end the lease (a roll-back at a wrong draft), and answer the row and the token after it."""
         epoch = msg.epoch if verify else 0
-        grant = self._call(sp.Lease(msg.device_id, msg.session, msg.seq, msg.position, self.remote, verify, epoch))
+        grant = self._call(sp.Lease(msg.device_id, msg.session, msg.seq, msg.position, self.remote, verify, epoch),
+                           retry_later=True)
         if isinstance(grant, sp.Decided):  # a retry: the first worker committed this, then died
             return ep.Token(grant.position, grant.token, grant.prob, msg.device_id, msg.seq, 0.0)
         if isinstance(grant, sp.StateGrant) != self.remote:

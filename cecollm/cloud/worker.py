@@ -26,7 +26,8 @@ import zmq
 from cecollm.errors import UserError
 from cecollm.wire import broker_worker as wp
 from cecollm.wire.dispatch import Dispatcher
-from cecollm.wire.wire import Frames, ProtocolError
+from cecollm.wire.wire import MAX_BODY, Frames, ProtocolError
+from cecollm.wire.worker_state import MAX_STATE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ class WorkerConfig:
     broker_address: str = "tcp://127.0.0.1:5557"  # the broker's worker socket
     threads: int = 1  # torch threads for compute
     connect_timeout: float = 30.0  # give up when the broker sends no CONFIG within this
-    state_timeout: float = 10.0  # a content-manager call that takes longer fails the request
+    state_timeout: float = 0.0  # a content-manager call that takes longer goes back to the broker (parked);
+    #                              0 = 2 s on this host (a lease never waits), 30 s remote (the state travels)
     verbose: bool = False  # debug logging
     remote: bool = False  # never map shared memory: the content manager sends the state (another host)
     state_address: str = ""  # the content manager's address; "" = the one the broker names (for remote: its host)
@@ -59,6 +61,7 @@ class Worker:
     def _connect(self) -> tuple[zmq.Socket, wp.Config]:
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_BODY)  # CONFIG, REQUEST: fields and an edge's request, no tensor
         if self.config.client_keys is not None:
             self.config.client_keys.secure(sock)
         sock.connect(self.config.broker_address)
@@ -96,8 +99,10 @@ class Worker:
                             f"{config.identity[:12]}")
         split = Split.create(model.config.num_hidden_layers, config.exits, config.upload_layer)
         keys = self.config.client_keys if state_address.startswith("tcp://") else None  # ipc: this host only
-        state = RpcSocket(self.context, state_address, keys=keys)
-        return CloudService(DecoderRunner(model), split, identity, state, self.config.state_timeout, self.config.remote)
+        largest = MAX_STATE_BYTES if self.config.remote else MAX_BODY  # a frame: a remote grant carries the state
+        state = RpcSocket(self.context, state_address, keys=keys, max_reply_bytes=largest)
+        timeout = self.config.state_timeout or (30.0 if self.config.remote else 2.0)
+        return CloudService(DecoderRunner(model), split, identity, state, timeout, self.config.remote)
 
     def state_address(self, config: wp.Config) -> str:
         """Where the content manager is: as given, else as the broker names it (a remote worker: on the
@@ -159,8 +164,9 @@ class Worker:
     def on_request(self, msg: wp.Request, sock: zmq.Socket, beats: BeatThread, service) -> None:
         with beats.computing():
             payload = service.handle(msg.payload)
+        answer = wp.Defer(msg.job) if payload is None else wp.Reply(msg.job, Frames(payload))
         with beats.lock:
-            sock.send_multipart(wp.Reply(msg.job, Frames(payload)).to_frames(), copy=False)
+            sock.send_multipart(answer.to_frames(), copy=False)
 
     def on_disconnect(self, msg: wp.Disconnect, *_) -> None:
         log.info("worker %d: the broker said goodbye", os.getpid())

@@ -41,6 +41,8 @@ _E = EdgeConfig()
               "[default: $CECOLLM_HOME/keys/bundles/device-ID].")
 @click.option("--insecure", is_flag=True, default=_E.insecure, help="No keys, no encryption: for a broker started "
               "with --insecure (loopback only).")
+@click.option("--take-over", is_flag=True, default=_E.take_over, help="Take the device id over from another edge "
+              "still generating with it (it loses its cloud state); without it such an edge is an error.")
 @click.option("--prompt", default=None, help="One prompt.")
 @click.option("--prompts", "prompts_file", default=None, help="A JSONL file of prompts (fields \"prompt\", "
               "\"instruction\" + \"input\", \"document\", \"question\" or \"text\"), or a text file, one a line.")
@@ -49,7 +51,8 @@ _E = EdgeConfig()
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Torch threads.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def edge_command(spec, device_id, broker, upload, shm, threshold, standalone, exact, wait_below, no_fp16,
-                 max_new_tokens, timeout, keys, insecure, prompt, prompts_file, raw, as_json, threads, verbose) -> None:
+                 max_new_tokens, timeout, keys, insecure, take_over, prompt, prompts_file, raw, as_json, threads,
+                 verbose) -> None:
     """Generate on this edge device; tokens no exit is sure of are asked of the cloud broker.
 
     Tokens stream to stdout as they are decided; each generation's stats go to stderr."""
@@ -61,7 +64,7 @@ def edge_command(spec, device_id, broker, upload, shm, threshold, standalone, ex
     if exact and standalone:
         raise UserError("--exact needs the cloud to verify; it cannot be --standalone")
     config = EdgeConfig(device_id, broker, upload, shm, threshold, standalone, exact, wait_below, not no_fp16,
-                        max_new_tokens, timeout, keys=keys, insecure=insecure)
+                        max_new_tokens, timeout, keys=keys, insecure=insecure, take_over=take_over)
     if not standalone:
         config.client_keys()  # a missing or damaged bundle is an error now, not after the model loads
     try:
@@ -103,7 +106,8 @@ def stats_line(result) -> str:
             + (f"; {s.drafts} drafts, {s.rollbacks} roll-backs, {s.wasted_seconds:.2f} s wasted, "
                f"{s.waiting_seconds:.2f} s waiting, verification {1000 * s.verify_seconds / s.verifies:.1f} ms"
                if s.verifies else "")
-            + (f"; edge alone: {s.standalone_reason}" if s.standalone_reason else ""))
+            + (f"; edge alone: {s.standalone_reason}" if s.standalone_reason else "")
+            + (f"; rejoined the cloud {s.rejoins} times" if s.rejoins else ""))
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ refuses the session: that is the user's mistake, raised as a UserError, not pape
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from cecollm.wire.wire import ErrorCode, ProtocolError
 log = logging.getLogger(__name__)
 
 MAX_REPLY_BYTES = 64 << 10  # the cloud's replies (WELCOME, TOKEN, ERROR) are small: anything larger is refused
+REJOIN_HELLO_SECONDS = 2.0  # a try to rejoin the cloud waits this long for WELCOME (the edge is stalled meanwhile)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,9 @@ class EdgeConfig:
     max_timeouts: int = 3  # timeouts in a row after which the rest is decided on the edge
     keys: str = ""  # this device's key bundle (`cecollm keys`); "" = $CECOLLM_HOME/keys/bundles/device-<device_id>
     insecure: bool = False  # no keys: for a broker started with --insecure (loopback only)
+    take_over: bool = False  # take the device id over from another edge still using it (else refused)
+    rejoin_seconds: float = 1.0  # going on alone after losing the cloud: first wait before trying it again
+    rejoin_max_seconds: float = 30.0  # the wait doubles after each failed try, up to this
 
     def client_keys(self):
         """The device's CURVE keys (security.ClientKeys), or None when insecure."""
@@ -115,6 +120,7 @@ class EdgeClient:
         self._rpc: RpcSocket | None = None
         self._sender: UploadSender | None = None
         self._seq = 0
+        self.instance = secrets.randbits(64) or 1  # tells this edge apart from another with the same device id
         self.session: int | None = None  # the cloud session of the generation under way
 
     def close(self) -> None:
@@ -163,17 +169,19 @@ class EdgeClient:
         self._seq = (self._seq + 1) % (1 << 32)
         return self._seq
 
-    def _open(self, stats: EdgeStats, kept: list, drafts_for=None) -> int:
+    def _open(self, stats: EdgeStats, kept: list, drafts_for=None, timeout: float | None = None) -> int:
         """Open a session (HELLO) and queue every kept row again (with `drafts_for(start, n)`, the exact
         mode's drafts); the session number."""
         c = self.config
+        timeout = c.hello_timeout if timeout is None else timeout
         hello = ep.Hello(c.device_id, self._next_seq(), self.identity, self.split.n_layers, self.split.exits,
-                         self.split.upload_layer, str(self.wire_dtype).removeprefix("torch."), c.use_shm)
+                         self.split.upload_layer, str(self.wire_dtype).removeprefix("torch."), c.use_shm,
+                         self.instance, c.take_over)
         try:
-            reply = self._request(hello, c.hello_timeout, stats)
+            reply = self._request(hello, timeout, stats)
         except CallTimeout:
-            raise CloudGone(f"the cloud at {c.broker} did not answer HELLO within {c.hello_timeout:g} s") from None
-        if isinstance(reply, ep.Error) and reply.code == ErrorCode.MISMATCH:
+            raise CloudGone(f"the cloud at {c.broker} did not answer HELLO within {timeout:g} s") from None
+        if isinstance(reply, ep.Error) and reply.code in (ErrorCode.MISMATCH, ErrorCode.IN_USE, ErrorCode.FORBIDDEN):
             raise UserError(f"the cloud at {c.broker} refused device {c.device_id}: {reply.message}")
         if isinstance(reply, ep.Error):
             raise CloudGone(f"the cloud refused the session: {reply.message}")
@@ -227,7 +235,7 @@ class EdgeClient:
         try:
             gen.session = self._open(gen.stats, gen.kept)
         except CloudGone as exc:
-            self._go_alone(gen, str(exc))
+            self._go_alone(gen, str(exc), rejoin=True)
         self.session = gen.session
 
     def _step(self, gen: Generation, inputs: list[int]):
@@ -237,9 +245,11 @@ class EdgeClient:
         out = gen.edge.step(inputs)
         uploads = [(u.start, u.hidden[0].to(self.wire_dtype).contiguous().numpy()) for u in out.uploads]
         stats.edge_seconds += time.perf_counter() - t0
-        if gen.session is not None:
-            for start, rows in uploads:  # [n, hidden] in the wire dtype
-                gen.kept.append((start, rows))
+        if gen.session is None and gen.rejoin_at is not None and time.monotonic() >= gen.rejoin_at:
+            self._rejoin(gen)  # before this step's rows are kept: a rejoin uploads the kept ones
+        for start, rows in uploads:  # [n, hidden] in the wire dtype; kept alone too, for a rejoin
+            gen.kept.append((start, rows))
+            if gen.session is not None:
                 self._sender.rows(start, rows)
         if out.token is not None:
             stats.edge_tokens += 1
@@ -249,7 +259,7 @@ class EdgeClient:
             try:
                 answer, gen.session = self._cloud_token(gen.session, out.position, stats, gen.kept)
             except CloudGone as exc:
-                self._go_alone(gen, str(exc))
+                self._go_alone(gen, str(exc), rejoin=True)
             self.session = gen.session
         if answer is not None:
             gen.timeouts_in_row = 0
@@ -258,17 +268,44 @@ class EdgeClient:
         if gen.session is not None:  # the request timed out
             gen.timeouts_in_row += 1
             if gen.timeouts_in_row >= self.config.max_timeouts:
-                self._go_alone(gen, f"{gen.timeouts_in_row} requests in a row timed out")
+                self._go_alone(gen, f"{gen.timeouts_in_row} requests in a row timed out", rejoin=True)
         stats.fallback_tokens += 1
         token, conf = self._last_exit()
         return token, self.split.last_exit, conf
 
-    def _go_alone(self, gen: Generation, why: str) -> None:
-        if self._sender is not None:
+    def _go_alone(self, gen: Generation, why: str, rejoin: bool = False) -> None:
+        """The rest of the generation runs on the edge; with `rejoin`, the cloud is tried again from time to
+        time (doubling waits) and taken up again once it answers."""
+        if self._sender is not None and gen.session is not None:
             self._sender.end()  # the cloud releases the session now, not after its idle TTL
         gen.session = self.session = None
         gen.stats.standalone_reason = why
-        log.warning("device %d: going on on the edge alone: %s", self.config.device_id, why)
+        gen.timeouts_in_row = 0
+        if rejoin and gen.rejoin_at is None:
+            gen.rejoin_wait, gen.alone_since = self.config.rejoin_seconds, time.monotonic()
+            gen.rejoin_at = gen.alone_since + gen.rejoin_wait
+        log.warning("device %d: going on on the edge alone: %s%s", self.config.device_id, why,
+                    f" (trying the cloud again in {gen.rejoin_wait:g} s)" if gen.rejoin_at is not None else "")
+
+    def _rejoin(self, gen: Generation) -> None:
+        """Try to open a session again and upload every kept row; on failure wait twice as long next time."""
+        try:
+            gen.session = self.session = self._open(gen.stats, gen.kept, timeout=REJOIN_HELLO_SECONDS)
+        except UserError as exc:  # the cloud that came back refuses this edge: it finishes alone, and says why
+            gen.rejoin_at = None
+            gen.stats.standalone_reason = str(exc)
+            log.warning("device %d: %s; going on alone", self.config.device_id, exc)
+            return
+        except CloudGone:
+            gen.rejoin_wait = min(gen.rejoin_wait * 2, self.config.rejoin_max_seconds)
+            gen.rejoin_at = time.monotonic() + gen.rejoin_wait
+            log.info("device %d: the cloud is still away; next try in %g s", self.config.device_id, gen.rejoin_wait)
+            return
+        gen.rejoin_at = None
+        gen.stats.rejoins += 1
+        gen.stats.standalone_reason = ""
+        log.warning("device %d: the cloud is back after %.1f s alone; going on with it (%d positions uploaded again)",
+                    self.config.device_id, time.monotonic() - gen.alone_since, sum(len(r) for _, r in gen.kept))
 
     def _finish(self, gen: Generation) -> None:
         if gen.session is not None:

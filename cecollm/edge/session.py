@@ -16,6 +16,7 @@ class EdgeStats:
     fallback_tokens: int = 0  # decided at the last exit because the cloud did not (timeouts, errors, standalone)
     timeouts: int = 0  # requests the cloud did not answer in time
     reuploads: int = 0  # sessions reopened after the cloud lost the device's state
+    rejoins: int = 0  # times the edge went on with the cloud again after going on alone
     bytes_up: int = 0  # request and upload bytes sent (shared-memory rows not included)
     shm_bytes: int = 0  # rows handed over through shared memory
     bytes_down: int = 0  # reply bytes received
@@ -47,6 +48,9 @@ class Generation:
     session: int | None = None  # the cloud session; None: the edge goes on alone
     kept: list = field(default_factory=list)  # (start, rows [n, hidden] wire dtype) uploaded, for a re-upload
     timeouts_in_row: int = 0
+    rejoin_at: float | None = None  # going on alone: when to try the cloud again (None: never)
+    rejoin_wait: float = 0.0  # the wait before the next try, doubled at each failure
+    alone_since: float = 0.0  # when the edge went on alone
     epoch: int = 0  # exact mode: roll-backs of the session so far (uploads and requests name it)
 
 

@@ -40,6 +40,7 @@ class FanoutConfig:
     pace: float = 1.0  # replay: recorded edge time is multiplied by this (0: requests back to back)
     stagger: float = 0.0  # clients start at random offsets in [0, stagger) seconds (seeded)
     rotate: bool = True  # client i starts at generation i (mod count): clients do not move in lockstep
+    duration: float = 0.0  # replay: go round the trace's generations until this many seconds pass (0: each once)
     seed: int = 0  # seeds the start offsets
     device_base: int = 1000  # client i is device device_base + i
     broker_pid: int = 0  # the broker's pid, to find its content manager; 0 = any process bound to the upload address
@@ -65,8 +66,8 @@ def check_config(config: FanoutConfig) -> None:
         raise UserError(f"--clients must be at least 1, got {config.clients}")
     if config.mode not in MODES:
         raise UserError(f"--mode must be one of {', '.join(MODES)}, got {config.mode!r}")
-    if config.timeout <= 0 or config.pace < 0 or config.stagger < 0 or config.n_prompts < 0:
-        raise UserError("--timeout must be positive; --pace, --stagger and --n-prompts not negative")
+    if config.timeout <= 0 or config.pace < 0 or config.stagger < 0 or config.n_prompts < 0 or config.duration < 0:
+        raise UserError("--timeout must be positive; --pace, --stagger, --n-prompts and --duration not negative")
     if not 0.0 <= config.threshold <= 1.0 or config.max_new_tokens < 1:
         raise UserError("--threshold must be in [0, 1] and --max-new-tokens at least 1")
     for address in (config.broker, config.upload or None):

@@ -14,6 +14,7 @@ tokens/s, errors, timeouts, and the content manager's memory (memory.py).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import threading
@@ -44,9 +45,12 @@ def run_fanout(config: FanoutConfig, progress: Callable[[int], None] | None = No
         if not config.trace:
             raise UserError("replay needs a trace (--trace FILE; record one with --record)")
         trace = Trace.load(config.trace)
+        rounds = itertools.cycle if config.duration else list  # with a duration: round and round until `stop`
         threads = [threading.Thread(target=ReplayDevice(config, trace, summaries[i], stop, user_errors).run,
-                                    args=(order(len(trace.generations), i, config.rotate), delays[i], progress),
+                                    args=(rounds(order(len(trace.generations), i, config.rotate)), delays[i], progress),
                                     name=f"fanout-{i}", daemon=True) for i in range(config.clients)]
+        if config.duration:  # ends the devices' rounds; it ends itself when something else stops them first
+            threading.Thread(target=lambda: stop.wait(config.duration) or stop.set(), daemon=True).start()
     else:
         threads = live_devices(config, summaries, delays, stop, progress, user_errors)
     monitor, note = _monitor(config)

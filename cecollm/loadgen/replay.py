@@ -10,6 +10,7 @@ event's time counts from when the reply came, as on a real edge that waits for i
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,10 @@ class _Abort(Exception):
     """This generation cannot go on (the message says why); the device goes to the next one."""
 
 
+class _Lost(Exception):
+    """The cloud lost the session's state (evicted, or a content manager that was restarted)."""
+
+
 class ReplayDevice:
     """One replaying device: its sockets, its counters (a ClientSummary)."""
 
@@ -44,6 +49,7 @@ class ReplayDevice:
         self.user_errors = user_errors
         self.edge = config.edge
         self.device_id = summary.device_id
+        self.instance = secrets.randbits(64) or 1  # one edge: its HELLOs reopen its own session
         self.seq = 0
 
     def run(self, order: list[int], delay: float, progress=None) -> None:
@@ -80,6 +86,7 @@ class ReplayDevice:
         s.generations += 1
         s.edge_tokens += sum(by != "cloud" for by in gen.decided_by)
         replies: list[int] = []
+        sent: list[TraceEvent] = []  # this session's uploads, for a re-upload
         session = None
         last = time.perf_counter()
         try:
@@ -87,11 +94,12 @@ class ReplayDevice:
                 if self.stop.wait(max(0.0, last + event.gap * self.config.pace - time.perf_counter())):
                     break
                 if event.kind == "hello":
-                    session = self._hello()
+                    session, sent = self._hello(), []
                 elif event.kind == "upload":
-                    self.sender.rows(event.start, self.trace.rows[event.row:event.row + event.rows])  # [n, hidden]
+                    self._upload(event)
+                    sent.append(event)
                 elif event.kind == "decide":
-                    token = self._decide(session, event)
+                    token, session = self._decide_again(session, event, sent)
                     if token is not None:
                         replies.append(token)
                 else:
@@ -107,21 +115,42 @@ class ReplayDevice:
     def _hello(self) -> int:
         h = self.trace.header
         msg = ep.Hello(self.device_id, self._next_seq(), h.identity, h.n_layers, h.exits, h.upload_layer,
-                       h.wire_dtype, self.edge.use_shm)
+                       h.wire_dtype, self.edge.use_shm, self.instance)
         reply = self._call(msg, self.edge.hello_timeout)
         if reply is None:
             raise _Abort(f"no WELCOME within {self.edge.hello_timeout:g} s")
         if isinstance(reply, ep.Error) and reply.code == ErrorCode.MISMATCH:
             raise UserError(f"the broker at {self.edge.broker} does not serve the trace's model and split: "
                             f"{reply.message}")
+        if isinstance(reply, ep.Error) and reply.code in (ErrorCode.IN_USE, ErrorCode.FORBIDDEN):
+            raise UserError(f"the broker at {self.edge.broker} refused device {self.device_id}: {reply.message}")
         if isinstance(reply, ep.Error):
             raise _Abort(f"session refused: {reply.message}")
         self.sender.open(self.device_id, reply.session, reply.segment if self.edge.use_shm else "", reply.capacity,
                          reply.rows_offset)
         return reply.session
 
+    def _upload(self, event: TraceEvent) -> None:
+        self.sender.rows(event.start, self.trace.rows[event.row:event.row + event.rows])  # [n, hidden]
+
+    def _decide_again(self, session: int, event: TraceEvent, sent: list[TraceEvent]) -> tuple[int | None, int]:
+        """(token or None, session): as a real edge, a lost state is reopened and uploaded again, once."""
+        try:
+            return self._decide(session, event), session
+        except _Lost as exc:
+            log.info("device %d: %s; opening a new session and uploading again", self.device_id, exc)
+        self.summary.reuploads += 1
+        session = self._hello()
+        for up in sent:
+            self._upload(up)
+        try:
+            return self._decide(session, event), session
+        except _Lost as exc:
+            raise _Abort(f"the cloud lost the state again: {exc}") from None
+
     def _decide(self, session: int | None, event: TraceEvent) -> int | None:
-        """The cloud's token for `event` (checked against the trace), None on a timeout."""
+        """The cloud's token for `event` (checked against the trace), None on a timeout; _Lost when the cloud
+        lost the session's state."""
         s = self.summary
         assert session is not None, "a trace generation decides only inside its session"
         s.requests += 1
@@ -131,6 +160,8 @@ class ReplayDevice:
             s.timeouts += 1
             return None
         s.latencies.append(time.perf_counter() - began)
+        if isinstance(reply, ep.Error) and reply.code in (ErrorCode.UNKNOWN_DEVICE, ErrorCode.MISSING):
+            raise _Lost(f"position {event.position}: {reply.message}")
         if isinstance(reply, ep.Error):
             raise _Abort(f"position {event.position}: {reply.code.name}: {reply.message}")
         s.cloud_tokens += 1

@@ -22,6 +22,7 @@ class ClientSummary:
     errors: int = 0  # error replies, refused sessions, mismatches, exceptions
     timeouts: int = 0  # requests without a reply in time
     mismatches: int = 0  # replay: replies that differ from the trace (also counted in errors)
+    reuploads: int = 0  # sessions reopened and uploaded again after the cloud lost the state
     latency_p50_ms: float | None = None
     latency_p99_ms: float | None = None
     cloud_seconds: float = 0.0  # worker compute for this device's requests, as the replies report it
@@ -54,6 +55,7 @@ class FanoutReport:
     errors: int
     timeouts: int
     mismatches: int
+    reuploads: int  # sessions reopened after the cloud lost them (a restarted content manager, evictions)
     error_messages: list[str]
     cm_pid: int | None  # the content manager measured (None: not found, see memory_note)
     cm_rss_idle: int | None  # bytes before the run
@@ -102,7 +104,7 @@ def build_report(config: FanoutConfig, summaries: list[ClientSummary], wall: flo
         cloud_tokens_per_s=round(cloud_tokens / wall, 3) if wall > 0 else 0.0,
         cloud_seconds=round(sum(s.cloud_seconds for s in summaries), 4), wall_seconds=round(wall, 4),
         errors=sum(s.errors for s in summaries), timeouts=sum(s.timeouts for s in summaries),
-        mismatches=sum(s.mismatches for s in summaries),
+        mismatches=sum(s.mismatches for s in summaries), reuploads=sum(s.reuploads for s in summaries),
         error_messages=[f"device {s.device_id}: {m}" for s in summaries for m in s.error_messages][:10],
         cm_pid=monitor.proc.pid if monitor else None,
         cm_rss_idle=mem("rss", "idle"), cm_rss_peak=mem("rss", "peak"), cm_rss_end=mem("rss", "end"),

@@ -5,8 +5,10 @@ load and where the content manager is); the worker loads and sends READY, and fr
 HEARTBEATs both ways every interval while idle or busy (a beat thread of the worker keeps
 beating while its main thread computes). The broker sends REQUEST (a job number plus the
 edge's frames, untouched) to the least recently used ready worker; the worker answers REPLY
-(the job number plus the frames for the edge). DISCONNECT tells a peer to go away; ERROR
-answers a message the broker could not read.
+(the job number plus the frames for the edge), or DEFER (the job's lease must wait for rows
+still in flight or for another worker: the broker parks the job and sends it out again when the
+content manager says it may go). DISCONNECT tells a peer to go away; ERROR answers a message the
+broker could not read.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import enum
 from cecollm.wire.edge_cloud import Exits
 from cecollm.wire.wire import U32, U64, Boundary, Frames, Message, Text
 
-Command = enum.IntEnum("Command", "CONNECT CONFIG READY HEARTBEAT REQUEST REPLY DISCONNECT ERROR")  # 1, 2, ...
+Command = enum.IntEnum("Command", "CONNECT CONFIG READY HEARTBEAT REQUEST REPLY DISCONNECT ERROR DEFER")  # 1, 2, ...
 
 
-WORKER = Boundary(b"CW", 2, Command)  # 2: fields declared once (msgspec bodies)
+WORKER = Boundary(b"CW", 3, Command)  # 2: fields declared once (msgspec bodies); 3: DEFER
 TAG, VERSION = WORKER.tag, WORKER.version
 
 
@@ -73,6 +75,13 @@ class Reply(Message, frozen=True):
 
     def __post_init__(self) -> None:
         _check_payload(self.payload)
+
+
+@WORKER.message(Command.DEFER)
+class Defer(Message, frozen=True):
+    """Job `job` cannot be served yet (its lease must wait): the worker is free again."""
+
+    job: U64
 
 
 @WORKER.message(Command.DISCONNECT)

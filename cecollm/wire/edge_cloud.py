@@ -7,11 +7,15 @@ already written into the device's shared-memory segment), END (the generation en
 the state).
 
 `seq` numbers requests of a device; `session` names one generation's state on the cloud
-(given by WELCOME); upload `seq` numbers a session's uploads of one `epoch`, which must arrive
-in order. The exact mode: uploads carry the edge's draft after each row (the token it went on
-with); VERIFY folds the rows up to `position` and checks their drafts, and its TOKEN names the
-first row whose draft was wrong, with the full model's token after it (the cloud has then rolled
-the session back to row + 1 positions and begun the next epoch: uploads of an earlier epoch are
+(given by WELCOME: 64 random bits, so no one guesses another generation's); upload `seq`
+numbers a session's uploads of one `epoch`, which must arrive in order. A HELLO carries the
+edge's random `instance`: while one edge generates with a device id, another edge's HELLO for
+it is refused IN_USE (unless it sets `take_over`).
+
+The exact mode: uploads carry the edge's draft after each row (the token it went on with);
+VERIFY folds the rows up to `position` and checks their drafts, and its TOKEN names the first
+row whose draft was wrong, with the full model's token after it (the cloud has then rolled the
+session back to row + 1 positions and begun the next epoch: uploads of an earlier epoch are
 dropped), or `position` and the token after it.
 """
 
@@ -30,7 +34,8 @@ MAX_UPLOAD_BYTES = 64 << 20  # largest upload tensor accepted
 Command = enum.IntEnum("Command", "HELLO WELCOME DECIDE TOKEN UPLOAD UPLOAD_SHM END ERROR VERIFY")  # 1, 2, ...
 
 
-EDGE = Boundary(b"CE", 3, Command)  # 2: fields declared once (msgspec bodies); 3: the exact mode
+# 2: fields declared once (msgspec bodies); 3: the exact mode; 4: 64-bit sessions, HELLO's instance and take-over
+EDGE = Boundary(b"CE", 4, Command)
 NO_DRAFT = (1 << 32) - 1  # in an upload's drafts: the edge made no draft after this row
 MAX_ROWS = 1 << 16  # most rows one upload carries
 TAG, VERSION = EDGE.tag, EDGE.version
@@ -50,7 +55,7 @@ class SessionMessage(Message, frozen=True):
     """An upload-channel message: which device and which of its sessions."""
 
     device_id: U32
-    session: U32
+    session: U64
 
 
 class RowsMessage(SessionMessage, frozen=True):
@@ -77,13 +82,15 @@ class Hello(DeviceMessage, frozen=True):
     upload_layer: U32
     wire_dtype: WireDtype  # "float16" | "float32"
     shm: bool  # the edge will write rows into the device's shared-memory segment
+    instance: U64 = 0  # random per edge process: a second edge with the same device id is told apart
+    take_over: bool = False  # replace another edge's session of this device id instead of being refused
 
 
 @EDGE.message(Command.WELCOME)
 class Welcome(DeviceMessage, frozen=True):
     """The cloud opened a session for the device."""
 
-    session: U32  # names this generation's state; uploads and requests carry it
+    session: U64  # names this generation's state (random); uploads and requests carry it
     capacity: U32  # positions the state can hold
     rows_offset: U64  # where row `p` starts in the segment: rows_offset + p * hidden * itemsize
     segment: Text  # shared-memory segment name (the edge writes rows there when it asked for shm)
@@ -93,7 +100,7 @@ class Welcome(DeviceMessage, frozen=True):
 class Decide(DeviceMessage, frozen=True):
     """Ask the cloud for the token after `position`: no tensor, the rows went up already."""
 
-    session: U32
+    session: U64
     position: U32
 
 
@@ -137,7 +144,7 @@ class End(SessionMessage, frozen=True):
 class Verify(DeviceMessage, frozen=True):
     """Check the drafts of the rows up to `position` (exact mode); TOKEN answers. No tensor either."""
 
-    session: U32
+    session: U64
     epoch: U32  # the session's epoch the edge is in: a request of an earlier one is stale
     position: U32
 

@@ -45,6 +45,8 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 9  # a bug or an unexpected failure on the cloud
     STALE = 10  # the request or lease was superseded
     FORBIDDEN = 11  # the peer's key may not act for the device the message names
+    IN_USE = 12  # another edge is generating with this device id (HELLO without take-over)
+    NOT_YET = 13  # a lease must wait (rows still in flight, or another worker holds the device): park the request
 
 
 # Wire dtypes by one-byte code; numpy names are the interchange format.
@@ -55,7 +57,7 @@ DTYPE_CODES = {v.name: k for k, v in DTYPES.items()}
 U8 = Annotated[int, msgspec.Meta(ge=0, lt=1 << 8)]
 U16 = Annotated[int, msgspec.Meta(ge=0, lt=1 << 16)]
 U32 = Annotated[int, msgspec.Meta(ge=0, lt=1 << 32)]
-U64 = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]  # msgspec bounds fit an int64
+U64 = Annotated[int, msgspec.Meta(ge=0)]  # MessagePack integers end at 2**64 - 1
 Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
 WireDtype = Annotated[str, msgspec.Meta(pattern="^(float16|float32)$")]
 

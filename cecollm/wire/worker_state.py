@@ -1,16 +1,24 @@
-"""Worker <-> content manager wire protocol (tag b"CS").
+"""Cloud processes <-> content manager wire protocol (tag b"CS").
 
 Worker DEALER (sent like REQ, with an empty delimiter) -> content manager ROUTER.
-OPEN -> OPENED: a device starts a generation (a new session, a new shared-memory segment).
-LEASE -> GRANT: the worker may compute on the device's state until COMMIT; the grant comes
-when the rows up to the position have arrived (the manager waits, bounded) and no other
-worker holds the device. COMMIT (one way, no reply): the state now holds `folded` positions in
-its KV, the lease ends, and the token decided for the last of them is noted; a commit for a
-lease that is no longer current is only logged (the request went to another worker, which
-computes the same). LEASE -> DECIDED: the request was already served (its worker committed,
-then died before its reply got out): the noted token, nothing to compute. OPEN and LEASE may be answered
-with ERROR (codes from wire.ErrorCode); so is a message that cannot be read. Workers on the content manager's
-host compute in the segment: no tensor crosses this socket for them.
+OPEN -> OPENED: a device starts a generation (a new session, a new shared-memory segment); a
+device id another edge is generating with is refused IN_USE unless the OPEN takes over.
+LEASE -> GRANT: the worker may compute on the device's state until COMMIT. A lease never waits:
+when the rows up to the position have not arrived, or another worker holds the device, the
+answer is ERROR NOT_YET at once and the worker hands the request back to the broker, which parks
+it (so a request for rows that never come holds no worker). COMMIT (one way, no reply): the
+state now holds `folded` positions in its KV, the lease ends, and the token decided for the last
+of them is noted; a commit for a lease that is no longer current is only logged (the request
+went to another worker, which computes the same). LEASE -> DECIDED: the request was already
+served (its worker committed, then died before its reply got out): the noted token, nothing to
+compute. A lease for a position already decided is refused STALE. OPEN and LEASE may be answered
+with ERROR (codes from wire.ErrorCode); so is a message that cannot be read. Workers on the
+content manager's host compute in the segment: no tensor crosses this socket for them.
+
+The broker's own DEALER on the same socket: WATCH asks to hear ARRIVED (one way, no reply to the
+WATCH itself) once a parked request's lease would be answered otherwise than NOT_YET: its rows are
+in and no other request holds the device, or it was answered already, or it will be refused for
+good (session gone or broken, position decided); the request then learns which from its lease.
 
 A remote worker (another host: it cannot map the segment) sets LEASE's `remote` flag. Its grant is a
 STATE_GRANT: the lease's numbers plus the state as tensors, the KV cache's filled part (positions
@@ -36,12 +44,13 @@ MAX_STATE_BYTES = 1 << 31  # largest KV or rows tensor a remote grant or commit 
 
 
 Command = enum.IntEnum(  # 1, 2, ...
-    "Command", "OPEN OPENED LEASE GRANT COMMIT ERROR DECIDED STATE_GRANT STATE_COMMIT COMMITTED ROLLBACK")
+    "Command", "OPEN OPENED LEASE GRANT COMMIT ERROR DECIDED STATE_GRANT STATE_COMMIT COMMITTED ROLLBACK WATCH ARRIVED")
 
 
 # 2: COMMIT carries the decided token; DECIDED. 3: remote workers (LEASE flag, STATE_GRANT, ...).
 # 4: fields declared once (msgspec bodies). 5: the exact mode (verifying leases, ROLLBACK).
-STATE = Boundary(b"CS", 5, Command)
+# 6: 64-bit sessions, OPEN's instance and take-over, leases that never wait (NOT_YET, WATCH, ARRIVED).
+STATE = Boundary(b"CS", 6, Command)
 TAG, VERSION = STATE.tag, STATE.version
 KV = Tensor(4, MAX_STATE_BYTES)  # [cloud_layers * 2, n_kv, positions, head_dim], model dtype
 
@@ -62,13 +71,15 @@ class Open(Message, frozen=True):
 
     device_id: U32
     wire_code: U8  # wire.DTYPES code of the rows the edge uploads
+    instance: U64 = 0  # the edge's random instance (HELLO's): the same edge may reopen its device's session
+    take_over: bool = False  # replace another instance's session of this device instead of being refused
 
 
 @STATE.message(Command.OPENED)
 class Opened(Message, frozen=True):
     """The session is open: its number, capacity, and where its rows start in the segment."""
 
-    session: U32
+    session: U64
     capacity: U32
     rows_offset: U64  # byte offset of row 0 in the segment
     segment: Text
@@ -76,10 +87,11 @@ class Opened(Message, frozen=True):
 
 @STATE.message(Command.LEASE)
 class Lease(Message, frozen=True):
-    """May this worker compute the device's request `seq` up to `position`? (answered when it may)"""
+    """May this worker compute the device's request `seq` up to `position`? Answered at once: GRANT,
+    DECIDED, or ERROR (NOT_YET when it must wait)."""
 
     device_id: U32
-    session: U32
+    session: U64
     seq: U32  # the edge request's seq: a re-dispatched request supersedes its own older lease
     position: U32
     remote: bool = False  # the worker cannot map the segment: grant the state as tensors (STATE_GRANT)
@@ -185,6 +197,25 @@ class Decided(Decision, frozen=True):
     """The answer a committed request already got (LEASE of a request that was retried)."""
 
 
+@STATE.message(Command.WATCH)
+class Watch(Message, frozen=True):
+    """The broker parked job `job`, the device's request `seq` up to `position`: say ARRIVED when its
+    lease would get an answer other than NOT_YET (granted, already answered, or refused for good)."""
+
+    job: U64
+    device_id: U32
+    session: U64
+    seq: U32  # the edge request's seq: a lease it holds already, or its noted answer, lets it go at once
+    position: U32
+
+
+@STATE.message(Command.ARRIVED)
+class Arrived(Message, frozen=True):
+    """The parked job `job` may go to a worker again."""
+
+    job: U64
+
+
 @STATE.message(Command.ERROR)
 class Error(Message, frozen=True):
     """An OPEN, LEASE or STATE_COMMIT was refused, or a message could not be read: why."""
@@ -193,7 +224,7 @@ class Error(Message, frozen=True):
     message: Text
 
 
-REQUESTS = (Command.OPEN, Command.LEASE, Command.COMMIT, Command.STATE_COMMIT, Command.ROLLBACK)
+REQUESTS = (Command.OPEN, Command.LEASE, Command.COMMIT, Command.STATE_COMMIT, Command.ROLLBACK, Command.WATCH)
 REPLIES = (Command.OPENED, Command.GRANT, Command.DECIDED, Command.ERROR, Command.STATE_GRANT, Command.COMMITTED)
 MESSAGES = STATE.messages
 parse = STATE.decode
