@@ -31,7 +31,7 @@ def _run_split(label, exits, heads_mode, prompts_text, args) -> list[dict]:
     import zmq
 
     from cecollm.bench.baselines.edge import CloudBasedEdge
-    from cecollm.bench.cloudside import CloudSide, plan_cores
+    from cecollm.bench.cloudside import CloudSide
     from cecollm.edge.client import EdgeClient, EdgeConfig
     from cecollm.edge.heads import HeadSet, edge_setup
     from cecollm.linkem import resolve_profile
@@ -44,7 +44,7 @@ def _run_split(label, exits, heads_mode, prompts_text, args) -> list[dict]:
     if heads_mode == "lens":
         heads = HeadSet.lens(loaded.model, split.exits)
     prompts = [encode_prompt(loaded.tokenizer, t) for t in prompts_text]
-    plan = plan_cores(True)
+    plan = args["plan"]
     settings = [(t, w) for t in args["thresholds"] for w in args["waits"]]
     out = []
     with CloudSide(args["model"], exits, "", 1, resolve_profile(args["link"]), plan, Path(args["out"]) / "logs",
@@ -110,6 +110,7 @@ def _run_split(label, exits, heads_mode, prompts_text, args) -> list[dict]:
 @click.option("--out", type=click.Path(file_okay=False), default="results/exact-sweep", show_default=True)
 def main(model, data, n, max_new_tokens, link, splits, thresholds, waits, out):
     """Measure the exact mode's policies against cloud-based, in one run."""
+    from cecollm.bench.cloudside import plan_cores
     from cecollm.prompting import read_records, record_prompt
 
     setup_logging()
@@ -117,8 +118,8 @@ def main(model, data, n, max_new_tokens, link, splits, thresholds, waits, out):
     unknown = [s for s in chosen if s not in SPLITS]
     if unknown:
         raise UserError(f"unknown split {unknown[0]!r}; choose from {', '.join(SPLITS)}")
-    try:
-        args = dict(model=model, max_new_tokens=max_new_tokens, link=link, out=out,
+    try:  # the cores are planned once: a split's cloud side pins this process (the edge) to its core
+        args = dict(model=model, max_new_tokens=max_new_tokens, link=link, out=out, plan=plan_cores(True),
                     thresholds=[float(t) for t in thresholds.split(",")], waits=[float(w) for w in waits.split(",")])
     except ValueError:
         raise UserError("--thresholds and --waits take numbers separated by commas") from None
@@ -128,6 +129,12 @@ def main(model, data, n, max_new_tokens, link, splits, thresholds, waits, out):
     for label in chosen:
         exits, heads_mode = SPLITS[label]
         rows += _run_split(label, exits, heads_mode, prompts, args)
+        _write(out, rows)
+    click.echo(_write(out, rows))
+
+
+def _write(out: str, rows: list[dict]) -> str:
+    """sweep.json and sweep.md from the rows so far (a split at a time: a long sweep keeps what it measured)."""
     (Path(out) / "sweep.json").write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1) + "\n")
     lines = ["| split | threshold | wait below | time per token / cloud-based | cloud / cloud-based | drafts | "
              "roll-backs per token | waiting (s) | wasted (s) | identical |", "|" + "---|" * 10]
@@ -137,7 +144,7 @@ def main(model, data, n, max_new_tokens, link, splits, thresholds, waits, out):
                      f"{r['waiting']:.1f} | {r['wasted']:.1f} | {r['identical']}/{r['prompts']} |")
     text = "\n".join([f"`{' '.join(sys.argv)}`", "", *lines, ""])
     (Path(out) / "sweep.md").write_text(text)
-    click.echo(text)
+    return text
 
 
 if __name__ == "__main__":
