@@ -7,6 +7,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 
+class StopGeneration(Exception):
+    """Raised by an `on_token` callback to end the generation after the token it was given (a stop
+    string was found, say): the tokens so far, that one included, are the result."""
+
+
 @dataclass
 class TokenRecord:
     position: int  # position of the generated token in the whole sequence
@@ -46,7 +51,7 @@ def decode_greedily(prompt_ids, max_new_tokens: int, eos: set[int], decide, resu
                     on_token: Callable[[TokenRecord], None] | None = None) -> None:
     """The generation loop: `decide(input_ids)` feeds the next inputs (the prompt, then the last
     token) and returns (token, decided_by, confidence); records go into `result` and to
-    `on_token` as they come."""
+    `on_token` as they come. `on_token` may raise StopGeneration to end it there."""
     inputs, position = list(prompt_ids), len(prompt_ids)
     for _ in range(max_new_tokens):
         token, decided_by, conf = decide(inputs)
@@ -54,7 +59,10 @@ def decode_greedily(prompt_ids, max_new_tokens: int, eos: set[int], decide, resu
         result.token_ids.append(token)
         result.tokens.append(record)
         if on_token:
-            on_token(record)
+            try:
+                on_token(record)
+            except StopGeneration:
+                break
         if token in eos:
             break
         inputs, position = [token], position + 1

@@ -16,16 +16,24 @@ def encode_prompt(tokenizer, prompt: str, raw: bool = False) -> list[int]:
         raise UserError("the prompt is empty")
     if tokenizer is None:
         raise UserError("this model directory has no tokenizer")
-    if raw:
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    else:
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError("this model's tokenizer has no chat template; pass --raw to use the prompt as is")
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
-        if hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding
-            ids = ids["input_ids"]
+    if not raw:
+        return encode_messages(tokenizer, [{"role": "user", "content": prompt}])
+    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise UserError("the prompt encodes to no tokens")
+    return ids
+
+
+def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation (dicts with "role" and "content") through the chat template, ending
+    with the assistant's turn to answer."""
+    if tokenizer is None:
+        raise UserError("this model directory has no tokenizer")
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("this model's tokenizer has no chat template; pass --raw to use the prompt as is")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding
+        ids = ids["input_ids"]
     ids = list(ids)
     if not ids:
         raise UserError("the prompt encodes to no tokens")

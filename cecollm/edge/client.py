@@ -122,6 +122,7 @@ class EdgeClient:
         self._seq = 0
         self.instance = secrets.randbits(64) or 1  # tells this edge apart from another with the same device id
         self.session: int | None = None  # the cloud session of the generation under way
+        self.capacity: int | None = None  # positions the cloud holds per session, from its last WELCOME
 
     def close(self) -> None:
         if self._sender is not None:
@@ -170,8 +171,8 @@ class EdgeClient:
         return self._seq
 
     def _open(self, stats: EdgeStats, kept: list, drafts_for=None, timeout: float | None = None) -> int:
-        """Open a session (HELLO) and queue every kept row again (with `drafts_for(start, n)`, the exact
-        mode's drafts); the session number."""
+        """Open a session (HELLO, waiting `timeout` s, default hello_timeout) and queue every kept row again
+        (with `drafts_for(start, n)`, the exact mode's drafts); the session number."""
         c = self.config
         timeout = c.hello_timeout if timeout is None else timeout
         hello = ep.Hello(c.device_id, self._next_seq(), self.identity, self.split.n_layers, self.split.exits,
@@ -185,11 +186,22 @@ class EdgeClient:
             raise UserError(f"the cloud at {c.broker} refused device {c.device_id}: {reply.message}")
         if isinstance(reply, ep.Error):
             raise CloudGone(f"the cloud refused the session: {reply.message}")
+        self.capacity = reply.capacity
         self._sender.open(c.device_id, reply.session, reply.segment if c.use_shm else "", reply.capacity,
                           reply.rows_offset)
         for start, rows in kept:
             self._sender.rows(start, rows, drafts_for(start, len(rows)) if drafts_for else ())
         return reply.session
+
+    def probe(self, timeout: float | None = None) -> int:
+        """Open a session and end it at once: the cloud's capacity in positions per session. CloudGone
+        when the cloud does not answer within `timeout` s (default hello_timeout) or refuses; a
+        UserError when it serves another model or split."""
+        self._connect()
+        self._open(EdgeStats(), [], timeout=timeout)
+        self._sender.end()
+        self._sender.flush()
+        return self.capacity
 
     def _ask(self, session: int, position: int, stats: EdgeStats):
         """(token, prob) from the cloud, None on a timeout; CloudGone when it lost the state."""
@@ -209,9 +221,13 @@ class EdgeClient:
 
     # ---- a generation ------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, prompt_ids: list[int], on_token: Callable[[TokenRecord], None] | None = None) -> EdgeResult:
-        """Generate greedily from `prompt_ids`; `on_token` sees each token as soon as it is decided."""
+    def generate(self, prompt_ids: list[int], on_token: Callable[[TokenRecord], None] | None = None,
+                 max_new_tokens: int | None = None) -> EdgeResult:
+        """Generate greedily from `prompt_ids`, at most `max_new_tokens` (default: the config's); `on_token`
+        sees each token as soon as it is decided, and may raise StopGeneration to end the generation
+        there (any other exception ends it too, and propagates)."""
         c = self.config
+        budget = c.max_new_tokens if max_new_tokens is None else max_new_tokens
         result = EdgeResult([], [], EdgeStats(prompt_tokens=len(prompt_ids)))
         gen = Generation(EdgePartition(self.runner, self.split, self.heads, c.threshold,
                                         last_exit_decides=c.standalone or c.exact, upload=not c.standalone),
@@ -219,9 +235,9 @@ class EdgeClient:
         self._start(gen)
         try:  # whatever happens (an exception in on_token, Ctrl-C), the cloud hears that it ended
             if c.exact:
-                ExactRun(self, gen, prompt_ids, result, on_token).run()
+                ExactRun(self, gen, prompt_ids, result, on_token, budget).run()
             else:
-                decode_greedily(prompt_ids, c.max_new_tokens, self.eos, lambda ids: self._step(gen, ids), result,
+                decode_greedily(prompt_ids, budget, self.eos, lambda ids: self._step(gen, ids), result,
                                 on_token)
         finally:
             self._finish(gen)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from cecollm.edge.drafts import DraftBook
 from cecollm.edge.session import CloudGone, EdgeResult, Generation
+from cecollm.generation import StopGeneration
 from cecollm.wire import edge_cloud as ep
 from cecollm.wire.rpc import CallTimeout
 from cecollm.wire.wire import ErrorCode, ProtocolError
@@ -37,13 +38,15 @@ class _InFlight:
 class ExactRun:
     """One exact generation of an EdgeClient (its sockets, partition and sender)."""
 
-    def __init__(self, client, gen: Generation, prompt_ids: list[int], result: EdgeResult, on_token) -> None:
+    def __init__(self, client, gen: Generation, prompt_ids: list[int], result: EdgeResult, on_token,
+                 max_new_tokens: int | None = None) -> None:
         self.client = client
         self.gen = gen
         self.stats = gen.stats
         self.prompt = list(prompt_ids)
         self.result = result
-        self.book = DraftBook(len(prompt_ids), client.config.max_new_tokens, client.eos, on_token)
+        budget = client.config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        self.book = DraftBook(len(prompt_ids), budget, client.eos, on_token)
         self.in_flight: _InFlight | None = None
         self.last_row = -1  # the last row handed to the sender
         self.rollback_to: int | None = None  # a verdict's roll-back, applied once the step in flight stops
@@ -51,6 +54,18 @@ class ExactRun:
 
     # ---- the loop ------------------------------------------------------------------------
     def run(self) -> None:
+        try:
+            self._loop()
+        except StopGeneration:  # on_token ended it: the tokens shown so far are the answer
+            pass
+        book, stats = self.book, self.stats
+        self.result.token_ids[:] = [r.token_id for r in book.shown]
+        self.result.tokens[:] = list(book.shown)
+        stats.edge_tokens = sum(1 for r in book.shown if r.verified and r.decided_by != "cloud")
+        stats.cloud_tokens = sum(1 for r in book.shown if r.decided_by == "cloud")
+        stats.fallback_tokens = sum(1 for r in book.shown if not r.verified)
+
+    def _loop(self) -> None:
         book, edge, stats = self.book, self.gen.edge, self.stats
         inputs = self.prompt
         while not book.done:
@@ -82,11 +97,6 @@ class ExactRun:
             self._ask()
             if self._take_replies(block=book.drafting_done):
                 inputs = self._roll_back()
-        self.result.token_ids[:] = [r.token_id for r in book.shown]
-        self.result.tokens[:] = list(book.shown)
-        stats.edge_tokens = sum(1 for r in book.shown if r.verified and r.decided_by != "cloud")
-        stats.cloud_tokens = sum(1 for r in book.shown if r.decided_by == "cloud")
-        stats.fallback_tokens = sum(1 for r in book.shown if not r.verified)
 
     def _alone(self, inputs: list[int]) -> list[int]:
         """One step with no cloud: the drafting exit decides, the token is shown unverified."""
