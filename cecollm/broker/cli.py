@@ -58,6 +58,8 @@ _B = BrokerConfig()
               "accepted device and worker keys) [default: $CECOLLM_HOME/keys]. SIGHUP reloads its key lists.")
 @click.option("--insecure", is_flag=True, default=_B.insecure, help="No keys, no encryption: anyone who reaches a "
               "port can act as any device, so every socket binds loopback only. For local experiments.")
+@click.option("--metrics", metavar="HOST:PORT", default=_B.metrics, help="Serve Prometheus metrics over HTTP here "
+              "(GET /metrics) [default: none]. \":PORT\" binds loopback; other hosts must be named (no authentication).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def broker_command(**options) -> None:
     """Serve the cloud partition: a broker, a content manager holding every device's state in

@@ -60,6 +60,7 @@ class BrokerConfig:
     max_per_device: int = 4  # requests one device may have in the broker (queued, parked or computing)
     keys: str = ""  # the keys directory (`cecollm keys`); "" = $CECOLLM_HOME/keys
     insecure: bool = False  # no keys and no encryption: every socket binds loopback only
+    metrics: str = ""  # HOST:PORT to serve Prometheus metrics on (GET /metrics; ":PORT" = loopback); "" = none
     verbose: bool = False  # debug logging
 
 
@@ -220,6 +221,7 @@ class _Children:
             if p.exitcode is not None and self.restarts < c.workers * 10:
                 # a worker of ours died (its request already went to another): start a new one
                 self.restarts += 1
+                broker.metrics.worker_restarts.inc()
                 log.warning("worker %d exited (code %s); starting another", p.pid, p.exitcode)
                 self.workers[i] = self._worker(i)
                 self.workers[i].start()
@@ -237,6 +239,8 @@ class _Children:
             self.failed, broker.running = code, False
             return
         self.manager_restarts += 1
+        broker.metrics.manager_lost(self.manager.pid)  # its counts stay in the metrics, its sessions do not
+        broker.metrics.manager_restarts.inc()
         removed = shm.remove_leftovers(self.plan.segment_prefix)
         log.error("the content manager exited (code %s); starting another (%d device states lost, their edges "
                   "upload again)", code, len(removed))
@@ -273,9 +277,24 @@ def _stop_processes(processes, grace: float = 5.0) -> None:
 
 
 def serve_broker(config: BrokerConfig, runtime) -> int:
-    """The broker's main: start the content manager and workers, route until told to stop, clean up."""
+    """The broker's main: serve metrics (--metrics), start the content manager and workers, route until told to
+    stop, clean up."""
+    from cecollm.broker.metrics import BrokerMetrics
+
+    metrics = BrokerMetrics(budget_bytes=config.budget_mb << 20)
+    exporter = metrics.serve(config.metrics) if config.metrics else None  # a bad address fails before the model loads
+    try:
+        return _serve(config, runtime, metrics, exporter)
+    finally:
+        if exporter is not None:
+            exporter.shutdown()
+            exporter.server_close()
+
+
+def _serve(config: BrokerConfig, runtime, metrics, exporter) -> int:
     import zmq
 
+    from cecollm.broker.metrics import STATS_SECONDS
     from cecollm.broker.router import Broker
     from cecollm.cache import shm
 
@@ -297,17 +316,22 @@ def serve_broker(config: BrokerConfig, runtime) -> int:
     broker = Broker(frontend, backend, plan.worker, config.max_queue, config.retries,
                     authorize=ring.may_act_for if ring else None, state=state, wait_seconds=config.wait_seconds,
                     job_seconds=config.job_seconds, max_per_device=config.max_per_device,
-                    local_key=plan.local_keys.public if plan.local_keys else None)
+                    local_key=plan.local_keys.public if plan.local_keys else None, metrics=metrics)
     runtime.on_stop(lambda: setattr(broker, "running", False))
     children = None
     announced = False
+    next_stats = 0.0
+    metrics_url = _url(exporter.server_address) if exporter is not None else ""
 
     def tick(b) -> None:
-        nonlocal announced
+        nonlocal announced, next_stats
         children.tick(b)
+        if exporter is not None and time.monotonic() >= next_stats:  # the content manager's part of the metrics
+            b.ask_stats()
+            next_stats = time.monotonic() + STATS_SECONDS
         if not announced and b.ready_workers >= config.workers:
             announced = True
-            _announce(config, plan, b.ready_workers, runtime)
+            _announce(config, plan, b.ready_workers, runtime, metrics_url)
 
     try:
         _bind(frontend, plan.requests, "request")
@@ -345,13 +369,20 @@ def _reload(ring, children) -> None:
         os.kill(children.manager.pid, signal.SIGHUP)
 
 
-def _announce(config: BrokerConfig, plan: _Plan, ready: int, runtime) -> None:
+def _url(address) -> str:
+    """The metrics URL of the HTTP server's (host, port, ...)."""
+    host, port = address[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
+
+
+def _announce(config: BrokerConfig, plan: _Plan, ready: int, runtime, metrics_url: str) -> None:
     """The startup line for the person who started the broker, and READY for a launcher."""
     security = (f"keys {plan.ring.directory}" if plan.ring else
                 "INSECURE: no keys, no encryption, anyone on this host can act as any device (loopback only)")
+    metrics = f" | metrics {metrics_url}" if metrics_url else ""
     print(f"cecollm-broker: requests {','.join(plan.requests)} | uploads {','.join(plan.uploads)} | "
           f"workers {plan.worker_address} | state {plan.state_address} | model {config.model} "
-          f"({plan.worker.identity[:12]}) | {plan.split_text} | {ready} workers | {security}", flush=True)
+          f"({plan.worker.identity[:12]}) | {plan.split_text} | {ready} workers | {security}{metrics}", flush=True)
     runtime.ready(requests=",".join(plan.requests), uploads=",".join(plan.uploads), workers=plan.worker_address,
                   state=plan.state_address, identity=plan.worker.identity, split=plan.split_text,
-                  keys=str(plan.ring.directory) if plan.ring else "")
+                  keys=str(plan.ring.directory) if plan.ring else "", metrics=metrics_url)

@@ -23,6 +23,7 @@ class Job:
     attempts: int = 0  # workers it failed on, or is at
     park_until: float = 0.0  # once parked: when it stops waiting for its rows
     retry_at: float = 0.0  # a parked HELLO: when it goes out again
+    arrived: float = 0.0  # time.monotonic() when the broker got it (the latency metric)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from collections import Counter, deque
 
 import zmq
 
+from cecollm.broker.metrics import COMMANDS, OTHER, BrokerMetrics, command_of, error_label
 from cecollm.broker.pool import Job, WorkerPool, WorkerRecord
 from cecollm.wire import broker_worker as wp
 from cecollm.wire import edge_cloud as ep
@@ -38,12 +39,13 @@ class Broker:
     def __init__(self, frontend: zmq.Socket, backend: zmq.Socket, worker_config: wp.Config,
                  max_queue: int = 1024, retries: int = 1, authorize=None, state: zmq.Socket | None = None,
                  wait_seconds: float = 2.0, job_seconds: float = 60.0, max_per_device: int = 4,
-                 local_key: bytes | None = None) -> None:
+                 local_key: bytes | None = None, metrics: BrokerMetrics | None = None) -> None:
         """`authorize(user_id, device_id)`: whether the key CURVE authenticated may act for the device the
         request names (security.KeyRing.may_act_for); None: no keys (--insecure). `state`: a DEALER to the
         content manager for parked requests (None: a deferred request is answered MISSING at once).
         `local_key`: the key of the workers this broker started (only those may be killed when they hang);
-        None: every worker is on this host (--insecure binds loopback only)."""
+        None: every worker is on this host (--insecure binds loopback only). `metrics`: where it counts what it
+        does (default: a registry of its own that nobody reads)."""
         self.frontend = frontend
         self.backend = backend
         self.state = state
@@ -68,6 +70,8 @@ class Broker:
         self.from_worker = Dispatcher({wp.Connect: self.on_connect, wp.Ready: self.on_ready,
                                        wp.Heartbeat: self.on_heartbeat, wp.Reply: self.on_reply,
                                        wp.Defer: self.on_defer})
+        self.metrics = metrics if metrics is not None else BrokerMetrics()
+        self.metrics.track(self)
 
     @property
     def ready_workers(self) -> int:
@@ -104,32 +108,38 @@ class Broker:
     def on_edge(self, frames) -> None:
         client = frames[0].bytes
         if len(frames) < 2 or len(frames[1].buffer) != 0:
-            self._refuse(client, 0, "expected [empty delimiter, message] (send like REQ)")
+            self._refuse(client, 0, "expected [empty delimiter, message] (send like REQ)", OTHER)
             return
         try:
             msg = ep.parse(frames[2:], ep.REQUESTS)
         except ProtocolError as exc:
-            self._refuse(client, 0, str(exc))
+            self._refuse(client, 0, str(exc), command_of(frames[2:]))
             return
+        command = COMMANDS[type(msg)]
         if self.authorize is not None and not self.authorize(frames[-1].get("User-Id"), msg.device_id):
             self.bad_messages += 1
             log.warning("edge request refused: a key acted for device %d, which it may not", msg.device_id)
+            self.metrics.count(command, error_label(ErrorCode.FORBIDDEN))
             self.reply(client, ep.Error(msg.seq, ErrorCode.FORBIDDEN, f"this key may not act for device "
                                         f"{msg.device_id}").to_frames())
             return
         if self.in_broker[msg.device_id] >= self.max_per_device:
+            self.metrics.count(command, error_label(ErrorCode.BUSY))
             self.reply(client, ep.Error(msg.seq, ErrorCode.BUSY, f"device {msg.device_id} has "
                                         f"{self.max_per_device} requests in the cloud already").to_frames())
             return
         if len(self.queue) >= self.max_queue:
+            self.metrics.count(command, error_label(ErrorCode.BUSY))
             self.reply(client, ep.Error(msg.seq, ErrorCode.BUSY, "the broker's queue is full").to_frames())
             return
         self._jobs += 1
         self.in_broker[msg.device_id] += 1
-        self.queue.append(Job(self._jobs, client, msg.seq, tuple(frames[2:]), msg))
+        self.queue.append(Job(self._jobs, client, msg.seq, tuple(frames[2:]), msg, arrived=time.monotonic()))
 
-    def _refuse(self, client: bytes, seq: int, why: str) -> None:
+    def _refuse(self, client: bytes, seq: int, why: str, command: str) -> None:
         self.bad_messages += 1
+        self.metrics.count(command, error_label(ErrorCode.MALFORMED))
+        self.metrics.refused_frame("requests")
         log.warning("edge request refused: %s", why)
         self.reply(client, ep.Error(seq, ErrorCode.MALFORMED, clip(why)).to_frames())
 
@@ -139,6 +149,7 @@ class Broker:
     def answer(self, job: Job, frames) -> None:
         """The edge's reply to `job`; the job leaves the broker."""
         self.reply(job.client, frames)
+        self.metrics.answered(job.request, job.arrived, frames)
         device = job.request.device_id
         self.in_broker[device] -= 1
         if self.in_broker[device] <= 0:
@@ -150,6 +161,7 @@ class Broker:
         try:
             msg = wp.parse(frames[1:], self.from_worker.commands)
         except ProtocolError as exc:
+            self.metrics.refused_frame("workers")
             self._refuse_worker(identity, str(exc))
             return
         record = self.pool.get(identity)
@@ -217,9 +229,13 @@ class Broker:
 
     def on_state(self, frames) -> None:
         try:
-            msg = sp.parse(frames[1:], (sp.Command.ARRIVED,))
+            msg = sp.parse(frames[1:], (sp.Command.ARRIVED, sp.Command.SNAPSHOT))
         except ProtocolError as exc:
+            self.metrics.refused_frame("manager")
             log.warning("content manager message refused: %s", exc)
+            return
+        if isinstance(msg, sp.Snapshot):
+            self.metrics.on_snapshot(msg)
             return
         job = self.parked.pop(msg.job, None)
         if job is not None:  # else it timed out meanwhile
@@ -230,6 +246,7 @@ class Broker:
         for job in list(self.parked.values()):
             if now >= job.park_until:
                 del self.parked[job.number]
+                self.metrics.parked_expiries.inc()
                 self.answer(job, ep.Error(job.seq, ErrorCode.MISSING, self._why_parked(job)).to_frames())
             elif job.retry_at and now >= job.retry_at:
                 del self.parked[job.number]
@@ -243,6 +260,15 @@ class Broker:
             return f"device {r.device_id}: the cloud could not open a session (its content manager did not answer)"
         return (f"device {r.device_id}: position {r.position} could not be served in time (its rows did not "
                 f"arrive, or the device stayed busy)")
+
+    def ask_stats(self) -> None:
+        """Ask the content manager for its SNAPSHOT (the metrics); on_state takes the answer."""
+        if self.state is None:
+            return
+        try:
+            self.state.send_multipart([b"", *sp.Stats().to_frames()], flags=zmq.NOBLOCK)
+        except zmq.Again:  # the content manager is not taking messages (restarting): the next ask will do
+            pass
 
     def requeue_parked(self) -> None:
         """Every parked job goes to a worker again (the content manager restarted: its watches are gone)."""
@@ -269,6 +295,7 @@ class Broker:
     def purge(self, now: float) -> None:
         for record in self.pool.expired(now):
             self._forget(record)
+            self.metrics.workers_dropped.labels("silent").inc()
             log.warning("worker %d is silent: purged (%d ready)", record.pid, self.ready_workers)
         for record in self.pool:
             if record.job is not None and now - record.busy_since > self.job_seconds:
@@ -278,6 +305,7 @@ class Broker:
                 if record.local:  # a pid this broker can vouch for (remote workers only say theirs)
                     self.hung.append(record.pid)
                 self._forget(record)
+                self.metrics.workers_dropped.labels("hung").inc()
 
     def _forget(self, record: WorkerRecord) -> None:
         """Drop a worker; its request goes to another (or, retried enough, back as an error)."""

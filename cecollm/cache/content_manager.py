@@ -27,6 +27,7 @@ import zmq
 
 from cecollm.cache import shm
 from cecollm.cache.device import DeviceState, StaleUpload, Watcher
+from cecollm.cache.stats import ManagerCounts
 from cecollm.errors import UserError
 from cecollm.wire import edge_cloud as ep
 from cecollm.wire import worker_state as sp
@@ -84,6 +85,7 @@ class ContentManager:
         self._counter = random.randrange(1 << 30)
         self.running = True
         self.failures = 0  # messages a handler failed on (bugs, logged)
+        self.counts = ManagerCounts()  # what the broker's metrics show of this process (SNAPSHOT)
         self.ring: KeyRing | None = None  # the accepted keys (None: --insecure)
         self.auth = None  # the ZAP authenticator thread while the sockets are bound
         self.upload: zmq.Socket | None = None  # PULL: edges' rows and ENDs
@@ -91,7 +93,7 @@ class ContentManager:
         self.uploads = Dispatcher({ep.Upload: self.on_rows, ep.UploadShm: self.on_rows_in_segment, ep.End: self.on_end})
         self.controls = Dispatcher({sp.Open: self.on_open, sp.Lease: self.lease, sp.Commit: self.on_commit,
                                     sp.StateCommit: self.on_state_commit, sp.Rollback: self.on_rollback,
-                                    sp.Watch: self.on_watch})
+                                    sp.Watch: self.on_watch, sp.Stats: self.on_stats})
 
     # ---- the loop ----------------------------------------------------------------------
     def bind(self) -> None:
@@ -158,10 +160,12 @@ class ContentManager:
                 dev.watchers = [w for w in dev.watchers if now - w.since < WATCH_SECONDS]
                 self._wake(dev, now)  # a lease that lapsed lets a parked request go
             if not dev.leased(now) and not dev.watchers and now - dev.last_used > self.config.idle_ttl:
+                self.counts.idle_releases += 1
                 self.release(dev, f"idle for more than {self.config.idle_ttl:g} s")
 
     # ---- uploads (no replies) ----------------------------------------------------------
     def on_upload(self, frames) -> None:
+        msg = None
         try:
             msg = ep.parse(frames, self.uploads.commands)
             if self.ring is not None and not self.ring.may_act_for(frames[-1].get("User-Id"), msg.device_id):
@@ -173,28 +177,39 @@ class ContentManager:
             self.devices.move_to_end(dev.device_id)
             self.uploads(msg, dev)
         except ProtocolError as exc:
+            self.counts.uploads_refused += 1
+            if msg is None:  # it did not parse
+                self.counts.refused_upload_frames += 1
             log.warning("upload refused: %s", exc)
 
     def on_end(self, msg: ep.End, dev: DeviceState) -> None:
+        self.counts.uploads_taken += 1
         self.release(dev, "the generation ended")
 
     def on_rows(self, msg: ep.Upload, dev: DeviceState) -> None:
-        self._take_rows(msg, dev, msg.rows.shape[0])
+        if self._take_rows(msg, dev, msg.rows.shape[0]):
+            self.counts.upload_network_bytes += msg.rows.nbytes
 
     def on_rows_in_segment(self, msg: ep.UploadShm, dev: DeviceState) -> None:
-        self._take_rows(msg, dev, msg.count)
+        if self._take_rows(msg, dev, msg.count):
+            self.counts.upload_shm_bytes += msg.count * dev.layout.row_bytes
 
-    def _take_rows(self, msg, dev: DeviceState, count: int) -> None:
+    def _take_rows(self, msg, dev: DeviceState, count: int) -> bool:
+        """Whether the rows were taken (not stale); rows that do not fit raise ProtocolError."""
         try:
             dev.take_rows(msg, count)
         except StaleUpload as exc:  # the edge sent them before it heard of the roll-back
+            self.counts.uploads_stale += 1
             log.debug("%s; dropped", exc)
-            return
+            return False
+        self.counts.uploads_taken += 1
         self._wake(dev, time.monotonic())
+        return True
 
     # ---- worker requests ---------------------------------------------------------------
     def on_control(self, frames) -> None:
         if len(frames) < 2 or frames[1].bytes != b"":
+            self.counts.refused_state_frames += 1
             log.warning("state request without a proper envelope (%d frames)", len(frames))
             if frames:
                 self._reply(frames[0].bytes, sp.Error(ErrorCode.MALFORMED, "expected [empty delimiter, message]"))
@@ -203,10 +218,15 @@ class ContentManager:
         try:
             msg = sp.parse(frames[2:], self.controls.commands)
         except ProtocolError as exc:
+            self.counts.refused_state_frames += 1
             log.warning("state request refused: %s", exc)
             self._reply(peer, sp.Error(ErrorCode.MALFORMED, clip(str(exc))))
             return
         self.controls(msg, peer)
+
+    def on_stats(self, msg: sp.Stats, peer: bytes) -> None:
+        """The broker's metrics: what this process holds and its counts (a SNAPSHOT)."""
+        self._reply(peer, self.counts.snapshot(len(self.devices), self.used_bytes))
 
     def on_open(self, msg: sp.Open, peer: bytes) -> None:
         self._reply(peer, self.open(msg))
@@ -280,6 +300,7 @@ class ContentManager:
             if idle is None:  # says nothing of other devices: only that this one does not fit now
                 raise BudgetExceeded("the cloud has no room for another device's state now (its byte budget is "
                                      "held by devices in use); try again later")
+            self.counts.evictions += 1
             self.release(idle, "evicted to make room (byte budget)")
 
     def lease(self, msg: sp.Lease, peer: bytes) -> None:

@@ -31,6 +31,11 @@ rows to check; a lease that finds a wrong draft ends with ROLLBACK (STATE_COMMIT
 for a remote worker), a call: the content manager cuts the session back, begins its next epoch,
 and answers COMMITTED before the worker answers the edge, so the edge's uploads of the new epoch
 never reach it first.
+
+Metrics (`cecollm-broker --metrics`): the broker asks STATS (one way) every half second on its
+DEALER, and the content manager answers SNAPSHOT: the sessions it holds, their bytes, and its
+counters since it started (evictions, uploads, refused frames). The broker exports them; a
+SNAPSHOT names the content manager's pid, so the counters of one that died are kept, not reset.
 """
 
 from __future__ import annotations
@@ -44,13 +49,15 @@ MAX_STATE_BYTES = 1 << 31  # largest KV or rows tensor a remote grant or commit 
 
 
 Command = enum.IntEnum(  # 1, 2, ...
-    "Command", "OPEN OPENED LEASE GRANT COMMIT ERROR DECIDED STATE_GRANT STATE_COMMIT COMMITTED ROLLBACK WATCH ARRIVED")
+    "Command", "OPEN OPENED LEASE GRANT COMMIT ERROR DECIDED STATE_GRANT STATE_COMMIT COMMITTED ROLLBACK WATCH ARRIVED "
+    "STATS SNAPSHOT")
 
 
 # 2: COMMIT carries the decided token; DECIDED. 3: remote workers (LEASE flag, STATE_GRANT, ...).
 # 4: fields declared once (msgspec bodies). 5: the exact mode (verifying leases, ROLLBACK).
 # 6: 64-bit sessions, OPEN's instance and take-over, leases that never wait (NOT_YET, WATCH, ARRIVED).
-STATE = Boundary(b"CS", 6, Command)
+# 7: STATS and SNAPSHOT (the broker's metrics).
+STATE = Boundary(b"CS", 7, Command)
 TAG, VERSION = STATE.tag, STATE.version
 KV = Tensor(4, MAX_STATE_BYTES)  # [cloud_layers * 2, n_kv, positions, head_dim], model dtype
 
@@ -216,6 +223,29 @@ class Arrived(Message, frozen=True):
     job: U64
 
 
+@STATE.message(Command.STATS)
+class Stats(Message, frozen=True):
+    """The broker asks for the content manager's SNAPSHOT (for its metrics)."""
+
+
+@STATE.message(Command.SNAPSHOT)
+class Snapshot(Message, frozen=True):
+    """What the content manager holds now, and its counters since it started."""
+
+    pid: U32  # the content manager's process: another pid is another content manager, counting from 0
+    devices: U32  # sessions held
+    used_bytes: U64  # their segments together
+    evictions: U64  # sessions released to make room in the byte budget
+    idle_releases: U64  # sessions released after the idle TTL
+    uploads_taken: U64  # upload-socket messages taken (rows or END)
+    uploads_refused: U64  # ...refused: unreadable, another device's key, a session not open, rows out of order
+    uploads_stale: U64  # ...dropped: rows of an epoch the session rolled back from
+    upload_network_bytes: U64  # row bytes taken from UPLOAD frames
+    upload_shm_bytes: U64  # row bytes the edge wrote into segments (UPLOAD_SHM)
+    refused_upload_frames: U64  # upload-socket messages that did not parse
+    refused_state_frames: U64  # state-socket messages that did not parse (or had no envelope)
+
+
 @STATE.message(Command.ERROR)
 class Error(Message, frozen=True):
     """An OPEN, LEASE or STATE_COMMIT was refused, or a message could not be read: why."""
@@ -224,7 +254,8 @@ class Error(Message, frozen=True):
     message: Text
 
 
-REQUESTS = (Command.OPEN, Command.LEASE, Command.COMMIT, Command.STATE_COMMIT, Command.ROLLBACK, Command.WATCH)
+REQUESTS = (Command.OPEN, Command.LEASE, Command.COMMIT, Command.STATE_COMMIT, Command.ROLLBACK, Command.WATCH,
+            Command.STATS)
 REPLIES = (Command.OPENED, Command.GRANT, Command.DECIDED, Command.ERROR, Command.STATE_GRANT, Command.COMMITTED)
 MESSAGES = STATE.messages
 parse = STATE.decode
