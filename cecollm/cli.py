@@ -25,8 +25,9 @@ def cli(verbose: bool) -> None:
 @model_options
 @click.option("--prompt", required=True, help="The user's prompt.")
 @click.option("--mode", type=click.Choice(MODES), default=_DEFAULTS.mode, show_default=True,
-              help="cloud: the whole model; standalone: the edge alone; collab: exits, then the cloud; exact: every "
-              "token an edge draft the cloud verifies (the full model's output at any threshold).")
+              help="exact: every token an edge draft the cloud verifies (the full model's output at any threshold); "
+              "collab: the paper's mode (a confident exit's token is final, the cloud decides the rest); cloud: the "
+              "whole model; standalone: the edge alone.")
 @click.option("--threshold", type=float, default=_DEFAULTS.threshold, show_default=True,
               help="An exit decides when its top-1 probability reaches this; 1.0 disables early exit.")
 @click.option("--max-new-tokens", type=int, default=_DEFAULTS.max_new_tokens, show_default=True)

@@ -4,7 +4,8 @@ A daemon (broker, content manager, worker, baseline cloud) starts through `run_d
 main, config)`: one logging setup, one signal handling (SIGTERM and SIGINT stop it, SIGHUP
 runs its reload hooks), the parent-death signal when something launched it, and a READY
 message (wire/launch.py) to whoever launched it once it serves, or FAILED with the one-line
-reason it could not. `main(config, runtime)` serves until `runtime.stopping` is set.
+reason it could not. `main(config, runtime)` serves until `runtime.stopping` is set; then the process ends with its
+exit code at once (exit_now).
 
 `DaemonProcess` is the launcher's side (tests, benchmarks, the broker for its children): it
 binds a PULL socket, starts the daemon with that address, and waits for READY (its `info`
@@ -100,9 +101,9 @@ class Runtime:
         if self._told or not self.ready_address:
             return
         self._told = True
-        context = zmq.Context.instance()
+        context = zmq.Context()  # its own: term() below returns once the message left (the daemon may exit next)
         sock = context.socket(zmq.PUSH)
-        sock.setsockopt(zmq.LINGER, 2000)  # the message leaves even if the daemon exits right after
+        sock.setsockopt(zmq.LINGER, 2000)  # ...or after 2 s when the launcher is gone
         sock.setsockopt(zmq.SNDTIMEO, 2000)
         try:
             sock.connect(self.ready_address)
@@ -111,10 +112,12 @@ class Runtime:
             log.warning("%s: could not tell the launcher at %s: %s", self.role, self.ready_address, exc)
         finally:
             sock.close()
+            context.term()
 
 
 def run_daemon(role: str, main: Callable, config, verbose: bool = False, ready_address: str | None = None) -> int:
-    """The one entry of every daemon: set up, run `main(config, runtime)`, its exit code.
+    """The one entry of every daemon: set up, run `main(config, runtime)`, end the process with its exit
+    code (a daemon's process is its own: this does not return once `main` has run).
 
     A UserError (a bad option, an address in use) is one log line, FAILED to the launcher and
     exit code 2. `ready_address` (or $CECOLLM_READY): the launcher waiting for READY; a daemon
@@ -131,15 +134,28 @@ def run_daemon(role: str, main: Callable, config, verbose: bool = False, ready_a
         if os.getppid() != parent:  # the launcher died before the signal was armed
             return 1
     try:
-        code = main(config, runtime)
+        code = int(main(config, runtime) or 0)
     except UserError as exc:
         log.error("%s: %s", role, exc)
         runtime.failed(str(exc))
-        return 2
+        code = 2
     except BaseException as exc:
         runtime.failed(f"{type(exc).__name__}: {exc}")
         raise
-    return int(code or 0)
+    exit_now(code)
+
+
+def exit_now(code: int) -> None:
+    """End the process with `code` now. A daemon's main cleans up all it holds (segments, sockets, children)
+    before it returns; what is left is the interpreter's own teardown, which with torch loaded takes about a
+    second and would make SIGTERM slow."""
+    logging.shutdown()  # flushes every handler
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def free_ports(count: int) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import zmq
 from transformers import LlamaConfig, LlamaForCausalLM
 
 TINY_CONFIGS = {
@@ -88,3 +89,29 @@ def model_dir(tmp_path_factory):
     model.save_pretrained(path)
     make_tiny_tokenizer(model.config.vocab_size).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    """The tiny model of `model_dir`, loaded as an edge loads it."""
+    from cecollm.loading import load_model
+
+    return load_model(str(model_dir))
+
+
+class Collect:
+    """A stand-in for a ZeroMQ socket that keeps what is sent: [frames as bytes] per message."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send_multipart(self, frames, copy=True, flags=0):
+        self.sent.append([f.bytes if isinstance(f, zmq.Frame) else bytes(f) for f in frames])
+
+    def setsockopt(self, option, value):
+        pass
+
+
+def frames_of(*parts):
+    """A received message's frames, as a serving loop gets them."""
+    return [zmq.Frame(bytes(p)) for p in parts]

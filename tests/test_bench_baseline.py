@@ -85,7 +85,7 @@ def test_full_upload_with_exits_matches_the_split_engine(tiny_cloud):
         exits_seen = cloud_seen = 0
         for prompt in PROMPTS:
             got = edge.generate(prompt)
-            want = engine.generate(prompt, GenerationConfig(threshold=0.8, max_new_tokens=24, fp16=False))
+            want = engine.generate(prompt, GenerationConfig("collab", threshold=0.8, max_new_tokens=24, fp16=False))
             assert got.token_ids == want.token_ids
             assert [t.decided_by for t in got.tokens] == [t.decided_by for t in want.tokens]
             exits_seen += got.stats.edge_tokens

@@ -161,7 +161,7 @@ def test_fuzz_every_socket_then_serve_exactly(setup):
     assert broker.proc.poll() is None, "the broker is still running"
     assert len(re.findall(r"refused", log_text())) >= 3 * N  # one log line per bad message
     split = Split.create(loaded.n_layers, (2, 3))
-    config = EdgeConfig(device_id=1, broker=broker.request_address, upload=broker.upload_address, threshold=1.0,
+    config = EdgeConfig(exact=False, device_id=1, broker=broker.request_address, upload=broker.upload_address, threshold=1.0,
                         max_new_tokens=12, timeout=20, keys=broker.device_keys)
     with EdgeClient(loaded.model, loaded.identity, split, HeadSet.lens(loaded.model, (2, 3)), config) as client:
         result = client.generate([3, 1, 4, 1, 5])

@@ -22,7 +22,6 @@ from cecollm.edge.heads import HeadSet, NormHead
 from cecollm.edge.session import EdgeStats
 from cecollm.engine import SplitEngine
 from cecollm.errors import UserError
-from cecollm.loading import load_model
 from cecollm.split import Split
 from cecollm.wire import edge_cloud as ep
 from cecollm.wire.security import ClientKeys
@@ -40,11 +39,6 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def loaded(model_dir):
-    return load_model(str(model_dir))
-
-
-@pytest.fixture(scope="module")
 def split(loaded):
     return Split.create(loaded.n_layers, EXITS)
 
@@ -59,7 +53,7 @@ def broker(model_dir, tmp_path_factory):
 
 def _client(loaded, split, broker, device, heads=None, **options):
     config = EdgeConfig(device_id=device, broker=broker.request_address, upload=broker.upload_address,
-                        keys=broker.device_keys, **{"threshold": 1.0, "max_new_tokens": 16, "timeout": 20.0, **options})
+                        keys=broker.device_keys, **{"exact": False, "threshold": 1.0, "max_new_tokens": 16, "timeout": 20.0, **options})
     return EdgeClient(loaded.model, loaded.identity, split, heads or HeadSet.lens(loaded.model, split.exits), config)
 
 
@@ -153,7 +147,7 @@ def test_cli_streams_tokens_as_json(loaded, model_dir, broker):
     from cecollm.edge.cli import edge_command
 
     args = ["--model", str(model_dir), "--exits", "2,4", "--broker", broker.request_address, "--upload",
-            broker.upload_address, "--keys", broker.device_keys, "--device-id", "11", "--threshold", "1.0", "--raw",
+            broker.upload_address, "--keys", broker.device_keys, "--device-id", "11", "--paper", "--threshold", "1.0", "--raw",
             "--max-new-tokens", "6",
             "--prompt", "The capital of France is", "--json"]
     out = CliRunner().invoke(edge_command, args)
@@ -210,7 +204,7 @@ def _run_against(loaded, split, answer, **options):
     server.start()
     try:
         config = EdgeConfig(device_id=1, broker=f"tcp://127.0.0.1:{port}", upload=f"tcp://127.0.0.1:{upload}",
-                            insecure=True, **{"threshold": 1.0, "max_new_tokens": 8, **options})
+                            insecure=True, **{"exact": False, "threshold": 1.0, "max_new_tokens": 8, **options})
         with EdgeClient(loaded.model, loaded.identity, split, HeadSet.lens(loaded.model, EXITS), config) as client:
             return client.generate(PROMPTS[3])
     finally:
@@ -292,7 +286,7 @@ def test_a_worker_started_by_hand_edges_over_ipc_and_sigint(loaded, split, model
     worker = subprocess.Popen([sys.executable, "-c", "from cecollm.cloud.cli import main; main()",
                                "--broker", b.worker_address, "--keys", b.worker_keys], stderr=subprocess.DEVNULL)
     try:
-        config = EdgeConfig(device_id=12, broker=f"{base}.requests", threshold=1.0, max_new_tokens=10, timeout=60,
+        config = EdgeConfig(exact=False, device_id=12, broker=f"{base}.requests", threshold=1.0, max_new_tokens=10, timeout=60,
                             hello_timeout=180, keys=b.device_keys)  # the worker may still be loading on a busy machine
         assert config.upload_address == f"{base}.uploads" and config.use_shm
         with EdgeClient(loaded.model, loaded.identity, split, HeadSet.lens(loaded.model, EXITS), config) as client:
@@ -327,7 +321,7 @@ def test_an_edge_that_goes_alone_releases_its_cloud_state(loaded, split):
     server = threading.Thread(target=_fake_cloud, args=(f"tcp://127.0.0.1:{port}", stop, _capacity_refused))
     server.start()
     try:
-        config = EdgeConfig(device_id=1, broker=f"tcp://127.0.0.1:{port}", upload=f"tcp://127.0.0.1:{upload}",
+        config = EdgeConfig(exact=False, device_id=1, broker=f"tcp://127.0.0.1:{port}", upload=f"tcp://127.0.0.1:{upload}",
                             threshold=1.0, max_new_tokens=4, timeout=20.0, insecure=True)
         with EdgeClient(loaded.model, loaded.identity, split, HeadSet.lens(loaded.model, EXITS), config) as client:
             result = client.generate(PROMPTS[3])
@@ -415,7 +409,7 @@ def test_an_edge_outlives_a_broker_restart_and_goes_on_with_the_cloud(loaded, sp
         done.wait()  # the broker's parent-death signal fires when the thread that started it ends
 
     thread = threading.Thread(target=restart)
-    config = EdgeConfig(device_id=5, broker=b.request_address, upload=b.upload_address, threshold=1.0,
+    config = EdgeConfig(exact=False, device_id=5, broker=b.request_address, upload=b.upload_address, threshold=1.0,
                         max_new_tokens=200, keys=b.device_keys)  # timeouts as cecollm-edge has them
     try:
         with EdgeClient(loaded.model, loaded.identity, split, HeadSet.lens(loaded.model, EXITS), config) as client:

@@ -24,7 +24,6 @@ from cecollm.config import GenerationConfig
 from cecollm.edge.client import EdgeClient, EdgeConfig
 from cecollm.edge.heads import HeadSet
 from cecollm.engine import SplitEngine
-from cecollm.loading import load_model
 from cecollm.split import Split
 
 from conftest import hf_greedy
@@ -36,11 +35,6 @@ PROMPTS = {21: [5, 17, 33, 2, 9], 22: [100, 7, 7, 300, 41, 12, 3, 8, 250, 1, 64]
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dir):
-    return load_model(str(model_dir))
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +153,9 @@ def test_the_cli_marks_each_token(model_dir, broker):
     assert {"drafts", "rollbacks", "wasted_seconds", "waiting_seconds", "verify_seconds"} <= set(line["stats"])
     bad = CliRunner().invoke(edge_command, [*args[:-1], "--standalone"])
     assert bad.exit_code == 2 and "cannot be --standalone" in bad.output
+    for flag, drafted in (("", True), ("--paper", False)):  # the exact mode is the default; the paper's one flag away
+        other = [a for a in args if a != "--exact"] + ([flag] if flag else [])
+        out = CliRunner().invoke(edge_command, other)
+        assert out.exit_code == 0, out.output
+        stats = orjson.loads(out.output.strip().splitlines()[-1])["stats"]
+        assert (stats["drafts"] > 0) == drafted, (flag, stats)

@@ -20,7 +20,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from cecollm.broker.launch import BrokerProcess
 from cecollm.edge.client import EdgeClient, EdgeConfig
 from cecollm.edge.heads import HeadSet
-from cecollm.loading import load_model
 from cecollm.runtime import free_ports
 from cecollm.split import Split
 from cecollm.wire import edge_cloud as ep
@@ -28,7 +27,7 @@ from cecollm.wire import worker_state as sp
 from cecollm.wire.security import ClientKeys
 from cecollm.wire.wire import ErrorCode, Frames
 
-from conftest import hf_greedy
+from conftest import Collect, frames_of, hf_greedy
 
 EXITS = (2, 4)
 PROMPT = [5, 17, 33, 2, 9]
@@ -40,11 +39,6 @@ HANG_GUARD = 60.0  # seconds a wait for the metrics to show something may take b
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dir):
-    return load_model(str(model_dir))
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +79,7 @@ def wait_for(url: str, condition, what: str) -> dict:
 
 def _client(loaded, broker, device: int) -> EdgeClient:
     split = Split.create(loaded.n_layers, EXITS)
-    config = EdgeConfig(device_id=device, broker=broker.request_address, upload=broker.upload_address,
+    config = EdgeConfig(exact=False, device_id=device, broker=broker.request_address, upload=broker.upload_address,
                         keys=broker.device_keys, threshold=1.0, max_new_tokens=N, timeout=20.0)
     return EdgeClient(loaded.model, loaded.identity, split, HeadSet.lens(loaded.model, split.exits), config)
 
@@ -207,23 +201,6 @@ def test_restarts_are_counted_and_the_content_managers_counts_survive_it(loaded,
 
 
 # ---- the routing loop's counts, with fake sockets -------------------------------------------
-class _Collect:
-    """A socket that keeps what is sent."""
-
-    def __init__(self):
-        self.sent = []
-
-    def send_multipart(self, frames, copy=True, flags=0):
-        self.sent.append([f.bytes if isinstance(f, zmq.Frame) else bytes(f) for f in frames])
-
-    def setsockopt(self, option, value):
-        pass
-
-
-def _frames(*parts):
-    return [zmq.Frame(bytes(p)) for p in parts]
-
-
 def _samples(metrics) -> dict:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(metrics.text().decode()) for s in family.samples}
@@ -233,27 +210,27 @@ def test_the_routing_loop_counts_busy_missing_hung_and_a_bad_worker():
     from cecollm.broker.router import Broker
     from cecollm.wire import broker_worker as wp
 
-    front, back, state = _Collect(), _Collect(), _Collect()
+    front, back, state = Collect(), Collect(), Collect()
     broker = Broker(front, back, wp.Config("/m", "id", (2,), 2, "ipc:///x", 250, 4), state=state, wait_seconds=2.0,
                     job_seconds=0.5, max_per_device=1)
     for worker, pid in ((b"w1", 11), (b"w2", 12)):
-        broker.on_worker(_frames(worker, *wp.Connect(pid).to_frames()))
-        broker.on_worker(_frames(worker, *wp.Ready().to_frames()))
-    broker.on_edge(_frames(b"edge", b"", *ep.Decide(7, 1, 99, 12).to_frames()))
-    broker.on_edge(_frames(b"edge", b"", *ep.Decide(7, 2, 99, 13).to_frames()))  # one per device: busy
+        broker.on_worker(frames_of(worker, *wp.Connect(pid).to_frames()))
+        broker.on_worker(frames_of(worker, *wp.Ready().to_frames()))
+    broker.on_edge(frames_of(b"edge", b"", *ep.Decide(7, 1, 99, 12).to_frames()))
+    broker.on_edge(frames_of(b"edge", b"", *ep.Decide(7, 2, 99, 13).to_frames()))  # one per device: busy
     broker.dispatch()
-    broker.on_worker(_frames(b"w1", *wp.Defer(1).to_frames()))  # its rows are not in: parked
+    broker.on_worker(frames_of(b"w1", *wp.Defer(1).to_frames()))  # its rows are not in: parked
     assert value(_samples(broker.metrics), "cecollm_num_requests_parked") == 1
     broker.expire_parked(time.monotonic() + 3)  # they never came: MISSING
-    broker.on_edge(_frames(b"edge", b"", *ep.Verify(8, 1, 5, 0, 3).to_frames()))
+    broker.on_edge(frames_of(b"edge", b"", *ep.Verify(8, 1, 5, 0, 3).to_frames()))
     broker.dispatch()
     token = ep.Token(3, 42, 0.9, 8, 1, 0.01).to_frames()
-    broker.on_worker(_frames(b"w2", *wp.Reply(2, Frames(token)).to_frames()))  # w2 was free longest
-    broker.on_worker(_frames(b"w2", b"junk"))  # a worker's unreadable message
+    broker.on_worker(frames_of(b"w2", *wp.Reply(2, Frames(token)).to_frames()))  # w2 was free longest
+    broker.on_worker(frames_of(b"w2", b"junk"))  # a worker's unreadable message
     broker.on_state([b"", b"junk"])  # and the content manager's
-    broker.on_edge(_frames(b"edge", b"", *ep.Hello(9, 1, "id", 6, EXITS, 4, "float16", False).to_frames()))
+    broker.on_edge(frames_of(b"edge", b"", *ep.Hello(9, 1, "id", 6, EXITS, 4, "float16", False).to_frames()))
     broker.dispatch()  # to w1, free since it deferred job 1
-    broker.on_worker(_frames(b"w1", *wp.Heartbeat().to_frames()))  # it beats, but never answers
+    broker.on_worker(frames_of(b"w1", *wp.Heartbeat().to_frames()))  # it beats, but never answers
     broker.purge(time.monotonic() + 0.7)  # past the job's deadline
     assert broker.hung == [11]
     s = _samples(broker.metrics)
@@ -326,11 +303,11 @@ def test_the_content_manager_counts_rows_stale_uploads_bad_frames_and_releases()
         upload(ep.Upload(3, session, 2, 3, np.ones((1, hidden), np.float16)))  # of epoch 0: stale
         upload(ep.End(3, session))
         m.on_upload([b"junk"])
-        m.on_control(_frames(b"w1", b"junk"))  # no envelope
-        m.on_control(_frames(b"w1", b"", b"junk"))
+        m.on_control(frames_of(b"w1", b"junk"))  # no envelope
+        m.on_control(frames_of(b"w1", b"", b"junk"))
         m.open(sp.Open(4, 1))
         m.housekeeping(time.monotonic() + 61)  # device 4 idle past the TTL
-        m.on_control(_frames(b"broker", b"", *sp.Stats().to_frames()))
+        m.on_control(frames_of(b"broker", b"", *sp.Stats().to_frames()))
         assert replies.sent[-1] == sp.Snapshot(
             pid=os.getpid(), devices=0, used_bytes=0, evictions=0, idle_releases=1, uploads_taken=3,
             uploads_refused=1, uploads_stale=1, upload_network_bytes=2 * hidden * 2, upload_shm_bytes=hidden * 2,

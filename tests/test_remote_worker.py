@@ -18,7 +18,6 @@ from cecollm.config import GenerationConfig
 from cecollm.edge.client import EdgeClient, EdgeConfig
 from cecollm.edge.heads import HeadSet, NormHead
 from cecollm.engine import SplitEngine
-from cecollm.loading import load_model
 from cecollm.runtime import free_ports
 from cecollm.split import Split
 
@@ -43,11 +42,6 @@ main()
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dir):
-    return load_model(str(model_dir))
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +79,7 @@ def cloud(model_dir, tmp_path_factory):
 def _client(loaded, split, cloud, device, heads=None, **options):
     config = EdgeConfig(device_id=device, broker=cloud.request_address, upload=cloud.upload_address, fp16=False,
                         keys=cloud.device_keys,
-                        **{"threshold": 1.0, "max_new_tokens": 16, "timeout": 20.0, "hello_timeout": 60.0, **options})
+                        **{"exact": False, "threshold": 1.0, "max_new_tokens": 16, "timeout": 20.0, "hello_timeout": 60.0, **options})
     return EdgeClient(loaded.model, loaded.identity, split, heads or HeadSet.lens(loaded.model, split.exits), config)
 
 

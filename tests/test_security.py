@@ -144,7 +144,7 @@ def test_a_device_key_cannot_act_for_another_device(cloud):
     assert isinstance(_reply(sock, 10_000), ep.Welcome)
     sock.close(0)
     split = Split.create(loaded.n_layers, EXITS)
-    config = EdgeConfig(device_id=6, broker=broker.request_address, upload=broker.upload_address, threshold=1.0,
+    config = EdgeConfig(exact=False, device_id=6, broker=broker.request_address, upload=broker.upload_address, threshold=1.0,
                         max_new_tokens=10, timeout=20, keys=str(broker.keys_dir / "bundles" / "device-bob"))
     push = zmq.Context.instance().socket(zmq.PUSH)
     alice.secure(push)
@@ -205,7 +205,7 @@ def _hello_as(loaded, device: int, seq: int, instance: int, take_over: bool = Fa
 
 
 def _bob(loaded, broker, **options) -> EdgeClient:
-    config = EdgeConfig(**{"device_id": 6, "broker": broker.request_address, "upload": broker.upload_address,
+    config = EdgeConfig(**{"exact": False, "device_id": 6, "broker": broker.request_address, "upload": broker.upload_address,
                            "threshold": 1.0, "max_new_tokens": 12, "timeout": 20.0,
                            "keys": str(broker.keys_dir / "bundles" / "device-bob"), **options})
     return EdgeClient(loaded.model, loaded.identity, Split.create(loaded.n_layers, EXITS),

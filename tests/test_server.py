@@ -23,7 +23,6 @@ from cecollm.broker.launch import BrokerProcess
 from cecollm.edge.client import EdgeClient, EdgeConfig
 from cecollm.edge.heads import HeadSet
 from cecollm.edge.server import EdgeServer, ServeOptions, ServerThread, listen_socket
-from cecollm.loading import load_model
 from cecollm.prompting import encode_prompt
 from cecollm.runtime import free_ports
 from cecollm.split import Split
@@ -40,11 +39,6 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def loaded(model_dir):
-    return load_model(str(model_dir))
-
-
-@pytest.fixture(scope="module")
 def broker(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "broker.log"
     with BrokerProcess(str(model_dir), workers=1, extra=["--exits", "2,4", "--capacity", str(CAPACITY)],
@@ -54,7 +48,8 @@ def broker(model_dir, tmp_path_factory):
 
 def _config(broker, device: int, **options) -> EdgeConfig:
     return EdgeConfig(device_id=device, broker=broker.request_address, upload=broker.upload_address,
-                      keys=broker.device_keys, **{"threshold": 1.0, "max_new_tokens": 8, "timeout": 30.0, **options})
+                      keys=broker.device_keys, **{"exact": False, "threshold": 1.0, "max_new_tokens": 8, "timeout": 30.0,
+                                                  **options})
 
 
 def _client(loaded, config: EdgeConfig) -> EdgeClient:

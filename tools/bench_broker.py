@@ -172,7 +172,7 @@ def worker_memory(workers: int) -> tuple[float, float, float]:
     split, heads = edge_setup(ModelSpec(), loaded)
     with tempfile.NamedTemporaryFile(suffix=".log") as log:
         with BrokerProcess(DEFAULT_MODEL, workers, log_path=log.name) as broker:
-            config = EdgeConfig(1, broker.request_address, broker.upload_address, threshold=1.0, max_new_tokens=8,
+            config = EdgeConfig(1, broker.request_address, broker.upload_address, threshold=1.0, max_new_tokens=8, exact=False,
                                 timeout=60, keys=broker.device_keys)
             with EdgeClient(loaded.model, loaded.identity, split, heads, config) as client:
                 for _ in range(workers):  # LRU: every worker serves some requests

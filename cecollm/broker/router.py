@@ -194,23 +194,26 @@ class Broker:
         self.pool.heard(record, now)
 
     def on_reply(self, msg: wp.Reply, identity: bytes, record: WorkerRecord, now: float) -> None:
+        job = self._finished(msg, identity, record, now)
+        if job is not None:
+            self.answer(job, msg.payload)
+
+    def _finished(self, msg: wp.Reply | wp.Defer, identity: bytes, record: WorkerRecord, now: float) -> Job | None:
+        """The job a worker is done with (it is free again), or None when it names one it does not hold."""
         self.pool.heard(record, now)
         job = record.job
         if job is None or job.number != msg.job:
             self._refuse_worker(identity, f"worker {record.pid} answered job {msg.job} it does not hold")
-            return
-        self.answer(job, msg.payload)
+            return None
         self.pool.free(record, now)
+        return job
 
     # ---- parked requests -----------------------------------------------------------------
     def on_defer(self, msg: wp.Defer, identity: bytes, record: WorkerRecord, now: float) -> None:
         """The job's lease must wait: the worker is free, the job parked until the content manager says so."""
-        self.pool.heard(record, now)
-        job = record.job
-        if job is None or job.number != msg.job:
-            self._refuse_worker(identity, f"worker {record.pid} deferred job {msg.job} it does not hold")
+        job = self._finished(msg, identity, record, now)
+        if job is None:
             return
-        self.pool.free(record, now)
         job.attempts -= 1  # a deferral is no failed attempt
         request = job.request
         if not job.park_until:
@@ -319,8 +322,9 @@ class Broker:
                 self.answer(job, ep.Error(job.seq, ErrorCode.WORKER_LOST,
                                           f"the worker died {job.attempts} times on this request").to_frames())
 
-    def shutdown(self, linger_ms: int = 1000) -> None:
-        """Tell every worker to go away; the socket keeps trying for `linger_ms` after it is closed."""
+    def shutdown(self, linger_ms: int = 200) -> None:
+        """Tell every worker to go away; the socket keeps trying for `linger_ms` after it is closed (enough on a
+        working network; a worker that misses it notices the broker's silence within its liveness)."""
         for record in self.pool:
             self.backend.send_multipart([record.identity, *wp.Disconnect().to_frames()])
         self.backend.setsockopt(zmq.LINGER, linger_ms)  # LINGER 0 would drop the goodbyes at close

@@ -29,9 +29,10 @@ DEFAULT_QUEUE = 16  # server.DEFAULT_QUEUE, without importing FastAPI for --help
 @click.option("--threshold", type=float, default=_E.threshold, show_default=True,
               help="An exit decides when its top-1 probability reaches this; 1.0 disables early exit.")
 @click.option("--standalone", is_flag=True, help="Never ask the cloud: the last exit decides.")
-@click.option("--exact", is_flag=True, default=_E.exact, help="Exact collaboration: every token is a draft the cloud "
-              "verifies while the edge goes on; a wrong one is rolled back. The output is the full model's at any "
-              "threshold (bit for bit with --no-fp16).")
+@click.option("--exact/--paper", default=None, help="--exact [the default; --standalone: --paper]: every token is a "
+              "draft the cloud verifies while the edge goes on, a wrong one is rolled back, and the output is the full "
+              "model's at any threshold (bit for bit with --no-fp16). --paper: the paper's mode, a confident exit's "
+              "token is final and the cloud decides the rest (not the full model's output).")
 @click.option("--wait-below", type=click.FloatRange(0, 1), default=_E.wait_below, show_default=True,
               help="With --exact: below this draft confidence the edge waits for the cloud's token instead.")
 @click.option("--no-fp16", is_flag=True, help="Upload float32 hidden states instead of float16.")
@@ -74,6 +75,7 @@ def edge_command(spec, device_id, broker, upload, shm, threshold, standalone, ex
         raise UserError("--max-new-tokens and --timeout must be positive")
     if exact and standalone:
         raise UserError("--exact needs the cloud to verify; it cannot be --standalone")
+    exact = _E.exact and not standalone if exact is None else exact
     config = EdgeConfig(device_id, broker, upload, shm, threshold, standalone, exact, wait_below, not no_fp16,
                         max_new_tokens, timeout, keys=keys, insecure=insecure, take_over=take_over)
     if not standalone:

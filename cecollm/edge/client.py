@@ -51,7 +51,7 @@ class EdgeConfig:
     shm: bool | None = None  # write rows into the cloud's shared memory; None = yes for ipc:// addresses
     threshold: float = DEFAULT_THRESHOLD  # an exit decides when its top-1 probability reaches this; 1.0: no exits
     standalone: bool = False  # never ask the cloud
-    exact: bool = False  # the exact mode: every token a draft the cloud verifies, the output the full model's
+    exact: bool = True  # every token a draft the cloud verifies (the full model's output); False: the paper's mode
     wait_below: float = DEFAULT_WAIT_BELOW  # exact mode: below this draft confidence wait for the cloud instead
     fp16: bool = True  # upload float16 rows (False: float32)
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # stop after this many tokens (or at EOS)

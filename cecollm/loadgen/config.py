@@ -55,7 +55,9 @@ class FanoutConfig:
         """The EdgeConfig a device of this run uses (device id set per client)."""
         from cecollm.edge.client import EdgeConfig
 
+        # the paper's mode: a trace records its DECIDE requests and replays them
         return EdgeConfig(device_id=self.device_base, broker=self.broker, upload=self.upload, threshold=self.threshold,
+                          exact=False,
                           fp16=self.fp16, max_new_tokens=self.max_new_tokens, timeout=self.timeout,
                           max_timeouts=1 << 30, keys=self.keys, insecure=self.insecure)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 
 from cecollm.wire.edge_cloud import Exits
-from cecollm.wire.wire import U32, U64, Boundary, Frames, Message, Text
+from cecollm.wire.wire import U32, Boundary, Frames, JobMessage, Message, Text
 
 Command = enum.IntEnum("Command", "CONNECT CONFIG READY HEARTBEAT REQUEST REPLY DISCONNECT ERROR DEFER")  # 1, 2, ...
 
@@ -56,10 +56,9 @@ class Heartbeat(Message, frozen=True):
 
 
 @WORKER.message(Command.REQUEST)
-class Request(Message, frozen=True):
+class Request(JobMessage, frozen=True):
     """Job `job` for the worker: the edge's request frames, as the edge sent them."""
 
-    job: U64
     payload: Frames  # edge protocol frames
 
     def __post_init__(self) -> None:
@@ -67,10 +66,9 @@ class Request(Message, frozen=True):
 
 
 @WORKER.message(Command.REPLY)
-class Reply(Message, frozen=True):
+class Reply(JobMessage, frozen=True):
     """The answer to job `job`: frames for the edge."""
 
-    job: U64
     payload: Frames
 
     def __post_init__(self) -> None:
@@ -78,10 +76,8 @@ class Reply(Message, frozen=True):
 
 
 @WORKER.message(Command.DEFER)
-class Defer(Message, frozen=True):
+class Defer(JobMessage, frozen=True):
     """Job `job` cannot be served yet (its lease must wait): the worker is free again."""
-
-    job: U64
 
 
 @WORKER.message(Command.DISCONNECT)

@@ -134,6 +134,12 @@ class Decision(Message, frozen=True):
     prob: float
 
 
+class JobMessage(Message, frozen=True):
+    """Base of the messages about one of the broker's jobs (an edge request on its way through the cloud)."""
+
+    job: U64  # the broker's job number
+
+
 def buffer_of(frame) -> memoryview:
     """The bytes of a frame received with copy=False (zmq.Frame) or copy=True (bytes)."""
     return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)

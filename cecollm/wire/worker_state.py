@@ -43,7 +43,7 @@ from __future__ import annotations
 import enum
 
 from cecollm.wire.edge_cloud import Drafts, check_drafts
-from cecollm.wire.wire import DTYPE_CODES, DTYPES, U8, U32, U64, Boundary, Decision, ErrorCode, Message, Tensor, Text
+from cecollm.wire.wire import DTYPE_CODES, DTYPES, U8, U32, U64, Boundary, Decision, ErrorCode, JobMessage, Message, Tensor, Text
 
 MAX_STATE_BYTES = 1 << 31  # largest KV or rows tensor a remote grant or commit may carry
 
@@ -205,11 +205,10 @@ class Decided(Decision, frozen=True):
 
 
 @STATE.message(Command.WATCH)
-class Watch(Message, frozen=True):
+class Watch(JobMessage, frozen=True):
     """The broker parked job `job`, the device's request `seq` up to `position`: say ARRIVED when its
     lease would get an answer other than NOT_YET (granted, already answered, or refused for good)."""
 
-    job: U64
     device_id: U32
     session: U64
     seq: U32  # the edge request's seq: a lease it holds already, or its noted answer, lets it go at once
@@ -217,10 +216,8 @@ class Watch(Message, frozen=True):
 
 
 @STATE.message(Command.ARRIVED)
-class Arrived(Message, frozen=True):
+class Arrived(JobMessage, frozen=True):
     """The parked job `job` may go to a worker again."""
-
-    job: U64
 
 
 @STATE.message(Command.STATS)
