@@ -144,11 +144,10 @@ def upload_throughput(broker, identity: str, state_address: str, shm: bool, rows
     for chunk in chunks:
         sender.rows(start, chunk)
         start += chunk.shape[0]
-    state.send(sp.Lease(2, welcome.session, 1, total_rows - 1).to_frames())  # granted once every row is there
-    grant = sp.parse(state.receive(time.monotonic() + 120))
+    state.send(sp.Watch(1, 2, welcome.session, 1, total_rows - 1).to_frames())  # ARRIVED once every row is there
+    arrived = sp.parse(state.receive(time.monotonic() + 120))
     seconds = time.perf_counter() - t0
-    assert isinstance(grant, sp.Grant) and grant.received == total_rows, grant
-    state.send(sp.Commit(2, grant.token, 0, 0, 0.0).to_frames())  # one way
+    assert isinstance(arrived, sp.Arrived), arrived
     sender.end()
     sender.close()
     state.close()
