@@ -78,10 +78,9 @@ def keys_command(directory, devices, workers):
     DIRECTORY [default: $CECOLLM_HOME/keys] gets the broker's key pair, devices.txt and workers.txt (the
     accepted public keys; edit them and send the broker SIGHUP to reload), and bundles/<kind>-<NAME>/
     to copy to each client (cecollm-edge --keys, cecollm-worker --keys). Secret keys never leave it."""
-    from cecollm.config import cecollm_home
-    from cecollm.wire.security import make_keys
+    from cecollm.wire.security import default_dir, make_keys
 
-    directory = directory or str(cecollm_home() / "keys")
+    directory = directory or str(default_dir())
     pairs = []
     for text in devices:
         name, _, ids = text.partition("=")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
 import sys
 
 import click
@@ -86,3 +87,19 @@ def model_options(command):
     for option in reversed(options):
         with_spec = option(with_spec)
     return with_spec
+
+
+def tcp_address(address: str, option: str, example: str) -> tuple:
+    """getaddrinfo's first (family, type, proto, canonname, sockaddr) for the `option` value HOST:PORT (":PORT"
+    or "PORT": loopback; "[::1]:PORT" for IPv6); a one-line UserError when it is malformed or names an
+    unknown host. `example`: a good value, for the message."""
+    host, sep, port = address.strip().rpartition(":")
+    if not sep:
+        host, port = "", address.strip()
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UserError(f"{option} {address!r}: give HOST:PORT with a port in 0..65535, e.g. {example}")
+    try:
+        return socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UserError(f"{option} {address!r}: unknown host {host!r} ({exc})") from None

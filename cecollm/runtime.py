@@ -58,6 +58,7 @@ class Runtime:
         self.stopping = threading.Event()  # set by SIGTERM/SIGINT: serving loops end
         self._on_stop: list[Callable[[], None]] = []
         self._on_reload: list[Callable[[], None]] = []
+        self._reload_asked = False  # SIGHUP came: the serving loop runs the reload hooks (run_reloads)
         self._told = False
         self.serving = False  # READY said: from now on a stop is a flag the serving loop reads
 
@@ -70,7 +71,8 @@ class Runtime:
         self._on_stop.append(hook)
 
     def on_reload(self, hook: Callable[[], None]) -> None:
-        """Run `hook` on SIGHUP (reload what can change without a restart)."""
+        """Run `hook` after SIGHUP, from the serving loop (run_reloads): reload what can change without a
+        restart."""
         self._on_reload.append(hook)
 
     def stop(self, *_) -> None:
@@ -86,8 +88,21 @@ class Runtime:
             raise SystemExit(128 + signal.SIGTERM)
 
     def reload(self, *_) -> None:
+        """SIGHUP: only note it. The hooks run in the serving loop, never in the signal handler, where one
+        could wait forever for a lock the interrupted code holds, or fail on a bad file and stop the daemon."""
+        self._reload_asked = True
+
+    def run_reloads(self) -> None:
+        """The reload hooks, if SIGHUP asked for them; a hook that fails is one log line and what it had
+        loaded stays in use."""
+        if not self._reload_asked:
+            return
+        self._reload_asked = False
         for hook in self._on_reload:
-            hook()
+            try:
+                hook()
+            except (UserError, OSError) as exc:
+                log.warning("%s: reload failed, keeping what was loaded before: %s", self.role, exc)
 
     def ready(self, **info: str) -> None:
         """Tell the launcher this daemon serves; `info`: what it needs to reach it."""

@@ -32,7 +32,8 @@ DAEMON = textwrap.dedent("""
             time.sleep(30)
         runtime.on_reload(lambda: Path(out).write_text("reloaded"))
         runtime.ready(address="tcp://127.0.0.1:1", mode=mode)
-        while runtime.running:
+        while runtime.running:  # a serving loop: the reload hooks run here, after SIGHUP, not in the handler
+            runtime.run_reloads()
             time.sleep(0.02)
         Path(out + ".stopped").write_text("clean")
         return 0

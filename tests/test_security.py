@@ -67,6 +67,10 @@ def test_keys_command_and_ring(tmp_path):
     again = CliRunner().invoke(cli, ["keys", str(tmp_path), "--device", "3"])
     assert again.exit_code != 0 and "exists already" in again.output  # never overwrites a bundle
     assert KeyRing(tmp_path).public == ring.public  # the broker's pair is kept
+    listed = (tmp_path / "devices.txt").read_text()
+    half = CliRunner().invoke(cli, ["keys", str(tmp_path), "--device", "4", "--device", "bad=x"])
+    assert half.exit_code == 2 and "device ids" in half.output
+    assert not (tmp_path / "bundles" / "device-4").exists() and (tmp_path / "devices.txt").read_text() == listed
 
 
 def test_broker_without_keys_refuses_to_start(tmp_path, model_dir):
@@ -192,6 +196,21 @@ def test_sighup_reloads_the_keys(cloud):
         if reply is not None:
             break
     assert isinstance(reply, ep.Welcome), reply
+    devices = broker.keys_dir / "devices.txt"
+    good = devices.read_text()
+    devices.write_text(good + "not-a-key 3\n")  # a typo, then SIGHUP: the keys loaded before stay in use
+    try:
+        os.kill(broker.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while broker.log_path.read_text().count("reload failed") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)  # the broker's and the content manager's line
+        assert broker.log_path.read_text().count("reload failed") == 2 and broker.proc.poll() is None
+        sock = _dealer(broker.request_address, keys)
+        sock.send_multipart(_hello(loaded, 7))
+        assert isinstance(_reply(sock, 10_000), ep.Welcome)  # carol still gets in
+        sock.close(0)
+    finally:
+        devices.write_text(good)
 
 
 # ---- a hostile client that holds a key for every device id (the worst case: a fleet key let in) ----------

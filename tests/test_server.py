@@ -236,37 +236,44 @@ def _wait_for(condition, what: str, seconds: float = 30.0) -> None:
 
 def test_a_full_queue_answers_429(loaded, broker):
     with _serving(loaded, _config(broker, 24), queue=1) as running:
-        device = running.server.device
-        gate = threading.Event()
-        device.executor.submit(gate.wait)  # the device is busy until the gate opens
-        first = {}
-        waiter = threading.Thread(target=lambda: first.update(r=httpx.post(
-            running.url + "/v1/completions", json={"model": NAME, "prompt": PROMPT, "max_tokens": 4}, timeout=120)))
-        waiter.start()
-        _wait_for(lambda: device.waiting == 1, "the first request to queue")
-        refused = httpx.post(running.url + "/v1/completions", json={"model": NAME, "prompt": PROMPT}, timeout=60)
-        assert _error(refused, 429)["code"] == "rate_limit_exceeded"
-        assert int(refused.headers["Retry-After"]) >= 1
-        with pytest.raises(openai.RateLimitError):
-            _openai(running).completions.create(model=NAME, prompt=PROMPT)
-        gate.set()
-        waiter.join(120)
-        assert first["r"].status_code == 200
-        assert first["r"].json()["choices"][0]["text"] == _reference(loaded, broker, _raw_ids(loaded, PROMPT), 4)
+        gates = []  # a failed assert must not leave the device thread waiting on a gate (close() joins it)
+        try:
+            device = running.server.device
+            gate = threading.Event()
+            gates.append(gate)
+            device.executor.submit(gate.wait)  # the device is busy until the gate opens
+            first = {}
+            waiter = threading.Thread(target=lambda: first.update(r=httpx.post(
+                running.url + "/v1/completions", json={"model": NAME, "prompt": PROMPT, "max_tokens": 4}, timeout=120)))
+            waiter.start()
+            _wait_for(lambda: device.waiting == 1, "the first request to queue")
+            refused = httpx.post(running.url + "/v1/completions", json={"model": NAME, "prompt": PROMPT}, timeout=60)
+            assert _error(refused, 429)["code"] == "rate_limit_exceeded"
+            assert int(refused.headers["Retry-After"]) >= 1
+            with pytest.raises(openai.RateLimitError):
+                _openai(running).completions.create(model=NAME, prompt=PROMPT)
+            gate.set()
+            waiter.join(120)
+            assert first["r"].status_code == 200
+            assert first["r"].json()["choices"][0]["text"] == _reference(loaded, broker, _raw_ids(loaded, PROMPT), 4)
 
-        # a waiting request whose client gives up is never generated
-        gate = threading.Event()
-        device.executor.submit(gate.wait)
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(running.url + "/v1/completions", json={"model": NAME, "prompt": PROMPT}, timeout=1.0)
-        (job,) = device.live
-        _wait_for(job.gone.is_set, "the server to notice the client left")
-        gate.set()
-        _wait_for(lambda: device.idle and not device.live, "the queue to drain")
-        assert job.result is None and device.started == job.served == 2
-        text = httpx.get(running.url + "/metrics", timeout=60).text
-        (ttft,) = [f for f in text_string_to_metric_families(text) if f.name == "cecollm_time_to_first_token_seconds"]
-        assert [s.value for s in ttft.samples if s.name.endswith("_count")] == [1]  # the first request only
+            # a waiting request whose client gives up is never generated
+            gate = threading.Event()
+            gates.append(gate)
+            device.executor.submit(gate.wait)
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(running.url + "/v1/completions", json={"model": NAME, "prompt": PROMPT}, timeout=1.0)
+            (job,) = device.live
+            _wait_for(job.gone.is_set, "the server to notice the client left")
+            gate.set()
+            _wait_for(lambda: device.idle and not device.live, "the queue to drain")
+            assert job.result is None and device.started == job.served == 2
+            text = httpx.get(running.url + "/metrics", timeout=60).text
+            (ttft,) = [f for f in text_string_to_metric_families(text) if f.name == "cecollm_time_to_first_token_seconds"]
+            assert [s.value for s in ttft.samples if s.name.endswith("_count")] == [1]  # the first request only
+        finally:
+            for gate in gates:
+                gate.set()
 
 
 def _device_segments(broker, device: int) -> list[str]:

@@ -20,7 +20,7 @@ import psutil
 from cecollm.broker.launch import BrokerProcess
 from cecollm.errors import CecollmError, UserError
 from cecollm.runtime import DaemonProcess, free_ports
-from cecollm.wire.security import ClientKeys, make_keys
+from cecollm.wire.security import ClientKeys, launcher_keys
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +133,8 @@ class CloudSide:
         split_args = (["--exits", self.exits] if self.exits else []) + (["--heads", self.heads] if self.heads else [])
         targets = []
         keys_dir = self.log_dir / "keys"  # every cloud socket speaks CURVE, the baselines' too
-        if not (keys_dir / "bundles" / "device-any").is_dir():
-            make_keys(keys_dir, [("any", "*")], ["any"])
-        self.device_keys = ClientKeys.load(keys_dir / "bundles" / "device-any")
-        self.device_bundle = str(keys_dir / "bundles" / "device-any")
+        device, _ = launcher_keys(keys_dir)
+        self.device_keys, self.device_bundle = ClientKeys.load(device), str(device)
         if self.want_broker:
             self.broker = self._stack.enter_context(BrokerProcess(
                 self.model, workers=1, log_path=self.log_dir / "broker.log", keys_dir=keys_dir,

@@ -17,12 +17,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cecollm.config import DEFAULT_MODEL, cecollm_home
+from cecollm.config import DEFAULT_MODEL
 from cecollm.errors import CecollmError, UserError
 from cecollm.runtime import ReadyWaiter, run_daemon
 from cecollm.wire import broker_worker as wp
 from cecollm.wire import launch
-from cecollm.wire.security import DEVICES, WORKERS, KeyRing, loopback_only
+from cecollm.wire.security import DEVICES, WORKERS, KeyRing, default_dir, loopback_only
 from cecollm.wire.wire import MAX_BODY
 
 log = logging.getLogger("cecollm.broker")
@@ -62,11 +62,6 @@ class BrokerConfig:
     insecure: bool = False  # no keys and no encryption: every socket binds loopback only
     metrics: str = ""  # HOST:PORT to serve Prometheus metrics on (GET /metrics; ":PORT" = loopback); "" = none
     verbose: bool = False  # debug logging
-
-
-def default_keys_dir() -> str:
-    """Where `cecollm keys` puts its directory by default: $CECOLLM_HOME/keys."""
-    return str(cecollm_home() / "keys")
 
 
 def endpoints(text: str) -> list[str]:
@@ -141,7 +136,7 @@ def _plan(config: BrokerConfig) -> _Plan:
         worker_address = loopback_only(worker_address)
         state_address = state_address and loopback_only(state_address)
     else:
-        ring = KeyRing(config.keys or default_keys_dir())
+        ring = KeyRing(config.keys or default_dir())
         local_keys = ring.local_worker_keys()
     spec = ModelSpec.from_options(config.model, config.exits, config.upload_layer, config.heads)
     loaded = spec.load(mapped=True)
@@ -155,7 +150,7 @@ def _plan(config: BrokerConfig) -> _Plan:
         cloud_layers=split.n_layers - split.upload_layer, n_kv_heads=c.num_key_value_heads,
         head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads, hidden=c.hidden_size,
         capacity=config.capacity, budget_bytes=config.budget_mb << 20, idle_ttl=config.idle_ttl,
-        claim_seconds=config.claim_seconds, segment_prefix=prefix,
+        claim_seconds=config.claim_seconds, watch_seconds=config.wait_seconds, segment_prefix=prefix,
         kv_dtype=str(loaded.model.dtype).removeprefix("torch."), keys=str(ring.directory) if ring else "",
         local_workers=(local_keys.public,) if local_keys else ())
     one_device = manager.layout(wire_itemsize=4).nbytes  # float32 rows, the larger wire dtype
@@ -326,6 +321,7 @@ def _serve(config: BrokerConfig, runtime, metrics, exporter) -> int:
     def tick(b) -> None:
         nonlocal announced, next_stats
         children.tick(b)
+        runtime.run_reloads()
         if exporter is not None and time.monotonic() >= next_stats:  # the content manager's part of the metrics
             b.ask_stats()
             next_stats = time.monotonic() + STATS_SECONDS
@@ -362,11 +358,12 @@ def _serve(config: BrokerConfig, runtime, metrics, exporter) -> int:
 
 
 def _reload(ring, children) -> None:
-    """SIGHUP: the broker's key lists, and the content manager's (a signal of its own)."""
-    if ring is not None:
-        ring.reload()
+    """SIGHUP: the content manager's key lists (a signal of its own), and the broker's (a bad file raises:
+    the caller logs it and the lists loaded before stay)."""
     if children.manager.is_alive():
         os.kill(children.manager.pid, signal.SIGHUP)
+    if ring is not None:
+        ring.reload()
 
 
 def _url(address) -> str:

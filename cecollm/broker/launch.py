@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 
 from cecollm.runtime import DaemonProcess, free_ports
-from cecollm.wire.security import make_keys
+from cecollm.wire.security import launcher_keys
 
 
 class BrokerProcess(DaemonProcess):
@@ -35,10 +35,7 @@ class BrokerProcess(DaemonProcess):
         self.keys_dir = self.device_keys = self.worker_keys = None
         if secure:
             self.keys_dir = Path(keys_dir or tempfile.mkdtemp(prefix="cecollm-keys-"))
-            if not (self.keys_dir / "bundles" / "device-any").is_dir():
-                make_keys(self.keys_dir, [("any", "*")], ["any"])
-            self.device_keys = str(self.keys_dir / "bundles" / "device-any")
-            self.worker_keys = str(self.keys_dir / "bundles" / "worker-any")
+            self.device_keys, self.worker_keys = map(str, launcher_keys(self.keys_dir))
             extra = ["--keys", str(self.keys_dir), *(extra or [])]
         else:
             extra = ["--insecure", *(extra or [])]

@@ -13,7 +13,6 @@ so the exported counters never go down.
 
 from __future__ import annotations
 
-import socket
 import struct
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from cecollm.cliutil import tcp_address
 from cecollm.errors import UserError
 from cecollm.wire import edge_cloud as ep
 from cecollm.wire import worker_state as sp
@@ -172,28 +172,13 @@ class BrokerMetrics:
         """Serve GET /metrics on HOST:PORT (":PORT" or "PORT": loopback) on a thread; the HTTP server (its
         `server_address` is where it listens; shutdown() and server_close() stop it). A UserError in one line
         for an address that is malformed or cannot be listened on."""
-        host, port = parse_address(address)
+        host, port = tcp_address(address, "--metrics", "127.0.0.1:9100")[4][:2]
         try:
             server, _ = start_http_server(port, host, registry=self.registry)
         except (OSError, UnicodeError, OverflowError) as exc:
             raise UserError(f"--metrics {address!r}: cannot listen there: {getattr(exc, 'strerror', None) or exc}") \
                 from None
         return server
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """(host, port) of HOST:PORT, ":PORT" or "PORT" (loopback), "[::1]:PORT"; a UserError when malformed."""
-    host, sep, port = address.strip().rpartition(":")
-    if not sep:
-        host, port = "", address.strip()
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise UserError(f"--metrics {address!r}: give HOST:PORT with a port in 0..65535, e.g. 127.0.0.1:9100")
-    try:
-        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise UserError(f"--metrics {address!r}: unknown host {host!r} ({exc})") from None
-    return host, int(port)
 
 
 def _added(base: dict[str, int], snapshot: sp.Snapshot) -> dict[str, int]:

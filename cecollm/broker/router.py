@@ -42,7 +42,7 @@ class Broker:
                  local_key: bytes | None = None, metrics: BrokerMetrics | None = None) -> None:
         """`authorize(user_id, device_id)`: whether the key CURVE authenticated may act for the device the
         request names (security.KeyRing.may_act_for); None: no keys (--insecure). `state`: a DEALER to the
-        content manager for parked requests (None: a deferred request is answered MISSING at once).
+        content manager for parked requests (None: a deferred request waits out --wait-seconds, then MISSING).
         `local_key`: the key of the workers this broker started (only those may be killed when they hang);
         None: every worker is on this host (--insecure binds loopback only). `metrics`: where it counts what it
         does (default: a registry of its own that nobody reads)."""
@@ -217,9 +217,9 @@ class Broker:
         job.attempts -= 1  # a deferral is no failed attempt
         request = job.request
         if not job.park_until:
-            job.park_until = now + (self.wait_seconds if hasattr(request, "position") else REOPEN_SECONDS)
+            job.park_until = now + (REOPEN_SECONDS if isinstance(request, ep.Hello) else self.wait_seconds)
         self.parked[job.number] = job
-        if not hasattr(request, "position"):  # a HELLO: the content manager did not answer its OPEN
+        if isinstance(request, ep.Hello):  # the content manager did not answer its OPEN
             job.retry_at = now + REOPEN_EVERY
             return
         if self.state is None:
@@ -259,7 +259,7 @@ class Broker:
     @staticmethod
     def _why_parked(job: Job) -> str:
         r = job.request
-        if not hasattr(r, "position"):
+        if isinstance(r, ep.Hello):
             return f"device {r.device_id}: the cloud could not open a session (its content manager did not answer)"
         return (f"device {r.device_id}: position {r.position} could not be served in time (its rows did not "
                 f"arrive, or the device stayed busy)")

@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 KV_ITEMSIZES = {"float32": 4, "float16": 2, "bfloat16": 2}  # bytes per KV element by the model's dtype
 CHORES_SECONDS = 0.02  # housekeeping (lapsed leases, idle TTL) at most this often
 MAX_WATCHERS = 16  # parked requests one device may have watched (the oldest is dropped: the broker times it out)
-WATCH_SECONDS = 60.0  # a watch older than this is dropped (the broker has given up on its request long before)
 
 
 @dataclass(frozen=True)
@@ -58,6 +57,8 @@ class ContentManagerConfig:
     budget_bytes: int = 1 << 30  # all sessions' segments together stay under this
     idle_ttl: float = 600.0  # seconds without any message before a session is released
     claim_seconds: float = 30.0  # a session used within this long belongs to its edge: another edge is refused
+    watch_seconds: float = 2.0  # a parked request's watch lapses after this (the broker's --wait-seconds: by then
+    #                             it has answered the request), so a device is not held busy by a request long gone
     lease_seconds: float = 120.0  # a lease not committed within this lapses
     segment_prefix: str = "cecollm-0-"  # segment names start with this (shm.segment_prefix)
     keys: str = ""  # the keys directory: uploads speak CURVE with device keys (a tcp state socket: worker keys)
@@ -140,6 +141,8 @@ class ContentManager:
                 now = time.monotonic()
                 if now >= next_chores:  # not on every message: a busy loop would pay it per row
                     self.housekeeping(now)
+                    if runtime is not None:
+                        runtime.run_reloads()
                     next_chores = now + CHORES_SECONDS
         finally:
             self.release_all()
@@ -157,7 +160,7 @@ class ContentManager:
     def housekeeping(self, now: float) -> None:
         for dev in list(self.devices.values()):
             if dev.watchers:
-                dev.watchers = [w for w in dev.watchers if now - w.since < WATCH_SECONDS]
+                dev.watchers = [w for w in dev.watchers if now - w.since < self.config.watch_seconds]
                 self._wake(dev, now)  # a lease that lapsed lets a parked request go
             if not dev.leased(now) and not dev.watchers and now - dev.last_used > self.config.idle_ttl:
                 self.counts.idle_releases += 1

@@ -46,10 +46,9 @@ def worker_command(broker_address: str, remote: bool, state_address: str, model_
         _one_endpoint(address, remote)
     client_keys = None
     if not insecure:
-        from cecollm.config import cecollm_home
-        from cecollm.wire.security import ClientKeys
+        from cecollm.wire.security import ClientKeys, bundle
 
-        client_keys = ClientKeys.load(keys or cecollm_home() / "keys" / "bundles" / "worker-local")
+        client_keys = ClientKeys.load(keys or bundle("worker-local"))
     config = WorkerConfig(broker_address, threads, verbose=verbose, remote=remote, state_address=state_address,
                           model_dir=model_dir, client_keys=client_keys)
     sys.exit(run_daemon("worker", serve_worker, config, verbose))

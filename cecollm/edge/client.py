@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import zmq
 
-from cecollm.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_THRESHOLD, DEFAULT_WAIT_BELOW, cecollm_home
+from cecollm.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_THRESHOLD, DEFAULT_WAIT_BELOW
 from cecollm.edge.exact import ExactRun
 from cecollm.edge.heads import HeadSet
 from cecollm.edge.partition import EdgePartition
@@ -68,9 +68,9 @@ class EdgeConfig:
         """The device's CURVE keys (security.ClientKeys), or None when insecure."""
         if self.insecure:
             return None
-        from cecollm.wire.security import ClientKeys
+        from cecollm.wire.security import ClientKeys, bundle
 
-        return ClientKeys.load(self.keys or cecollm_home() / "keys" / "bundles" / f"device-{self.device_id}")
+        return ClientKeys.load(self.keys or bundle(f"device-{self.device_id}"))
 
     @property
     def upload_address(self) -> str:
@@ -250,8 +250,8 @@ class EdgeClient:
         self._connect()
         try:
             gen.session = self._open(gen.stats, gen.kept)
-        except CloudGone as exc:
-            self._go_alone(gen, str(exc), rejoin=True)
+        except CloudGone as exc:  # the exact mode finishes a generation without the cloud unverified (exact.py)
+            self._go_alone(gen, str(exc), rejoin=not self.config.exact)
         self.session = gen.session
 
     def _step(self, gen: Generation, inputs: list[int]):

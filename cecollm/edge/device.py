@@ -83,7 +83,7 @@ class Device:
     def submit(self, job: Job) -> None:
         """Queue the job, or an ApiError 429 (with Retry-After) when the queue is full."""
         with self.lock:
-            if self.waiting >= self.queue_limit:
+            if self.waiting >= self.queue_limit and not self.idle:  # an idle device takes one even with --queue 0
                 wait = max(1, math.ceil(self.mean_seconds * (self.waiting + self.running)))
                 self.metrics.rejected.inc()
                 raise ApiError(429, f"the device is busy: {self.waiting} requests are waiting (at most "

@@ -202,7 +202,8 @@ class TextCutter:
     def _take(self, full: str, final: bool) -> str:
         if self.stopped:
             return ""
-        cuts = [i for i in (full.find(s) for s in self.stops) if i >= 0]
+        # text before `shown` was searched already: only a stop string that ends after it is new
+        cuts = [i for i in (full.find(s, max(0, self.shown - len(s) + 1)) for s in self.stops) if i >= 0]
         if cuts:
             self.stopped = True
             full = full[:max(min(cuts), self.shown)]  # never take back what was shown

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from cecollm.cliutil import tcp_address
 from cecollm.edge import openai_api as oa
 from cecollm.edge.client import EdgeClient
 from cecollm.edge.device import ClientGone, Device, Job
@@ -137,8 +138,7 @@ class EdgeServer:
         except ClientGone:
             return Response(status_code=499)  # nobody reads it: the client closed the connection
         except Exception as exc:
-            log.exception("generation failed")
-            raise ApiError(500, f"the generation failed: {exc}", type="server_error") from None
+            raise _failure(exc) from None
         finally:  # done, failed, or cancelled (the server stops): the generation stops in every case
             watch.cancel()
             job.gone.set()
@@ -158,8 +158,7 @@ class EdgeServer:
                 if include_usage:
                     yield answer.usage_chunk(self._usage(job))
             elif not isinstance(value, ClientGone):
-                log.error("generation failed", exc_info=value)
-                yield oa.sse(ApiError(500, f"the generation failed: {value}", type="server_error").body())
+                yield oa.sse(_failure(value).body())
             yield oa.DONE
         finally:  # finished, or the client left (the response is cancelled): the generation stops either way
             job.gone.set()
@@ -242,19 +241,21 @@ class _CountRequests:
 
 
 # ---- listening ------------------------------------------------------------------------------
+def _failure(exc: BaseException) -> ApiError:
+    """The answer to a generation that failed: the cloud refusing this device (another edge holds its id,
+    another model, a key that may not act for it) is a 503 with its one line; anything else is a bug, a 500
+    with its traceback in the log."""
+    if isinstance(exc, UserError):
+        log.warning("generation refused: %s", exc)
+        return ApiError(503, str(exc), type="server_error", code="cloud_refused")
+    log.error("generation failed", exc_info=exc)
+    return ApiError(500, f"the generation failed: {exc}", type="server_error")
+
+
 def listen_socket(address: str) -> socket.socket:
     """A socket bound to HOST:PORT (":PORT" or "PORT": loopback; "[::1]:PORT" for IPv6); a UserError
     in one line for an address that is malformed or cannot be bound."""
-    host, sep, port = address.rpartition(":")
-    if not sep:
-        host, port = "", address
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise UserError(f"--serve {address!r}: give HOST:PORT with a port in 0..65535, e.g. 127.0.0.1:8000")
-    try:
-        family, kind, proto, _, where = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
-    except (socket.gaierror, UnicodeError) as exc:
-        raise UserError(f"--serve {address!r}: unknown host {host!r} ({exc})") from None
+    family, kind, proto, _, where = tcp_address(address, "--serve", "127.0.0.1:8000")
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

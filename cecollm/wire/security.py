@@ -27,6 +27,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from cecollm.config import cecollm_home
 from cecollm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -188,23 +189,44 @@ def make_keys(directory: str | Path, devices: list[tuple[str, str]], workers: li
     """Make the broker's key pair (kept if there is one) and a bundle for each (name, ids) device and
     each worker name, listed in devices.txt / workers.txt; the bundles made."""
     directory = Path(directory)
+    planned = [(f"device-{name}", "devices", ids) for name, ids in devices]
+    planned += [(f"worker-{name}", "workers", name) for name in workers]
+    for name, kind, rest in planned:  # every check before anything is written: no half-made set
+        if kind == "devices":
+            parse_ids(rest)
+        if bundle(name, directory).exists() or [p[0] for p in planned].count(name) > 1:
+            raise UserError(f"{bundle(name, directory)} exists already: give another name")
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     if not (directory / "broker.key_secret").is_file():
         zmq.auth.create_certificates(str(directory), "broker")
     made = []
-    for kind, entries in (("devices", devices), ("workers", [(w, w) for w in workers])):
-        for name, rest in entries:
-            if kind == "devices":
-                parse_ids(rest)  # checked before anything is written
-            bundle = directory / "bundles" / f"{kind[:-1]}-{name}"
-            if bundle.exists():
-                raise UserError(f"{bundle} exists already: give another name")
-            bundle.mkdir(parents=True)
-            public_file, _ = zmq.auth.create_certificates(str(bundle), "client")
-            (bundle / "broker.key").write_bytes((directory / "broker.key").read_bytes())
-            public, _ = zmq.auth.load_certificate(public_file)
-            with open(directory / f"{kind}.txt", "a") as f:
-                f.write(f"{public.decode()} {rest}\n")
-            made.append(bundle)
+    for name, kind, rest in planned:
+        path = bundle(name, directory)
+        path.mkdir(parents=True)
+        public_file, _ = zmq.auth.create_certificates(str(path), "client")
+        (path / "broker.key").write_bytes((directory / "broker.key").read_bytes())
+        public, _ = zmq.auth.load_certificate(public_file)
+        with open(directory / f"{kind}.txt", "a") as f:
+            f.write(f"{public.decode()} {rest}\n")
+        made.append(path)
     return made
+
+
+def default_dir() -> Path:
+    """Where `cecollm keys` puts the cloud's keys and bundles, and where the commands look: $CECOLLM_HOME/keys."""
+    return cecollm_home() / "keys"
+
+
+def bundle(name: str, directory: str | Path | None = None) -> Path:
+    """The bundle `name` (device-3, worker-gpu1) in a keys directory (default: default_dir())."""
+    return Path(directory or default_dir()) / "bundles" / name
+
+
+def launcher_keys(directory: str | Path) -> tuple[Path, Path]:
+    """Keys in `directory` for a launcher that starts a cloud itself (tests, benchmarks, the soak): a device
+    bundle for any device id and a worker bundle, made on the first call; (device bundle, worker bundle)."""
+    device, worker = bundle("device-any", directory), bundle("worker-any", directory)
+    if not device.is_dir():
+        make_keys(directory, [("any", "*")], ["any"])
+    return device, worker
