@@ -36,12 +36,23 @@ class DecoderRunner:
         positions = torch.arange(start, end).unsqueeze(0)  # [1, T]
         return self.rotary(like, positions)
 
+    def rope_at(self, positions: torch.Tensor, like: torch.Tensor):
+        """cos, sin for the positions [1, T] (any order: a batch of several sequences' rows), each [1, T, head_dim]."""
+        return self.rotary(like, positions)
+
     def run_layer(self, index: int, x: torch.Tensor, start: int, cache, rope) -> torch.Tensor:
         """Run layer `index` on rows x [1, T, hidden] at positions [start, start+T).
 
         `rope` is (cos, sin) for exactly those positions. `cache` (a cache.KVCache) must hold
         [0, start) at this layer; afterwards it holds [0, start+T).
         """
+        q, k, v = self.project(index, x, rope)
+        keys, values = cache.append(index, start, k, v)
+        return self.finish(index, x, self.attend(index, q, keys, values, start))
+
+    def project(self, index: int, x: torch.Tensor, rope):
+        """Layer `index`'s rotated queries, keys and values of rows x [1, T, hidden]: q [1, heads, T, hd],
+        k and v [1, kv heads, T, hd]. Row-wise: rows of several sequences may share one call."""
         self.layer_calls += 1
         layer = self.layers[index]
         attn = layer.self_attn
@@ -53,15 +64,24 @@ class DecoderRunner:
         v = attn.v_proj(h).view(1, t, -1, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = _apply_rotary(q, k, cos, sin)
-        keys, values = cache.append(index, start, k, v)
+        return q, k, v
+
+    def attend(self, index: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
+        """One sequence's attention: queries q [1, heads, T, hd] at positions [start, start+T) over its keys and
+        values [1, kv heads, start+T, hd]; the output [1, T, heads*hd] (before o_proj)."""
+        attn = self.layers[index].self_attn
+        t = q.shape[2]
         mask = None
         if t > 1 and start > 0:
             # Rows see every cached position and the rows before them: [T, start+T], True = attend.
             mask = torch.ones(t, start + t, dtype=torch.bool).tril(diagonal=start)
         out, _ = self._attention(attn, q, keys, values, mask, dropout=0.0, scaling=attn.scaling)
-        # out: [1, T, heads, hd] -> [1, T, heads*hd]
-        out = attn.o_proj(out.reshape(1, t, -1).contiguous())
-        x = x + out
+        return out.reshape(1, t, -1)  # [1, T, heads, hd] -> [1, T, heads*hd]
+
+    def finish(self, index: int, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The rest of layer `index`: output projection, residual, MLP. Row-wise, as project()."""
+        layer = self.layers[index]
+        x = x + layer.self_attn.o_proj(attended.contiguous())
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
