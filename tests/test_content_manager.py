@@ -238,7 +238,7 @@ def test_a_remote_worker_gets_the_state_as_tensors_and_commits_kv_into_the_segme
     kv = np.arange(4 * 3 * 8, dtype=np.float32).reshape(4, 1, 3, 8)  # [L*2, kv, 3 positions, hd]
     (_, reply), = _control(manager, b"r1", sp.StateCommit(3, grant.token, 0, 3, 42, 0.25, kv))
     assert reply == sp.Committed(3) and dev.folded == 3 and dev.lease_token == 0
-    segment_kv = np.ndarray(dev.layout.kv_shape, dtype=np.float32, buffer=dev.segment.buf)
+    segment_kv = np.ndarray(dev.layout.kv_shape, dtype=np.float32, buffer=dev.segment.buf, offset=dev.layout.kv_offset)
     assert np.array_equal(segment_kv[:, :, :, :3].reshape(4, 1, 3, 8), kv)  # [L, 2, kv, 3, hd] as sent
     del segment_kv
     (_, grant), = _control(manager, b"r1", sp.Lease(3, opened.session, 2, 4, remote=True))

@@ -349,8 +349,7 @@ class ContentManager:
 
     def _grant(self, dev: DeviceState, lease: sp.Lease, peer: bytes, now: float) -> None:
         self._counter = (self._counter + 1) % (1 << 32) or 1
-        dev.lease_token, dev.lease_seq = self._counter, lease.seq
-        dev.lease_expires = now + self.config.lease_seconds
+        dev.grant(self._counter, lease.seq, now + self.config.lease_seconds)
         drafts = dev.pending_drafts() if lease.verify else ()
         if lease.remote:
             self._reply(peer, self._state_grant(dev, drafts))
@@ -380,7 +379,8 @@ class ContentManager:
 
     def _kv_view(self, dev: DeviceState) -> np.ndarray:
         """The segment's KV cache [cloud_layers, 2, n_kv, capacity, head_dim] (a view: drop it before release)."""
-        return np.ndarray(dev.layout.kv_shape, dtype=np.dtype(self.config.kv_dtype), buffer=dev.segment.buf)
+        return np.ndarray(dev.layout.kv_shape, dtype=np.dtype(self.config.kv_dtype), buffer=dev.segment.buf,
+                          offset=dev.layout.kv_offset)
 
     def _state_grant(self, dev: DeviceState, drafts: tuple[int, ...]) -> sp.StateGrant:
         """A remote worker's grant: the filled KV and the rows not yet folded, copied out of the segment."""
@@ -421,10 +421,10 @@ class ContentManager:
         if not dev.folded <= msg.folded <= dev.received:
             return f"device {msg.device_id}: folded {msg.folded} outside [{dev.folded}, {dev.received}]"
         if isinstance(msg, sp.Rollback):
-            dev.roll_back(msg.folded, msg.decided, msg.prob)
+            dev.roll_back(msg)
             log.debug("device %d: rolled back to %d positions (epoch %d)", dev.device_id, dev.folded, dev.epoch)
         else:
-            dev.end_lease(msg.folded, msg.decided, msg.prob)
+            dev.end_lease(msg)
         self._wake(dev, time.monotonic())
         return None
 
@@ -434,6 +434,7 @@ class ContentManager:
             self._reply(w.peer, sp.Arrived(w.job))
         del self.devices[dev.device_id]
         self.used_bytes -= dev.layout.nbytes
+        dev.close()
         dev.segment.close()
         shm.unlink(dev.segment)
         self.ended[dev.device_id] = why
