@@ -68,6 +68,7 @@ class CloudService:
         self.segments: OrderedDict[str, shm.Attachment] = OrderedDict()  # mapped, least recently used first
         self.held: dict[int, HeldLease] = {}  # device id -> the lease kept on it (a local worker)
         self.folder = BatchFolder(runner, split)
+        self.commits: list[sp.Commit] = []  # the batch's commits, sent after its replies
         self.requests = Dispatcher({ep.Hello: self.hello, ep.Decide: self.decide, ep.Verify: self.verify})
 
     def close(self) -> None:
@@ -104,13 +105,16 @@ class CloudService:
 
     def handle(self, frames) -> list | None:
         """Frames of the reply to the edge request `frames`, or None when its lease must wait (the
-        broker parks it); never raises for bad input."""
-        return self.handle_batch([frames])[0]
+        broker parks it); never raises for bad input. Its commit is sent before it returns."""
+        reply = self.handle_batch([frames])[0]
+        self.send_commits()
+        return reply
 
     def handle_batch(self, payloads: list) -> list[list | None]:
         """Frames of the reply to each edge request in `payloads` (requests of different devices), or None
         for one whose lease must wait; never raises for bad input. The decisions and verifications among
-        them go through the cloud layers and the LM head together (batch.BatchFolder)."""
+        them go through the cloud layers and the LM head together (batch.BatchFolder). Their commits wait
+        for send_commits()."""
         replies: list[list | None] = [None] * len(payloads)
         pending: list[tuple[int, Pending]] = []
         for i, frames in enumerate(payloads):
@@ -263,13 +267,20 @@ class CloudService:
                 raise
             p.held.folded = row + 1
         else:
-            # one way: if the request went to another worker meanwhile, it computes the same answer
-            try:
-                self.state.send(ending.to_frames())
-            except CallTimeout:  # the lease lapses on its own; the answer is right all the same
-                log.warning("device %d: the content manager took no commit", msg.device_id)
+            self.commits.append(ending)  # sent once the replies are out (send_commits)
             p.held.folded = row + 1
         return ep.Token(row, verdict.token, verdict.prob, msg.device_id, msg.seq, seconds)
+
+    def send_commits(self) -> None:
+        """Send the batch's commits (one way), after its replies: a token does not wait for the content manager
+        to wake. A worker that dies before they leave has answered, and the next worker is granted the state
+        as last committed: it folds those rows again (they stay in the segment until committed) to the same KV."""
+        commits, self.commits = self.commits, []
+        for commit in commits:
+            try:
+                self.state.send(commit.to_frames())
+            except CallTimeout:  # the content manager is not taking messages; the next lease hands the state on
+                log.warning("device %d: the content manager took no commit", commit.device_id)
 
     def _drop(self, device_id: int) -> None:
         """Forget the lease kept on the device (the content manager has taken it back, or it is in doubt)."""

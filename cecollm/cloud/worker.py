@@ -181,6 +181,7 @@ class Worker:
         with beats.lock:
             for answer in answers:
                 sock.send_multipart(answer.to_frames(), copy=False)
+        service.send_commits()
 
     def on_disconnect(self, msg: wp.Disconnect, *_) -> None:
         log.info("worker %d: the broker said goodbye", os.getpid())
