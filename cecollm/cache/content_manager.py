@@ -8,7 +8,10 @@ worker, on another host, gets the state as tensors and commits the KV entries it
 checked and written into the segment here). A verifying lease of the exact mode that finds a wrong
 draft ends with a roll-back instead (device.py). A lease never waits: one that cannot be granted yet
 is answered NOT_YET, and the broker, which parks the request, asks (WATCH) to hear when it may go.
-Rows that are folded are dropped (their pages given back). A session ends when the edge says so,
+A worker on this host keeps its lease between a device's requests (COMMIT keep): the segment's header,
+written here only, names the current lease and says what has arrived, so that worker serves the next
+request without a call; any other worker's LEASE takes a kept lease over. Rows that are folded are
+dropped (their pages given back). A session ends when the edge says so,
 after an idle TTL, or when a byte budget needs room (least recently used idle device first). Sessions
 are 64 random bits; a device id that another edge (instance) is generating with is refused IN_USE.
 """
