@@ -213,17 +213,20 @@ class CloudService:
         wire = DTYPES.get(grant.wire_code)
         assert wire is not None, f"the content manager granted an unknown wire code {grant.wire_code}"
         layout = shm.StateLayout(capacity=grant.capacity, wire_itemsize=wire.itemsize, **self.layout_base)
-        held = self.held[msg.device_id] = HeldLease(msg.session, grant.token, grant.folded, grant.segment, layout,
-                                                    getattr(torch, wire.name))
-        return Pending(msg, self._local_fold(held, self._segment(held.segment), msg.position, drafts), held)
+        views = SegmentViews(self._segment(grant.segment), layout, self.runner.embed.weight.dtype,
+                             getattr(torch, wire.name), self.split.upload_layer)
+        held = self.held[msg.device_id] = HeldLease(msg.session, grant.token, grant.folded, grant.segment, views)
+        return Pending(msg, self._local_fold(held, msg.position, drafts), held)
 
     def _fold_held(self, held: HeldLease, msg, verify: bool) -> Fold | None:
         """The fold of `msg` on a kept lease, or None when the lease no longer fits (ask the content manager).
         NOT_YET (the broker parks the request) when its rows are not in yet."""
-        if self.remote or msg.session != held.session or not held.folded <= msg.position < held.layout.capacity:
+        if self.remote or msg.session != held.session or not held.folded <= msg.position < held.capacity:
             return None  # the content manager answers these (a retry's token, stale, beyond the capacity)
-        seg = self._segment(held.segment)
-        header = shm.header(seg.buf)
+        if held.segment not in self.segments:
+            return None  # unmapped meanwhile (sweep): lease again
+        self.segments.move_to_end(held.segment)
+        header = held.views.header
         # the header is the content manager's word (a same-host edge that maps the segment could change it, but
         # only for its own session: what it could make the worker read is bounded by the capacity)
         if int(header[shm.LEASE]) != held.token or verify and msg.epoch != int(header[shm.EPOCH]):
@@ -232,24 +235,16 @@ class CloudService:
             raise Refused(ErrorCode.NOT_YET, f"position {msg.position} not received yet")
         drafts = None
         if verify:
-            row_drafts = shm.drafts(seg.buf, held.layout)[held.folded:msg.position + 1].tolist()
+            row_drafts = held.views.drafts[held.folded:msg.position + 1].tolist()
             drafts = {held.folded + i: d for i, d in enumerate(row_drafts) if d != ep.NO_DRAFT}
-        return self._local_fold(held, seg, msg.position, drafts)
+        return self._local_fold(held, msg.position, drafts)
 
-    def _local_fold(self, held: HeldLease, seg: shm.Attachment, position: int, drafts) -> Fold:
+    def _local_fold(self, held: HeldLease, position: int, drafts) -> Fold:
         """A fold over the device's segment: the KV is written in place."""
-        lay = held.layout
-        count = 1
-        for n in lay.kv_shape:
-            count *= n
-        dtype = self.runner.embed.weight.dtype
-        kv = torch.frombuffer(seg.buf, dtype=dtype, count=count, offset=lay.kv_offset).view(lay.kv_shape)
-        cache = KVCache(self.split.upload_layer, lay.cloud_layers, lay.n_kv_heads, lay.head_dim, storage=kv)
-        cache.lengths = [held.folded] * cache.n_layers
-        n = position + 1 - held.folded
-        begin, _ = lay.rows_span(held.folded, position + 1)
-        rows = torch.frombuffer(seg.buf, dtype=held.wire_dtype, count=n * lay.hidden, offset=begin)
-        return Fold(cache, rows.view(1, n, lay.hidden), held.folded, drafts)  # rows [1, n, hidden]
+        views = held.views
+        views.cache.lengths = [held.folded] * views.cache.n_layers
+        rows = views.rows[held.folded:position + 1].unsqueeze(0)  # [n, hidden] -> [1, n, hidden]
+        return Fold(views.cache, rows, held.folded, drafts)
 
     def _finish(self, p: Pending, verdict: Verdict, seconds: float) -> ep.Token:
         """End the request's work: commit (keeping the lease), or roll the session back at a wrong draft
@@ -323,6 +318,23 @@ class CloudService:
         return Pending(msg, fold, None, grant.token, storage)
 
 
+class SegmentViews:
+    """Arrays and tensors over one device's mapped segment, made once a lease (not once a token)."""
+
+    def __init__(self, seg: shm.Attachment, layout: shm.StateLayout, kv_dtype: torch.dtype, wire_dtype: torch.dtype,
+                 first_layer: int) -> None:
+        self.header = shm.header(seg.buf)  # the content manager's words: shm.LEASE, RECEIVED, EPOCH
+        self.drafts = shm.drafts(seg.buf, layout)  # [capacity] the edge's token after each row
+        count = 1
+        for n in layout.kv_shape:
+            count *= n
+        kv = torch.frombuffer(seg.buf, dtype=kv_dtype, count=count, offset=layout.kv_offset).view(layout.kv_shape)
+        self.cache = KVCache(first_layer, layout.cloud_layers, layout.n_kv_heads, layout.head_dim, storage=kv)
+        rows = torch.frombuffer(seg.buf, dtype=wire_dtype, count=layout.capacity * layout.hidden,
+                                offset=layout.rows_offset)
+        self.rows = rows.view(layout.capacity, layout.hidden)  # [capacity, hidden], the wire dtype
+
+
 @dataclass
 class HeldLease:
     """A lease this worker keeps on a device between its requests (a local worker: the state is in the
@@ -332,8 +344,11 @@ class HeldLease:
     token: int
     folded: int  # positions in the KV cache, as this worker left them
     segment: str
-    layout: shm.StateLayout
-    wire_dtype: torch.dtype  # the rows' dtype in the segment
+    views: SegmentViews
+
+    @property
+    def capacity(self) -> int:
+        return self.views.rows.shape[0]
 
 
 @dataclass
