@@ -1,0 +1,271 @@
+"""The scaling benchmark (issue 14): one recorded edge trace replayed from 1..32 devices against one broker,
+batched (`--max-batch N`) and unbatched (`--max-batch 1`) in the same run.
+
+Each point (mode, device count) gets a fresh broker with one worker (or `workers`) at one torch thread, so
+the content manager's memory starts from idle and the broker's batch-size histogram counts this point only.
+The trace is recorded once, on the default settings of the paper's mode (threshold 0.8, exact=False), against
+an unbatched broker, or taken from a file; every replayed reply must equal its recorded token (a mismatch is
+an error), which is also the check that batched serving is token-identical. Points are run in pairs (unbatched
+then batched at each device count) so a run cut short still has comparable pairs and slow drifts of the
+machine's load hit both modes alike.
+
+`run_scaling(ScalingConfig(...)) -> list[dict]`: one row per point, also appended to `<out>/raw.jsonl` as it
+finishes; scaling_report.py turns the rows into the table, ratios, report.md and the plot.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import orjson
+
+from cecollm.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODEL, DEFAULT_THRESHOLD
+from cecollm.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DEVICES = (1, 2, 4, 8, 16, 32)
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "alpaca.jsonl"
+BATCH_METRIC = "cecollm_broker_batch_size"  # histogram: requests per batch handed to a worker
+MODES = ("unbatched", "batched")  # run in this order at each device count
+RAW_NAME = "raw.jsonl"
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """One scaling run; tools/scaling.py options take their defaults from here."""
+
+    devices: tuple[int, ...] = DEFAULT_DEVICES  # device counts, one point per mode each
+    max_batch: int = 0  # the batched mode's --max-batch; 0 = the largest device count
+    workers: int = 1  # worker processes of the broker
+    threads: int = 1  # torch threads of each worker (and of the recording edge)
+    model: str = DEFAULT_MODEL
+    exits: str = ""  # "" = the model's default split
+    heads: str = ""  # "" = the model's default heads
+    trace: str = ""  # an existing trace to replay; "" = record one into <out>/trace.jsonl
+    prompts: str | tuple[str, ...] = str(DEFAULT_PROMPTS)  # what the trace is recorded from
+    n_prompts: int = 8
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    threshold: float = DEFAULT_THRESHOLD  # the paper's mode: exits decide at this confidence
+    duration: float = 30.0  # seconds each point replays (round the trace); 0 = each generation once per device
+    pace: float = 1.0  # recorded edge time x this (1: the trace's request rate; 0: back to back)
+    stagger: float = 1.0  # devices start at random offsets in [0, stagger) seconds
+    timeout: float = 20.0  # seconds a request may take before it counts as a timeout
+    seed: int = 0
+    latency_target_ms: float = 100.0  # the p99 a device count must stay under to count as served
+    out: str = "results/scaling"
+    memory_interval: float = 0.1  # seconds between samples of the content manager's memory
+    broker_args: tuple[str, ...] = ()  # more broker options, as given
+
+    @property
+    def batch(self) -> int:
+        """The batched mode's --max-batch."""
+        return self.max_batch or max(self.devices)
+
+
+def check_scaling(config: ScalingConfig) -> None:
+    """Bad values are UserErrors (one line), before anything starts."""
+    if not config.devices or min(config.devices) < 1:
+        raise UserError(f"--devices must be positive device counts, got {','.join(map(str, config.devices)) or 'none'}")
+    if config.max_batch < 0 or config.workers < 1 or config.threads < 1:
+        raise UserError("--max-batch must not be negative; --workers and --threads at least 1")
+    if config.duration < 0 or config.pace < 0 or config.stagger < 0 or config.timeout <= 0:
+        raise UserError("--duration, --pace and --stagger must not be negative, --timeout positive")
+    if config.latency_target_ms <= 0:
+        raise UserError("--latency-target-ms must be positive")
+    if config.trace and not Path(config.trace).is_file():
+        raise UserError(f"trace {config.trace} does not exist (leave --trace out to record one)")
+    if not config.trace and isinstance(config.prompts, str) and not Path(config.prompts).is_file():
+        raise UserError(f"prompts file {config.prompts} does not exist (give --prompts FILE.jsonl)")
+
+
+def broker_options() -> str:
+    """`cecollm-broker --help`: which options this checkout's broker has (--max-batch is being added)."""
+    done = subprocess.run([sys.executable, "-m", "cecollm.broker", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    return done.stdout
+
+
+class PointBroker:
+    """A broker for one point: `workers` workers at `threads` torch threads, metrics on a free port, and
+    --max-batch when this broker has the option (else `max_batch_applied` is False: it batches as it does)."""
+
+    def __init__(self, config: ScalingConfig, max_batch: int, has_max_batch: bool, keys_dir: Path, log_path: Path):
+        from cecollm.broker.launch import BrokerProcess
+        from cecollm.runtime import free_ports
+
+        self.metrics_url = ""
+        port = free_ports(1)[0]
+        extra = ["--threads", str(config.threads), "--metrics", f"127.0.0.1:{port}", *config.broker_args]
+        if config.exits:
+            extra += ["--exits", config.exits]
+        if config.heads:
+            extra += ["--heads", config.heads]
+        self.max_batch_applied = has_max_batch
+        if has_max_batch:
+            extra += ["--max-batch", str(max_batch)]
+        self.process = BrokerProcess(config.model, workers=config.workers, extra=extra, log_path=log_path,
+                                     keys_dir=keys_dir)
+        self.metrics_url = f"http://127.0.0.1:{port}/metrics"
+
+    def __enter__(self) -> PointBroker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.stop()
+
+
+def scrape_batches(url: str, metric: str = BATCH_METRIC) -> dict | None:
+    """The batch-size histogram of a broker's metrics: {"count", "sum", "buckets": {upper bound: batches in it
+    (not cumulative)}}; None when the broker does not export it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        text = answer.read().decode()
+    for family in text_string_to_metric_families(text):
+        if family.name != metric:
+            continue
+        cumulative: dict[float, float] = {}
+        count = total = 0.0
+        for s in family.samples:
+            if s.name == metric + "_bucket":
+                cumulative[float(s.labels["le"])] = cumulative.get(float(s.labels["le"]), 0.0) + s.value
+            elif s.name == metric + "_count":
+                count += s.value
+            elif s.name == metric + "_sum":
+                total += s.value
+        buckets, below = {}, 0.0
+        for le in sorted(cumulative):
+            buckets[le] = int(cumulative[le] - below)
+            below = cumulative[le]
+        return {"count": int(count), "sum": total, "buckets": buckets}
+    return None
+
+
+def batch_stats(histogram: dict | None) -> dict:
+    """Mean, max (the upper bound of the highest bucket with a batch in it) and the non-empty buckets."""
+    if histogram is None or not histogram["count"]:
+        return {"batch_mean": None, "batch_max": None, "batch_histogram": None, "batches": 0 if histogram else None}
+    seen = {le: n for le, n in histogram["buckets"].items() if n}
+    top = max(seen)
+    return {"batch_mean": round(histogram["sum"] / histogram["count"], 3),
+            "batch_max": None if top == float("inf") else int(top) if top == int(top) else top,
+            "batch_histogram": {("+Inf" if le == float("inf") else f"{le:g}"): n for le, n in seen.items()},
+            "batches": histogram["count"]}
+
+
+def fanout_config(config: ScalingConfig, broker, trace: str, clients: int = 1, **options):
+    """The FanoutConfig of a point (or of the recording: clients 1 and the prompts)."""
+    from cecollm.loadgen.config import FanoutConfig
+
+    return FanoutConfig(clients=clients, broker=broker.request_address, upload=broker.upload_address,
+                        model=config.model, heads=config.heads, exits=config.exits, threshold=config.threshold,
+                        max_new_tokens=config.max_new_tokens, timeout=config.timeout, pace=config.pace,
+                        stagger=config.stagger, duration=config.duration, seed=config.seed, trace=trace,
+                        broker_pid=broker.proc.pid, cm_pid=broker.content_manager_pid(),
+                        memory_interval=config.memory_interval, threads=config.threads, keys=broker.device_keys,
+                        **options)
+
+
+def trace_rate(trace) -> dict:
+    """The trace's own pace: cloud requests per second of one device, over the recorded generations' time."""
+    seconds = sum(g.events[-1].t for g in trace.generations if g.events)
+    requests = sum(len(g.decides) for g in trace.generations)
+    return {**trace.summary(), "seconds": round(seconds, 3),
+            "requests_per_s_per_device": round(requests / seconds, 3) if seconds else None}
+
+
+POINT_FIELDS = ("generations", "requests", "cloud_tokens", "cloud_tokens_per_s", "latency_p50_ms", "latency_p99_ms",
+                "latency_mean_ms", "latency_max_ms", "cloud_seconds", "wall_seconds", "errors", "timeouts",
+                "mismatches", "reuploads", "cm_rss_idle", "cm_rss_peak", "cm_pss_peak", "shm_peak", "memory_note",
+                "error_messages")
+
+
+def run_point(config: ScalingConfig, trace: str, mode: str, devices: int, has_max_batch: bool, keys_dir: Path,
+              progress: Callable[[int], None] | None = None) -> dict:
+    """One point: a fresh broker, `devices` devices replaying `trace`; the row (see POINT_FIELDS, batch_stats)."""
+    from cecollm.loadgen.fanout import run_fanout
+
+    max_batch = config.batch if mode == "batched" else 1
+    out = Path(config.out)
+    began = time.perf_counter()
+    with PointBroker(config, max_batch, has_max_batch, keys_dir, out / "logs" / f"broker-{mode}-{devices}.log") as b:
+        report = run_fanout(fanout_config(config, b.process, trace, clients=devices, mode="replay"), progress)
+        histogram = scrape_batches(b.metrics_url)
+    d = report.to_dict()
+    return {"mode": mode, "devices": devices, "max_batch": max_batch, "max_batch_applied": b.max_batch_applied,
+            "workers": config.workers, "threads": config.threads, "pace": config.pace, "duration": config.duration,
+            **{k: d[k] for k in POINT_FIELDS}, **batch_stats(histogram),
+            "seconds_spent": round(time.perf_counter() - began, 2)}
+
+
+def record(config: ScalingConfig, keys_dir: Path, has_max_batch: bool, progress=None) -> str:
+    """Record the trace once, against an unbatched broker (the reference the batched replies must equal)."""
+    from cecollm.loadgen.live import record_trace
+
+    path = Path(config.out) / "trace.jsonl"
+    with PointBroker(config, 1, has_max_batch, keys_dir, Path(config.out) / "logs" / "broker-record.log") as b:
+        record_trace(fanout_config(config, b.process, str(path), prompts=config.prompts, n_prompts=config.n_prompts),
+                     progress=progress)
+    return str(path)
+
+
+def run_scaling(config: ScalingConfig, on_point: Callable[[dict], None] | None = None,
+                progress_for: Callable[[str, int], Callable[[int], None] | None] | None = None) -> tuple[dict, list[dict]]:
+    """Record (or load) the trace, then run every point; (the run's header, the rows). Each row is appended to
+    <out>/raw.jsonl (after a header line) as it finishes and handed to `on_point`. `progress_for(what, total)`
+    gives a callback for each step's units (generations; total 0 when unknown)."""
+    from cecollm.loadgen.trace import Trace
+
+    check_scaling(config)
+    out = Path(config.out)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    has_max_batch = "--max-batch" in broker_options()
+    keys_dir = Path(tempfile.mkdtemp(prefix="cecollm-scaling-keys-"))
+    trace_path = config.trace
+    if not trace_path:
+        n = len(config.prompts) if isinstance(config.prompts, tuple) else config.n_prompts
+        trace_path = record(config, keys_dir, has_max_batch, progress_for("record", n) if progress_for else None)
+    trace = Trace.load(trace_path)
+    header = {"kind": "run", "config": asdict(config), "trace_path": trace_path, "trace": trace_rate(trace),
+              "max_batch_option": has_max_batch, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    raw = out / RAW_NAME
+    raw.write_bytes(orjson.dumps(header) + b"\n")
+    rows = []
+    per_device = len(trace.generations)
+    for devices in config.devices:
+        for mode in MODES:
+            total = 0 if config.duration else per_device * devices
+            progress = progress_for(f"{mode} x{devices}", total) if progress_for else None
+            try:
+                row = run_point(config, trace_path, mode, devices, has_max_batch, keys_dir, progress)
+            except UserError:
+                raise
+            except Exception as exc:  # noqa: BLE001 (a broker that did not start: the point says so, the run goes on)
+                log.exception("scaling point %s x%d failed", mode, devices)
+                row = {"mode": mode, "devices": devices, "failed": f"{exc.__class__.__name__}: {exc}"}
+            rows.append(row)
+            with raw.open("ab") as f:
+                f.write(orjson.dumps({"kind": "point", **row}) + b"\n")
+            if on_point:
+                on_point(row)
+    return header, rows
+
+
+def load_raw(path: str | Path) -> tuple[dict, list[dict]]:
+    """(header, rows) of a raw.jsonl written by run_scaling."""
+    try:
+        lines = [orjson.loads(line) for line in Path(path).read_bytes().splitlines() if line.strip()]
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    if not lines or lines[0].get("kind") != "run":
+        raise UserError(f"{path} is not a scaling run's raw file")
+    return lines[0], [line for line in lines[1:] if line.get("kind") == "point"]
