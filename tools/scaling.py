@@ -22,7 +22,7 @@ from cecollm.loadgen.scaling import ScalingConfig
 D = ScalingConfig()  # the options' defaults
 
 
-def _devices(ctx, param, value: str) -> tuple[int, ...]:
+def _devices(value: str) -> tuple[int, ...]:
     try:
         counts = tuple(int(v) for v in value.split(","))
     except ValueError:
@@ -31,7 +31,7 @@ def _devices(ctx, param, value: str) -> tuple[int, ...]:
 
 
 @click.command(cls=GuardedCommand, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--devices", default=",".join(map(str, D.devices)), show_default=True, callback=_devices,
+@click.option("--devices", default=",".join(map(str, D.devices)), show_default=True,
               help="Device counts to measure, each batched and unbatched.")
 @click.option("--max-batch", type=int, default=D.max_batch,
               help="The batched mode's `cecollm-broker --max-batch` [default: the largest --devices]; the "
@@ -85,7 +85,8 @@ def main(verbose: bool, from_raw: str, **options) -> None:
     from cecollm.loadgen.scaling_report import summary, write_report
 
     setup_logging(verbose)
-    config = ScalingConfig(**{**options, "broker_args": tuple(options["broker_args"])})
+    config = ScalingConfig(**{**options, "devices": _devices(options["devices"]),
+                              "broker_args": tuple(options["broker_args"])})
     if from_raw:
         header, rows = load_raw(from_raw)
     else:

@@ -1,13 +1,14 @@
 """The scaling benchmark (issue 14): one recorded edge trace replayed from 1..32 devices against one broker,
 batched (`--max-batch N`) and unbatched (`--max-batch 1`) in the same run.
 
-Each point (mode, device count) gets a fresh broker with one worker (or `workers`) at one torch thread, so
-the content manager's memory starts from idle and the broker's batch-size histogram counts this point only.
-The trace is recorded once, on the default settings of the paper's mode (threshold 0.8, exact=False), against
-an unbatched broker, or taken from a file; every replayed reply must equal its recorded token (a mismatch is
-an error), which is also the check that batched serving is token-identical. Points are run in pairs (unbatched
-then batched at each device count) so a run cut short still has comparable pairs and slow drifts of the
-machine's load hit both modes alike.
+Each mode has its broker, both up for the whole run, each with one worker (or `workers`) at one torch
+thread; a point's batch sizes are the difference of the broker's batch-size histogram before and after it,
+its memory the content manager's peak during it. Each point's devices have ids of their own (a broker keeps a
+device id for its edge a while after its last request). The trace is recorded once, in the paper's mode
+(threshold 0.8, exact=False), against the unbatched broker, or taken from a file; every replayed reply must
+equal its recorded token (a mismatch is an error), which is also the check that batched serving is
+token-identical. Points are run in pairs (unbatched then batched at each device count) so a run cut short
+still has comparable pairs and slow drifts of the machine's load hit both modes alike.
 
 `run_scaling(ScalingConfig(...)) -> list[dict]`: one row per point, also appended to `<out>/raw.jsonl` as it
 finishes; scaling_report.py turns the rows into the table, ratios, report.md and the plot.
@@ -19,6 +20,7 @@ import logging
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -87,57 +89,68 @@ def check_scaling(config: ScalingConfig) -> None:
         raise UserError(f"prompts file {config.prompts} does not exist (give --prompts FILE.jsonl)")
 
 
-def broker_options() -> str:
-    """`cecollm-broker --help`: which options this checkout's broker has (--max-batch is being added)."""
+def broker_has(option: str) -> bool:
+    """Whether this checkout's `cecollm-broker` has `option` (--max-batch is being added): its click command's
+    options, read in this process; its --help text if the module has no click command."""
+    import click
+
+    from cecollm.broker import cli
+
+    commands = [c for c in vars(cli).values() if isinstance(c, click.Command)]
+    if commands:
+        return any(option in p.opts for c in commands for p in c.params)
     done = subprocess.run([sys.executable, "-m", "cecollm.broker", "--help"], capture_output=True, text=True,
                           timeout=120)
-    return done.stdout
+    return option in done.stdout
 
 
-class PointBroker:
-    """A broker for one point: `workers` workers at `threads` torch threads, metrics on a free port, and
+class ModeBroker:
+    """The broker of one mode: `workers` workers at `threads` torch threads, metrics on a free port, and
     --max-batch when this broker has the option (else `max_batch_applied` is False: it batches as it does)."""
 
-    def __init__(self, config: ScalingConfig, max_batch: int, has_max_batch: bool, keys_dir: Path, log_path: Path):
+    def __init__(self, config: ScalingConfig, max_batch: int, has_max_batch: bool, keys_dir: Path, log_path: Path,
+                 ports: list[int]):
+        """`ports`: request, upload, worker and metrics port."""
         from cecollm.broker.launch import BrokerProcess
-        from cecollm.runtime import free_ports
 
-        self.metrics_url = ""
-        port = free_ports(1)[0]
+        port = ports[3]
         extra = ["--threads", str(config.threads), "--metrics", f"127.0.0.1:{port}", *config.broker_args]
         if config.exits:
             extra += ["--exits", config.exits]
         if config.heads:
             extra += ["--heads", config.heads]
+        self.max_batch = max_batch
         self.max_batch_applied = has_max_batch
         if has_max_batch:
             extra += ["--max-batch", str(max_batch)]
         self.process = BrokerProcess(config.model, workers=config.workers, extra=extra, log_path=log_path,
-                                     keys_dir=keys_dir)
+                                     keys_dir=keys_dir, ports=tuple(ports[:3]))
         self.metrics_url = f"http://127.0.0.1:{port}/metrics"
 
-    def __enter__(self) -> PointBroker:
-        return self
-
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
         self.process.stop()
 
 
 def scrape_batches(url: str, metric: str = BATCH_METRIC) -> dict | None:
-    """The batch-size histogram of a broker's metrics: {"count", "sum", "buckets": {upper bound: batches in it
-    (not cumulative)}}; None when the broker does not export it."""
+    """The batch-size histogram a broker's metrics endpoint serves (parse_batches)."""
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        return parse_batches(answer.read().decode(), metric)
+
+
+def parse_batches(text: str, metric: str = BATCH_METRIC) -> dict | None:
+    """The histogram `metric` in Prometheus text: {"count", "sum", "buckets": {upper bound: batches in that
+    bucket (not cumulative)}}; None when the text does not have it."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(url, timeout=30) as answer:
-        text = answer.read().decode()
     for family in text_string_to_metric_families(text):
         if family.name != metric:
             continue
         cumulative: dict[float, float] = {}
         count = total = 0.0
-        for s in family.samples:
+        for s in family.samples:  # a histogram with labels (per worker, say) is summed over them
             if s.name == metric + "_bucket":
-                cumulative[float(s.labels["le"])] = cumulative.get(float(s.labels["le"]), 0.0) + s.value
+                le = float(s.labels["le"])
+                cumulative[le] = cumulative.get(le, 0.0) + s.value
             elif s.name == metric + "_count":
                 count += s.value
             elif s.name == metric + "_sum":
@@ -189,75 +202,139 @@ POINT_FIELDS = ("generations", "requests", "cloud_tokens", "cloud_tokens_per_s",
                 "error_messages")
 
 
-def run_point(config: ScalingConfig, trace: str, mode: str, devices: int, has_max_batch: bool, keys_dir: Path,
+def histogram_delta(after: dict | None, before: dict | None) -> dict | None:
+    """The batches counted between two scrapes of the same broker."""
+    if after is None or before is None:
+        return after
+    return {"count": after["count"] - before["count"], "sum": after["sum"] - before["sum"],
+            "buckets": {le: n - before["buckets"].get(le, 0) for le, n in after["buckets"].items()}}
+
+
+def run_point(config: ScalingConfig, broker: ModeBroker, trace: str, mode: str, devices: int, device_base: int,
               progress: Callable[[int], None] | None = None) -> dict:
-    """One point: a fresh broker, `devices` devices replaying `trace`; the row (see POINT_FIELDS, batch_stats)."""
+    """One point: `devices` devices (ids from `device_base`) replaying `trace` against the mode's broker; the row
+    (POINT_FIELDS, batch_stats and the settings)."""
     from cecollm.loadgen.fanout import run_fanout
 
-    max_batch = config.batch if mode == "batched" else 1
-    out = Path(config.out)
     began = time.perf_counter()
-    with PointBroker(config, max_batch, has_max_batch, keys_dir, out / "logs" / f"broker-{mode}-{devices}.log") as b:
-        report = run_fanout(fanout_config(config, b.process, trace, clients=devices, mode="replay"), progress)
-        histogram = scrape_batches(b.metrics_url)
+    before = scrape_batches(broker.metrics_url)
+    report = run_fanout(fanout_config(config, broker.process, trace, clients=devices, mode="replay",
+                                      device_base=device_base), progress)
+    histogram = histogram_delta(scrape_batches(broker.metrics_url), before)
     d = report.to_dict()
-    return {"mode": mode, "devices": devices, "max_batch": max_batch, "max_batch_applied": b.max_batch_applied,
+    return {"mode": mode, "devices": devices, "max_batch": broker.max_batch, "max_batch_applied": broker.max_batch_applied,
             "workers": config.workers, "threads": config.threads, "pace": config.pace, "duration": config.duration,
             **{k: d[k] for k in POINT_FIELDS}, **batch_stats(histogram),
             "seconds_spent": round(time.perf_counter() - began, 2)}
 
 
-def record(config: ScalingConfig, keys_dir: Path, has_max_batch: bool, progress=None) -> str:
-    """Record the trace once, against an unbatched broker (the reference the batched replies must equal)."""
+def record(config: ScalingConfig, broker: ModeBroker, progress=None) -> str:
+    """Record the trace once, against the unbatched broker (the reference the batched replies must equal), as
+    device 1000."""
     from cecollm.loadgen.live import record_trace
 
     path = Path(config.out) / "trace.jsonl"
-    with PointBroker(config, 1, has_max_batch, keys_dir, Path(config.out) / "logs" / "broker-record.log") as b:
-        record_trace(fanout_config(config, b.process, str(path), prompts=config.prompts, n_prompts=config.n_prompts),
-                     progress=progress)
+    record_trace(fanout_config(config, broker.process, str(path), prompts=config.prompts, n_prompts=config.n_prompts),
+                 progress=progress)
     return str(path)
 
 
 def run_scaling(config: ScalingConfig, on_point: Callable[[dict], None] | None = None,
                 progress_for: Callable[[str, int], Callable[[int], None] | None] | None = None) -> tuple[dict, list[dict]]:
-    """Record (or load) the trace, then run every point; (the run's header, the rows). Each row is appended to
-    <out>/raw.jsonl (after a header line) as it finishes and handed to `on_point`. `progress_for(what, total)`
-    gives a callback for each step's units (generations; total 0 when unknown)."""
+    """Start both brokers, record (or load) the trace, then run every point; (the run's header, the rows). Each
+    row is appended to <out>/raw.jsonl (after a header line) as it finishes and handed to `on_point`.
+    `progress_for(what, total)` gives a callback for each step's units (generations; total 0 when unknown)."""
     from cecollm.loadgen.trace import Trace
 
     check_scaling(config)
     out = Path(config.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    has_max_batch = "--max-batch" in broker_options()
+    has_max_batch = broker_has("--max-batch")
     keys_dir = Path(tempfile.mkdtemp(prefix="cecollm-scaling-keys-"))
-    trace_path = config.trace
-    if not trace_path:
-        n = len(config.prompts) if isinstance(config.prompts, tuple) else config.n_prompts
-        trace_path = record(config, keys_dir, has_max_batch, progress_for("record", n) if progress_for else None)
-    trace = Trace.load(trace_path)
-    header = {"kind": "run", "config": asdict(config), "trace_path": trace_path, "trace": trace_rate(trace),
-              "max_batch_option": has_max_batch, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    raw = out / RAW_NAME
-    raw.write_bytes(orjson.dumps(header) + b"\n")
-    rows = []
-    per_device = len(trace.generations)
-    for devices in config.devices:
-        for mode in MODES:
-            total = 0 if config.duration else per_device * devices
-            progress = progress_for(f"{mode} x{devices}", total) if progress_for else None
-            try:
-                row = run_point(config, trace_path, mode, devices, has_max_batch, keys_dir, progress)
-            except UserError:
-                raise
-            except Exception as exc:  # noqa: BLE001 (a broker that did not start: the point says so, the run goes on)
-                log.exception("scaling point %s x%d failed", mode, devices)
-                row = {"mode": mode, "devices": devices, "failed": f"{exc.__class__.__name__}: {exc}"}
-            rows.append(row)
-            with raw.open("ab") as f:
-                f.write(orjson.dumps({"kind": "point", **row}) + b"\n")
-            if on_point:
-                on_point(row)
+    done = threading.Event()
+    brokers, keepers = _start(config, has_max_batch, keys_dir, done)
+    try:
+        trace_path = config.trace
+        if not trace_path:
+            n = len(config.prompts[:config.n_prompts or None]) if isinstance(config.prompts, tuple) else config.n_prompts
+            trace_path = record(config, brokers["unbatched"], progress_for("record", n) if progress_for else None)
+        trace = Trace.load(trace_path)
+        header = {"kind": "run", "config": asdict(config), "trace_path": trace_path, "trace": trace_rate(trace),
+                  "max_batch_option": has_max_batch, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        raw = out / RAW_NAME
+        raw.write_bytes(orjson.dumps(header) + b"\n")
+        rows = []
+        for devices in config.devices:
+            for mode in MODES:
+                total = 0 if config.duration else len(trace.generations) * devices
+                progress = progress_for(f"{mode} x{devices}", total) if progress_for else None
+                base = 1000 * (len(rows) + 2)  # ids of their own: 1000 recorded, each point the next thousand
+                try:
+                    row = run_point(config, brokers[mode], trace_path, mode, devices, base, progress)
+                except UserError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 (a broker that died: the point says so, the run goes on)
+                    log.exception("scaling point %s x%d failed", mode, devices)
+                    row = {"mode": mode, "devices": devices, "failed": f"{exc.__class__.__name__}: {exc}"}
+                rows.append(row)
+                with raw.open("ab") as f:
+                    f.write(orjson.dumps({"kind": "point", **row}) + b"\n")
+                if on_point:
+                    on_point(row)
+    finally:
+        done.set()  # each keeper stops its broker
+        for keeper in keepers:
+            keeper.join()
     return header, rows
+
+
+class _Keeper(threading.Thread):
+    """Starts a mode's broker and lives until `done`, then stops it: a broker dies with the thread that started
+    it (PR_SET_PDEATHSIG), so the thread that starts it stays; two keepers start both brokers at once."""
+
+    def __init__(self, make: Callable[[], ModeBroker], done: threading.Event) -> None:
+        super().__init__(name="scaling-broker", daemon=True)
+        self.make, self.done = make, done
+        self.started_broker = threading.Event()
+        self.broker: ModeBroker | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.broker = self.make()
+        except BaseException as exc:  # noqa: BLE001 (handed to the caller's thread)
+            self.error = exc
+        self.started_broker.set()
+        if self.broker is not None:
+            self.done.wait()
+            self.broker.stop()
+
+
+def _start(config: ScalingConfig, has_max_batch: bool, keys_dir: Path, done: threading.Event) -> tuple[dict, list]:
+    """Both modes' brokers, started at once: ({mode: ModeBroker}, keepers to join after setting `done`); the
+    first start's error is raised after both ended (and the one that started is stopped)."""
+    from cecollm.runtime import free_ports
+    from cecollm.wire.security import launcher_keys
+
+    launcher_keys(keys_dir)  # made once here, not by two brokers at once
+    ports = free_ports(4 * len(MODES))  # taken together: two brokers never get the same port
+
+    def maker(k: int, mode: str):
+        return lambda: ModeBroker(config, config.batch if mode == "batched" else 1, has_max_batch, keys_dir,
+                                  Path(config.out) / "logs" / f"broker-{mode}.log", ports[4 * k:4 * k + 4])
+
+    keepers = {mode: _Keeper(maker(k, mode), done) for k, mode in enumerate(MODES)}
+    for keeper in keepers.values():
+        keeper.start()
+    for keeper in keepers.values():
+        keeper.started_broker.wait()
+    errors = [k.error for k in keepers.values() if k.error is not None]
+    if errors:
+        done.set()
+        for keeper in keepers.values():
+            keeper.join()
+        raise errors[0]
+    return {mode: k.broker for mode, k in keepers.items()}, list(keepers.values())
 
 
 def load_raw(path: str | Path) -> tuple[dict, list[dict]]:
@@ -268,4 +345,5 @@ def load_raw(path: str | Path) -> tuple[dict, list[dict]]:
         raise UserError(f"cannot read {path}: {exc}") from None
     if not lines or lines[0].get("kind") != "run":
         raise UserError(f"{path} is not a scaling run's raw file")
-    return lines[0], [line for line in lines[1:] if line.get("kind") == "point"]
+    rows = [{k: v for k, v in line.items() if k != "kind"} for line in lines[1:] if line.get("kind") == "point"]
+    return lines[0], rows
