@@ -114,8 +114,9 @@ def _served_line(s: dict, trace: dict) -> str:
         v = s["served"][mode]
         if not v["devices"]:
             return f"{mode}: none (p99 ≥ {s['target_ms']:g} ms already at the smallest count, or errors)"
-        return f"{mode}: {v['devices']} devices" + (" (every count measured: the limit is higher)" if v["all_measured"]
-                                                     else "")
+        if v["all_measured"]:
+            return f"{mode}: at least {v['devices']} devices (the largest count measured)"
+        return f"{mode}: {v['devices']} devices"
     rate = trace.get("requests_per_s_per_device")
     return (f"At the paper's request rate (the trace's: {_f(rate, 2)} cloud requests/s per device), the largest device "
             f"count whose p99 stays under {s['target_ms']:g} ms: {one('unbatched')}; {one('batched')}.")
@@ -126,18 +127,20 @@ def render(header: dict, rows: list[dict], plot_path: Path | None, plot_note: st
     c, t = header["config"], header["trace"]
     s = summary(header, rows)
     ratio_rows = [[str(r["devices"]), _f(r["tokens_per_s"], 2), _f(r["p99"], 2)] for r in s["ratios"]]
-    workers = f"{c['workers']} worker{'s' if c['workers'] > 1 else ''} at {c['threads']} torch thread(s) each"
+    plural = lambda n, word: f"{n} {word}{'s' if n > 1 else ''}"
+    workers = f"{plural(c['workers'], 'worker')} at {plural(c['threads'], 'torch thread')} each"
     length = f"{c['duration']:g} s per point (round the trace)" if c["duration"] else "each generation once per device"
     lines = [
         "# Scaling: one broker, batched and unbatched", "",
         f"Model {c['model']}, the paper's mode (threshold {c['threshold']:g}, exact off). One edge's trace "
         f"({t['generations']} generations, {t['tokens']} tokens, {t['cloud_requests']} cloud requests over "
-        f"{t['seconds']:g} s of recorded time: `{header['trace_path']}`) replayed from each device count against a "
-        f"fresh broker with {workers}; batched = `--max-batch {c['max_batch'] or max(c['devices'])}`, unbatched = "
-        f"`--max-batch 1`. Pace {c['pace']:g} (1: the recorded request rate), {length}, start stagger "
-        f"{c['stagger']:g} s. Latency: per cloud request, measured by the replaying device (send to reply). Tokens/s: "
-        f"cloud tokens over the point's wall time. Memory: the content manager's peak RSS and the device segments "
-        f"in /dev/shm. A mismatch is a reply that differs from the recorded token.", "",
+        f"{t['seconds']:g} s of recorded time: `{header['trace_path']}`) replayed from each device count against "
+        f"the mode's broker (one per mode, up for the whole run) with {workers}; batched = `--max-batch "
+        f"{c['max_batch'] or max(c['devices'])}`, unbatched = `--max-batch 1`. Pace {c['pace']:g} (1: the "
+        f"recorded request rate), {length}, start stagger {c['stagger']:g} s. Latency: per cloud request, "
+        "measured by the replaying device (send to reply). Tokens/s: cloud tokens over the point's wall time. "
+        "Memory: the content manager's peak RSS and the device segments in /dev/shm. A mismatch is a reply that "
+        "differs from the recorded token.", "",
         *table(rows), "",
         "Batched / unbatched:", "", *_table(["devices", "cloud tokens/s", "p99"], ratio_rows), "",
         _served_line(s, t), "",
@@ -149,7 +152,7 @@ def render(header: dict, rows: list[dict], plot_path: Path | None, plot_note: st
         lines += [f"![scaling]({plot_path.name})", ""]
     elif plot_note:
         lines += [f"No plot: {plot_note}.", ""]
-    lines += [f"Started {header['started']}; raw rows in `raw.jsonl`.", ""]
+    lines += [f"Started {header['started']}; raw rows in `raw.jsonl`; the brokers' logs in `logs/`.", ""]
     return "\n".join(lines)
 
 
