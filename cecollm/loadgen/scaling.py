@@ -17,6 +17,7 @@ finishes; scaling_report.py turns the rows into the table, ratios, report.md and
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -217,6 +218,7 @@ def run_point(config: ScalingConfig, broker: ModeBroker, trace: str, mode: str, 
     from cecollm.loadgen.fanout import run_fanout
 
     began = time.perf_counter()
+    load = os.getloadavg()[0]  # other work on the machine shows as latency: noted next to it
     before = scrape_batches(broker.metrics_url)
     report = run_fanout(fanout_config(config, broker.process, trace, clients=devices, mode="replay",
                                       device_base=device_base), progress)
@@ -225,7 +227,7 @@ def run_point(config: ScalingConfig, broker: ModeBroker, trace: str, mode: str, 
     return {"mode": mode, "devices": devices, "max_batch": broker.max_batch, "max_batch_applied": broker.max_batch_applied,
             "workers": config.workers, "threads": config.threads, "pace": config.pace, "duration": config.duration,
             **{k: d[k] for k in POINT_FIELDS}, **batch_stats(histogram),
-            "seconds_spent": round(time.perf_counter() - began, 2)}
+            "load_1min": round(load, 2), "seconds_spent": round(time.perf_counter() - began, 2)}
 
 
 def record(config: ScalingConfig, broker: ModeBroker, progress=None) -> str:
@@ -260,7 +262,8 @@ def run_scaling(config: ScalingConfig, on_point: Callable[[dict], None] | None =
             trace_path = record(config, brokers["unbatched"], progress_for("record", n) if progress_for else None)
         trace = Trace.load(trace_path)
         header = {"kind": "run", "config": asdict(config), "trace_path": trace_path, "trace": trace_rate(trace),
-                  "max_batch_option": has_max_batch, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                  "max_batch_option": has_max_batch,
+                  "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         raw = out / RAW_NAME
         raw.write_bytes(orjson.dumps(header) + b"\n")
         rows = []

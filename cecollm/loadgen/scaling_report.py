@@ -147,6 +147,10 @@ def render(header: dict, rows: list[dict], plot_path: Path | None, plot_note: st
         f"Errors {s['errors']} (mismatches {s['mismatches']}), timeouts {s['timeouts']}, failed points "
         f"{s['failed_points']}.", "",
     ]
+    loads = [r["load_1min"] for r in rows if r.get("load_1min") is not None]
+    if loads:
+        lines += [f"The machine's 1-minute load average at the points' starts: {min(loads):.1f} to {max(loads):.1f} "
+                  f"({header.get('cpus', '?')} CPUs); other work on it shows as latency.", ""]
     lines += [f"- {n}" for n in s["notes"]] + ([""] if s["notes"] else [])
     if plot_path is not None:
         lines += [f"![scaling]({plot_path.name})", ""]
@@ -184,6 +188,13 @@ def plot(rows: list[dict], path: Path, target_ms: float) -> tuple[Path | None, s
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     right.set_yscale("log")
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    right.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 10, 20, 50, 100, ... in plain numbers
+    right.yaxis.set_major_formatter(ScalarFormatter())
+    right.yaxis.set_minor_formatter(NullFormatter())
+    p99s = [r["latency_p99_ms"] for r in ok if r["latency_p99_ms"]] + [target_ms]
+    right.set_ylim(min(p99s) / 1.6, max(p99s) * 1.6)  # room for a labelled tick on both sides
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
