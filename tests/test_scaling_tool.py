@@ -13,7 +13,17 @@ import torch
 from click.testing import CliRunner
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from cecollm.loadgen.scaling import MODES, RAW_NAME, ScalingConfig, batch_stats, broker_has, load_raw, parse_batches, run_scaling
+from cecollm.loadgen.scaling import (
+    MODES,
+    RAW_NAME,
+    ScalingConfig,
+    batch_stats,
+    broker_has,
+    histogram_delta,
+    load_raw,
+    parse_batches,
+    run_scaling,
+)
 from cecollm.loadgen.scaling_report import ratios, served, summary, write_report
 from cecollm.loadgen.trace import Trace
 
@@ -115,6 +125,28 @@ def test_batch_sizes_come_from_the_prometheus_histogram():
     assert stats == {"batch_mean": 3.0, "batch_max": 8, "batch_histogram": {"1": 2, "4": 3, "8": 1}, "batches": 6}
     assert parse_batches("# nothing here\n") is None
     assert batch_stats(None)["batch_mean"] is None and batch_stats(None)["batches"] is None
+    # a point's batches: what the broker counted since the scrape before it
+    before = parsed
+    for size in (2, 2, 30):
+        h.observe(size)
+    delta = histogram_delta(parse_batches(generate_latest(registry).decode()), before)
+    assert batch_stats(delta) == {"batch_mean": 11.333, "batch_max": 32, "batch_histogram": {"2": 2, "32": 1},
+                                  "batches": 3}
+    assert histogram_delta(None, before) is None
+
+
+def test_the_tool_prints_the_report_again_from_a_raw_file_and_exits_1_on_a_mismatch(run, tmp_path):
+    _, header, rows, _, _ = run
+    raw = tmp_path / RAW_NAME
+    raw.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in [header, *({"kind": "point", **r} for r in rows)]))
+    r = CliRunner().invoke(_tool_main(), ["--from-raw", str(raw)])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("# Scaling") and (tmp_path / "report.md").read_text().strip() == r.stdout.strip()
+    bad = [{**rows[-1], "errors": 1, "mismatches": 1}]  # one reply that differed from the recorded token
+    raw.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in [header, *({"kind": "point", **r} for r in bad)]))
+    r = CliRunner().invoke(_tool_main(), ["--from-raw", str(raw)])
+    assert r.exit_code == 1 and "Errors 1 (mismatches 1)" in r.stdout
+    assert f"points with problems: batched x{bad[0]['devices']}: 1 errors (1 mismatches)" in r.stdout
 
 
 def _tool_main():
