@@ -14,14 +14,17 @@ from click.testing import CliRunner
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from cecollm.loadgen.scaling import (
+    DECIDE,
+    LATENCY_METRIC,
     MODES,
     RAW_NAME,
     ScalingConfig,
     batch_stats,
     broker_has,
+    broker_latency,
     histogram_delta,
     load_raw,
-    parse_batches,
+    parse_histogram,
     run_scaling,
 )
 from cecollm.loadgen.scaling_report import ratios, served, summary, write_report
@@ -68,6 +71,8 @@ def test_every_point_gets_the_recorded_tokens_and_reports_its_fields(run):
         assert r["max_batch"] == (2 if r["mode"] == "batched" else 1)  # 0 = the largest device count
         assert r["max_batch_applied"] is has_option and (r["workers"], r["threads"]) == (1, 1)
         assert 0 < r["cm_rss_idle"] <= r["cm_rss_peak"] and r["memory_note"] == ""
+        # the broker's view of each request lies inside the device's: its mean cannot be larger
+        assert 0 < r["broker_latency_mean_ms"] <= r["latency_mean_ms"]
         if r["batches"] is None:  # the broker exports no batch histogram (yet): n/a everywhere
             assert r["batch_mean"] is r["batch_max"] is r["batch_histogram"] is None
         else:  # every request went to a worker in some batch, none larger than --max-batch
@@ -118,21 +123,36 @@ def test_batch_sizes_come_from_the_prometheus_histogram():
     h = Histogram("cecollm_broker_batch_size", "requests per batch", buckets=(1, 2, 4, 8, 16, 32), registry=registry)
     for size in (1, 1, 3, 3, 3, 7):
         h.observe(size)
-    parsed = parse_batches(generate_latest(registry).decode())
+    parsed = parse_histogram(generate_latest(registry).decode())
     assert parsed["count"] == 6 and parsed["sum"] == 18
     assert {le: n for le, n in parsed["buckets"].items() if n} == {1.0: 2, 4.0: 3, 8.0: 1}
     stats = batch_stats(parsed)
     assert stats == {"batch_mean": 3.0, "batch_max": 8, "batch_histogram": {"1": 2, "4": 3, "8": 1}, "batches": 6}
-    assert parse_batches("# nothing here\n") is None
+    assert parse_histogram("# nothing here\n") is None
     assert batch_stats(None)["batch_mean"] is None and batch_stats(None)["batches"] is None
     # a point's batches: what the broker counted since the scrape before it
     before = parsed
     for size in (2, 2, 30):
         h.observe(size)
-    delta = histogram_delta(parse_batches(generate_latest(registry).decode()), before)
+    delta = histogram_delta(parse_histogram(generate_latest(registry).decode()), before)
     assert batch_stats(delta) == {"batch_mean": 11.333, "batch_max": 32, "batch_histogram": {"2": 2, "32": 1},
                                   "batches": 3}
     assert histogram_delta(None, before) is None
+
+
+def test_the_brokers_decide_latency_comes_from_its_histogram_by_command():
+    registry = CollectorRegistry()
+    h = Histogram("cecollm_edge_request_latency_seconds", "latency", ["command"], buckets=(0.001, 0.01, 0.1, 1.0),
+                  registry=registry)
+    for seconds in [0.002] * 98 + [0.05, 0.5]:
+        h.labels("decide").observe(seconds)
+    h.labels("hello").observe(0.9)  # another command: not counted
+    parsed = parse_histogram(generate_latest(registry).decode(), LATENCY_METRIC, DECIDE)
+    assert parsed["count"] == 100
+    stats = broker_latency(parsed)
+    assert stats["broker_latency_p99_le_ms"] == 100.0  # the 99th of 100 lies in the (10 ms, 100 ms] bucket
+    assert stats["broker_latency_mean_ms"] == pytest.approx(1000 * (0.002 * 98 + 0.55) / 100, abs=1e-3)
+    assert broker_latency(None) == {"broker_latency_mean_ms": None, "broker_latency_p99_le_ms": None}
 
 
 def test_the_tool_prints_the_report_again_from_a_raw_file_and_exits_1_on_a_mismatch(run, tmp_path):

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 DEFAULT_DEVICES = (1, 2, 4, 8, 16, 32)
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "alpaca.jsonl"
 BATCH_METRIC = "cecollm_broker_batch_size"  # histogram: requests per batch handed to a worker
+LATENCY_METRIC = "cecollm_edge_request_latency_seconds"  # histogram by command: the broker's view of a request
+DECIDE = {"command": "decide"}
 MODES = ("unbatched", "batched")  # run in this order at each device count
 RAW_NAME = "raw.jsonl"
 
@@ -132,15 +134,15 @@ class ModeBroker:
         self.process.stop()
 
 
-def scrape_batches(url: str, metric: str = BATCH_METRIC) -> dict | None:
-    """The batch-size histogram a broker's metrics endpoint serves (parse_batches)."""
+def scrape(url: str) -> str:
+    """A broker's metrics, as Prometheus text."""
     with urllib.request.urlopen(url, timeout=30) as answer:
-        return parse_batches(answer.read().decode(), metric)
+        return answer.read().decode()
 
 
-def parse_batches(text: str, metric: str = BATCH_METRIC) -> dict | None:
-    """The histogram `metric` in Prometheus text: {"count", "sum", "buckets": {upper bound: batches in that
-    bucket (not cumulative)}}; None when the text does not have it."""
+def parse_histogram(text: str, metric: str = BATCH_METRIC, where: dict[str, str] | None = None) -> dict | None:
+    """The histogram `metric` in Prometheus text, its series whose labels include `where` summed: {"count", "sum",
+    "buckets": {upper bound: observations in that bucket (not cumulative)}}; None when the text does not have it."""
     from prometheus_client.parser import text_string_to_metric_families
 
     for family in text_string_to_metric_families(text):
@@ -148,7 +150,9 @@ def parse_batches(text: str, metric: str = BATCH_METRIC) -> dict | None:
             continue
         cumulative: dict[float, float] = {}
         count = total = 0.0
-        for s in family.samples:  # a histogram with labels (per worker, say) is summed over them
+        for s in family.samples:
+            if any(s.labels.get(k) != v for k, v in (where or {}).items()):
+                continue
             if s.name == metric + "_bucket":
                 le = float(s.labels["le"])
                 cumulative[le] = cumulative.get(le, 0.0) + s.value
@@ -162,6 +166,21 @@ def parse_batches(text: str, metric: str = BATCH_METRIC) -> dict | None:
             below = cumulative[le]
         return {"count": int(count), "sum": total, "buckets": buckets}
     return None
+
+
+def broker_latency(histogram: dict | None) -> dict:
+    """The broker's own view of the DECIDE latency (arrival to reply, without the edge's hops): its mean and the
+    upper bound of the bucket that holds the 99th percentile, in ms (None without the metric or requests)."""
+    if histogram is None or not histogram["count"]:
+        return {"broker_latency_mean_ms": None, "broker_latency_p99_le_ms": None}
+    seen, p99 = 0, None
+    for le in sorted(histogram["buckets"]):
+        seen += histogram["buckets"][le]
+        if seen >= 0.99 * histogram["count"]:
+            p99 = le
+            break
+    return {"broker_latency_mean_ms": round(1000 * histogram["sum"] / histogram["count"], 3),
+            "broker_latency_p99_le_ms": None if p99 in (None, float("inf")) else round(1000 * p99, 3)}
 
 
 def batch_stats(histogram: dict | None) -> dict:
@@ -219,14 +238,16 @@ def run_point(config: ScalingConfig, broker: ModeBroker, trace: str, mode: str, 
 
     began = time.perf_counter()
     load = os.getloadavg()[0]  # other work on the machine shows as latency: noted next to it
-    before = scrape_batches(broker.metrics_url)
+    before = scrape(broker.metrics_url)
     report = run_fanout(fanout_config(config, broker.process, trace, clients=devices, mode="replay",
                                       device_base=device_base), progress)
-    histogram = histogram_delta(scrape_batches(broker.metrics_url), before)
+    after = scrape(broker.metrics_url)  # the point's part of the histograms: after - before
+    batches = histogram_delta(parse_histogram(after), parse_histogram(before))
+    latency = histogram_delta(parse_histogram(after, LATENCY_METRIC, DECIDE), parse_histogram(before, LATENCY_METRIC, DECIDE))
     d = report.to_dict()
     return {"mode": mode, "devices": devices, "max_batch": broker.max_batch, "max_batch_applied": broker.max_batch_applied,
             "workers": config.workers, "threads": config.threads, "pace": config.pace, "duration": config.duration,
-            **{k: d[k] for k in POINT_FIELDS}, **batch_stats(histogram),
+            **{k: d[k] for k in POINT_FIELDS}, **batch_stats(batches), **broker_latency(latency),
             "load_1min": round(load, 2), "seconds_spent": round(time.perf_counter() - began, 2)}
 
 

@@ -140,7 +140,8 @@ def render(header: dict, rows: list[dict], plot_path: Path | None, plot_note: st
         f"recorded request rate), {length}, start stagger {c['stagger']:g} s. Latency: per cloud request, "
         "measured by the replaying device (send to reply). Tokens/s: cloud tokens over the point's wall time. "
         "Memory: the content manager's peak RSS and the device segments in /dev/shm. A mismatch is a reply that "
-        "differs from the recorded token.", "",
+        "differs from the recorded token. The broker's own view of the latency (arrival to reply: "
+        "broker_latency_mean_ms, broker_latency_p99_le_ms) is in raw.jsonl.", "",
         *table(rows), "",
         "Batched / unbatched:", "", *_table(["devices", "cloud tokens/s", "p99"], ratio_rows), "",
         _served_line(s, t), "",
