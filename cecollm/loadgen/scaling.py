@@ -223,7 +223,7 @@ POINT_FIELDS = ("generations", "requests", "cloud_tokens", "cloud_tokens_per_s",
 
 
 def histogram_delta(after: dict | None, before: dict | None) -> dict | None:
-    """The batches counted between two scrapes of the same broker."""
+    """What a histogram counted between two scrapes of the same broker."""
     if after is None or before is None:
         return after
     return {"count": after["count"] - before["count"], "sum": after["sum"] - before["sum"],
@@ -243,7 +243,8 @@ def run_point(config: ScalingConfig, broker: ModeBroker, trace: str, mode: str, 
                                       device_base=device_base), progress)
     after = scrape(broker.metrics_url)  # the point's part of the histograms: after - before
     batches = histogram_delta(parse_histogram(after), parse_histogram(before))
-    latency = histogram_delta(parse_histogram(after, LATENCY_METRIC, DECIDE), parse_histogram(before, LATENCY_METRIC, DECIDE))
+    latency = histogram_delta(parse_histogram(after, LATENCY_METRIC, DECIDE),
+                              parse_histogram(before, LATENCY_METRIC, DECIDE))
     d = report.to_dict()
     return {"mode": mode, "devices": devices, "max_batch": broker.max_batch, "max_batch_applied": broker.max_batch_applied,
             "workers": config.workers, "threads": config.threads, "pace": config.pace, "duration": config.duration,
@@ -273,6 +274,8 @@ def run_scaling(config: ScalingConfig, on_point: Callable[[dict], None] | None =
     out = Path(config.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     has_max_batch = broker_has("--max-batch")
+    if config.trace:
+        Trace.load(config.trace)  # a bad trace is a UserError now, not after the brokers started
     keys_dir = Path(tempfile.mkdtemp(prefix="cecollm-scaling-keys-"))
     done = threading.Event()
     brokers, keepers = _start(config, has_max_batch, keys_dir, done)
@@ -288,11 +291,12 @@ def run_scaling(config: ScalingConfig, on_point: Callable[[dict], None] | None =
         raw = out / RAW_NAME
         raw.write_bytes(orjson.dumps(header) + b"\n")
         rows = []
+        step = 1000 * (max(config.devices) // 1000 + 1)  # device ids of their own per point: 1000 recorded
         for devices in config.devices:
             for mode in MODES:
                 total = 0 if config.duration else len(trace.generations) * devices
                 progress = progress_for(f"{mode} x{devices}", total) if progress_for else None
-                base = 1000 * (len(rows) + 2)  # ids of their own: 1000 recorded, each point the next thousand
+                base = 1000 + step * (len(rows) + 1)
                 try:
                     row = run_point(config, brokers[mode], trace_path, mode, devices, base, progress)
                 except UserError:
