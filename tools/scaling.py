@@ -2,10 +2,10 @@
 """How far one cloud worker scales: one edge trace replayed from 1..32 devices, batched and unbatched
 (issue 14; cecollm.loadgen.scaling and scaling_report).
 
-    # record a trace of 8 Alpaca prompts, then 1..32 devices, each point 30 s, both modes (~15 min)
+    # record a trace of 8 Alpaca prompts, then 1..32 devices, each point 30 s, both modes (~9 min on 2 cores)
     .venv/bin/python tools/scaling.py --out results/scaling
     # a short check, on a trace recorded before
-    .venv/bin/python tools/scaling.py --devices 1,2,4 --duration 10 --trace results/scaling/trace.jsonl
+    .venv/bin/python tools/scaling.py --devices 1,2,4 --duration 10 --trace results/scaling/raw/trace.jsonl
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _devices(value: str) -> tuple[int, ...]:
 @click.option("--threads", type=int, default=D.threads, show_default=True,
               help="Torch threads per worker (and of the recording edge).")
 @click.option("--trace", default=D.trace, help="Replay this trace (tools/fanout.py --record) [default: record one "
-              "into OUT/trace.jsonl from --prompts, on a broker with --max-batch 1].")
+              "into OUT/raw/trace.jsonl from --prompts, on a broker with --max-batch 1].")
 @click.option("--prompts", default=D.prompts, show_default=True, help="JSONL prompts to record the trace from.")
 @click.option("--n-prompts", type=int, default=D.n_prompts, show_default=True, help="Record the first N prompts.")
 @click.option("--max-new-tokens", type=int, default=D.max_new_tokens, show_default=True)
@@ -63,7 +63,7 @@ def _devices(value: str) -> tuple[int, ...]:
 @click.option("--broker-arg", "broker_args", multiple=True,
               help="One more option for each broker, as one word (--broker-arg=--budget-mb=2048); repeatable.")
 @click.option("--out", default=D.out, show_default=True, help="Directory for raw.jsonl, report.md, scaling.png, "
-              "trace.jsonl and the brokers' logs.")
+              "and raw/ (the trace, the brokers' logs).")
 @click.option("--from-raw", default="", help="Only write report.md and the plot again from this raw.jsonl "
               "(beside it).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")

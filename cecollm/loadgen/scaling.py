@@ -41,7 +41,7 @@ BATCH_METRIC = "cecollm_broker_batch_size"  # histogram: requests per batch hand
 LATENCY_METRIC = "cecollm_edge_request_latency_seconds"  # histogram by command: the broker's view of a request
 DECIDE = {"command": "decide"}
 MODES = ("unbatched", "batched")  # run in this order at each device count
-RAW_NAME = "raw.jsonl"
+RAW_NAME = "raw.jsonl"  # in <out>; the trace and the brokers' logs in <out>/raw/ (not committed: .gitignore)
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class ScalingConfig:
     model: str = DEFAULT_MODEL
     exits: str = ""  # "" = the model's default split
     heads: str = ""  # "" = the model's default heads
-    trace: str = ""  # an existing trace to replay; "" = record one into <out>/trace.jsonl
+    trace: str = ""  # an existing trace to replay; "" = record one into <out>/raw/trace.jsonl
     prompts: str | tuple[str, ...] = str(DEFAULT_PROMPTS)  # what the trace is recorded from
     n_prompts: int = 8
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
@@ -257,7 +257,7 @@ def record(config: ScalingConfig, broker: ModeBroker, progress=None) -> str:
     device 1000."""
     from cecollm.loadgen.live import record_trace
 
-    path = Path(config.out) / "trace.jsonl"
+    path = Path(config.out) / "raw" / "trace.jsonl"
     record_trace(fanout_config(config, broker.process, str(path), prompts=config.prompts, n_prompts=config.n_prompts),
                  progress=progress)
     return str(path)
@@ -272,7 +272,7 @@ def run_scaling(config: ScalingConfig, on_point: Callable[[dict], None] | None =
 
     check_scaling(config)
     out = Path(config.out)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
+    (out / "raw" / "logs").mkdir(parents=True, exist_ok=True)
     has_max_batch = broker_has("--max-batch")
     if config.trace:
         Trace.load(config.trace)  # a bad trace is a UserError now, not after the brokers started
@@ -349,7 +349,7 @@ def _start(config: ScalingConfig, has_max_batch: bool, keys_dir: Path, done: thr
 
     def maker(k: int, mode: str):
         return lambda: ModeBroker(config, config.batch if mode == "batched" else 1, has_max_batch, keys_dir,
-                                  Path(config.out) / "logs" / f"broker-{mode}.log", ports[4 * k:4 * k + 4])
+                                  Path(config.out) / "raw" / "logs" / f"broker-{mode}.log", ports[4 * k:4 * k + 4])
 
     keepers = {mode: _Keeper(maker(k, mode), done) for k, mode in enumerate(MODES)}
     for keeper in keepers.values():

@@ -157,7 +157,7 @@ def render(header: dict, rows: list[dict], plot_path: Path | None, plot_note: st
         lines += [f"![scaling]({plot_path.name})", ""]
     elif plot_note:
         lines += [f"No plot: {plot_note}.", ""]
-    lines += [f"Started {header['started']}; raw rows in `raw.jsonl`; the brokers' logs in `logs/`.", ""]
+    lines += [f"Started {header['started']}; raw rows in `raw.jsonl`; the trace and the brokers' logs in `raw/`.", ""]
     return "\n".join(lines)
 
 
