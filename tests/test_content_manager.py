@@ -238,7 +238,7 @@ def test_a_remote_worker_gets_the_state_as_tensors_and_commits_kv_into_the_segme
     kv = np.arange(4 * 3 * 8, dtype=np.float32).reshape(4, 1, 3, 8)  # [L*2, kv, 3 positions, hd]
     (_, reply), = _control(manager, b"r1", sp.StateCommit(3, grant.token, 0, 3, 42, 0.25, kv))
     assert reply == sp.Committed(3) and dev.folded == 3 and dev.lease_token == 0
-    segment_kv = np.ndarray(dev.layout.kv_shape, dtype=np.float32, buffer=dev.segment.buf)
+    segment_kv = np.ndarray(dev.layout.kv_shape, dtype=np.float32, buffer=dev.segment.buf, offset=dev.layout.kv_offset)
     assert np.array_equal(segment_kv[:, :, :, :3].reshape(4, 1, 3, 8), kv)  # [L, 2, kv, 3, hd] as sent
     del segment_kv
     (_, grant), = _control(manager, b"r1", sp.Lease(3, opened.session, 2, 4, remote=True))
@@ -364,3 +364,30 @@ def test_a_second_edge_is_refused_while_the_first_uses_the_device_unless_it_take
     assert isinstance(manager.open(sp.Open(3, F16, instance=33)), sp.Opened)
     sessions = {manager.open(sp.Open(4, F16, instance=44)).session for _ in range(16)}
     assert len(sessions) == 16 and max(sessions) > 1 << 40  # 64 random bits, not a counter
+
+
+def test_a_kept_lease_is_in_the_segment_header_and_another_workers_lease_takes_it_over(manager):
+    opened = _open(manager)
+    dev = manager.devices[3]
+    header = shm.header(shm.attach(opened.segment).buf)  # what a worker on this host reads
+    _upload(manager, 3, opened.session, 0, 0, 3)
+    assert int(header[shm.RECEIVED]) == 3 and int(header[shm.LEASE]) == 0
+    manager.lease(sp.Lease(3, opened.session, 1, 2), b"w1")
+    (_, grant), = manager.state.take()
+    assert int(header[shm.LEASE]) == grant.token
+    assert manager.commit(sp.Commit(3, grant.token, 3, 42, 0.5, seq=1, keep=True)) is None
+    assert dev.lease_token == grant.token and not dev.leased(time.monotonic())  # kept, not computing
+    assert int(header[shm.LEASE]) == grant.token and dev.answer == sp.Decided(2, 42, 0.5)
+    _upload(manager, 3, opened.session, 1, 3, 2)
+    assert int(header[shm.RECEIVED]) == 5
+    # w1 served request 2 on its kept lease without asking; its commit names the request
+    assert manager.commit(sp.Commit(3, grant.token, 4, 43, 0.25, seq=2, keep=True)) is None
+    assert dev.folded == 4 and (dev.answer_seq, dev.answer) == (2, sp.Decided(3, 43, 0.25))
+    manager.lease(sp.Lease(3, opened.session, 3, 4), b"w2")  # another worker: it takes the kept lease over
+    (peer, taken), = manager.state.take()
+    assert peer == b"w2" and isinstance(taken, sp.Grant) and taken.folded == 4 and taken.token != grant.token
+    assert int(header[shm.LEASE]) == taken.token  # w1 sees that its lease is gone
+    assert manager.commit(sp.Commit(3, grant.token, 5, 44, 0.5, seq=3, keep=True)) is not None  # w1's is refused
+    manager.on_upload([bytes(f) for f in ep.End(3, opened.session).to_frames()])
+    assert int(header[shm.LEASE]) == 0  # the session ended: no worker's lease is current
+    del header

@@ -7,6 +7,7 @@ import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 import orjson
 import psutil
@@ -243,8 +244,11 @@ def test_a_worker_killed_mid_generation_and_shutdown_leaves_nothing(loaded, spli
 
             def kill_one(record):
                 if not killed and record.position == len(PROMPTS[2]) + 4:
-                    os.kill(pids[0], signal.SIGKILL)
-                    killed.append(pids[0])
+                    # the device's worker (the broker sends its requests there): the one that maps its segment
+                    serving = [p for p in pids if "/dev/shm/cecollm-" in Path(f"/proc/{p}/maps").read_text()]
+                    assert len(serving) == 1, serving
+                    os.kill(serving[0], signal.SIGKILL)
+                    killed.append(serving[0])
 
             result = client.generate(PROMPTS[2], kill_one)
         assert killed
@@ -254,11 +258,11 @@ def test_a_worker_killed_mid_generation_and_shutdown_leaves_nothing(loaded, spli
         while "purged" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.1)
         text = log.read_text()
-        assert f"worker {pids[0]} is silent: purged" in text
-        assert f"of the dead worker {pids[0]} goes to another worker" in text  # it was working for us
+        assert f"worker {killed[0]} is silent: purged" in text
+        assert f"of the dead worker {killed[0]} goes to another worker" in text  # it was working for us
         while "(2 ready)" not in log.read_text().split("starting another")[-1] and time.monotonic() < deadline + 60:
             time.sleep(0.2)
-        assert f"worker {pids[0]} exited (code -9); starting another" in log.read_text()
+        assert f"worker {killed[0]} exited (code -9); starting another" in log.read_text()
         assert "(2 ready)" in log.read_text().split("starting another")[-1]  # the replacement serves
         # leave a session open, then stop: everything goes, nothing stays in /dev/shm
         client = _client(loaded, split, b, 6)

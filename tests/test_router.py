@@ -51,30 +51,68 @@ def _jobs_sent(backend):
     return out
 
 
-def test_least_recently_used_dispatch_and_a_worker_that_starts_over():
+def _requests_sent(backend):
+    from cecollm.wire import broker_worker as wp
+
+    return [(identity, msg.job, msg.left) for identity, *rest in backend.sent
+            if isinstance(msg := wp.parse(rest), wp.Request)]
+
+
+def test_new_devices_spread_over_workers_stay_with_theirs_and_a_worker_that_starts_over():
     from cecollm.broker.router import Broker
     from cecollm.wire import broker_worker as wp
     from cecollm.wire import edge_cloud as ep
 
     front, back = Collect(), Collect()
-    broker = Broker(front, back, wp.Config("/m", "id", (2,), 2, "ipc:///x", 250, 4))
+    broker = Broker(front, back, wp.Config("/m", "id", (2,), 2, "ipc:///x", 250, 4), max_batch=4)
     for worker, pid in ((b"w1", 1), (b"w2", 2)):
         broker.on_worker(frames_of(worker, *wp.Connect(pid).to_frames()))
         broker.on_worker(frames_of(worker, *wp.Ready().to_frames()))
-    for seq in (1, 2):
-        broker.on_edge(frames_of(b"edge", b"", *ep.Decide(1, seq, 1, seq).to_frames()))
+    for device in (1, 2):
+        broker.on_edge(frames_of(b"edge", b"", *ep.Decide(device, 1, 1, 5).to_frames()))
     broker.dispatch()
-    assert _jobs_sent(back) == [(b"w1", 1), (b"w2", 2)]  # ready first, used first
+    assert _jobs_sent(back) == [(b"w1", 1), (b"w2", 2)]  # a new device goes to a worker serving no more than any
     broker.on_worker(frames_of(b"w1", *wp.Reply(1, Frames((b"answer",))).to_frames()))
     assert front.sent[-1] == [b"edge", b"", b"answer"]
+    broker.on_worker(frames_of(b"w2", *wp.Reply(2, Frames((b"answer",))).to_frames()))
+    broker.on_edge(frames_of(b"edge", b"", *ep.Decide(2, 2, 1, 6).to_frames()))  # job 3: device 2 again
+    broker.dispatch()
+    assert _jobs_sent(back)[-1] == (b"w2", 3)  # its worker, though w1 was free longer
     back.sent.clear()
-    broker.on_worker(frames_of(b"w2", *wp.Connect(2).to_frames()))  # w2 starts over: job 2 must not be lost
+    broker.on_worker(frames_of(b"w2", *wp.Connect(2).to_frames()))  # w2 starts over: job 3 must not be lost
     broker.on_worker(frames_of(b"w2", *wp.Ready().to_frames()))
     broker.dispatch()
-    assert _jobs_sent(back) == [(b"w1", 2)]  # w1 was free first
-    broker.on_edge(frames_of(b"edge", b"", *ep.Decide(1, 3, 1, 3).to_frames()))
+    assert _jobs_sent(back) == [(b"w2", 3)]  # device 2 is new to the pool: the worker serving fewer devices
+    broker.on_edge(frames_of(b"edge", b"", *ep.Decide(3, 1, 1, 3).to_frames()))
     broker.dispatch()
-    assert _jobs_sent(back) == [(b"w1", 2), (b"w2", 3)]  # w2 once, never two jobs at a time
+    assert _jobs_sent(back) == [(b"w2", 3), (b"w1", 4)]  # w2 is busy, w1 serves no more devices than it
+
+
+def test_a_free_worker_gets_what_is_waiting_one_request_a_device():
+    from cecollm.broker.router import Broker
+    from cecollm.wire import broker_worker as wp
+    from cecollm.wire import edge_cloud as ep
+
+    front, back = Collect(), Collect()
+    broker = Broker(front, back, wp.Config("/m", "id", (2,), 2, "ipc:///x", 250, 4), max_batch=3)
+    broker.on_worker(frames_of(b"w1", *wp.Connect(1).to_frames()))
+    broker.on_worker(frames_of(b"w1", *wp.Ready().to_frames()))
+    for device, seq in ((1, 1), (1, 2), (2, 1), (3, 1), (4, 1)):  # jobs 1..5: device 1 twice
+        broker.on_edge(frames_of(b"edge", b"", *ep.Decide(device, seq, 1, 5).to_frames()))
+    broker.dispatch()
+    assert _requests_sent(back) == [(b"w1", 1, 2), (b"w1", 3, 1), (b"w1", 4, 0)]  # one a device, `left` counting
+    assert [j.number for j in broker.queue] == [2, 5]  # the rest wait, in order
+    back.sent.clear()
+    broker.on_worker(frames_of(b"w1", *wp.Reply(1, Frames((b"a",))).to_frames()))
+    broker.on_worker(frames_of(b"w1", *wp.Reply(3, Frames((b"b",))).to_frames()))
+    broker.dispatch()
+    assert _requests_sent(back) == []  # the batch's last job is not answered: the worker is not free
+    broker.on_worker(frames_of(b"w1", *wp.Defer(4).to_frames()))
+    broker.dispatch()
+    assert _requests_sent(back) == [(b"w1", 2, 1), (b"w1", 5, 0)]
+    sizes = {s.labels.get("le"): s.value for s in broker.metrics.batch_size.collect()[0].samples
+             if s.name.endswith("_bucket")}
+    assert sizes["1.0"] == 0 and sizes["2.0"] == 1 and sizes["4.0"] == 2  # a batch of 3, then one of 2
 
 
 def _messages(sock, module):

@@ -49,6 +49,9 @@ _B = BrokerConfig()
               "the same id is refused (unless it takes over: cecollm-edge --take-over).")
 @click.option("--max-per-device", type=int, default=_B.max_per_device, show_default=True,
               help="Requests one device may have in the cloud at once (queued, waiting for rows, computing).")
+@click.option("--max-batch", type=int, default=_B.max_batch, show_default=True,
+              help="Requests of different devices a worker computes in one pass (their rows share each layer's "
+              "matrix products and the LM head's weights are read once). 1 computes one request at a time.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=_B.max_queue, show_default=True,
               help="Requests waiting for a worker before new ones are refused (busy).")
 @click.option("--retries", type=click.IntRange(min=0), default=_B.retries, show_default=True,

@@ -58,6 +58,7 @@ class BrokerConfig:
     job_seconds: float = 60.0  # a worker that holds one request longer is dropped (ours are killed and restarted)
     claim_seconds: float = 30.0  # a device's session used within this long is its edge's: another edge is refused
     max_per_device: int = 4  # requests one device may have in the broker (queued, parked or computing)
+    max_batch: int = 16  # requests of different devices a worker computes in one pass (1: one at a time)
     keys: str = ""  # the keys directory (`cecollm keys`); "" = $CECOLLM_HOME/keys
     insecure: bool = False  # no keys and no encryption: every socket binds loopback only
     metrics: str = ""  # HOST:PORT to serve Prometheus metrics on (GET /metrics; ":PORT" = loopback); "" = none
@@ -114,6 +115,8 @@ def _check(config: BrokerConfig) -> None:
             raise UserError(f"{name} must be at least {low}, got {value}")
     if config.idle_ttl <= 0 or config.wait_seconds <= 0 or config.job_seconds <= 0 or config.claim_seconds < 0:
         raise UserError("--idle-ttl, --wait-seconds and --job-seconds must be positive, --claim-seconds not negative")
+    if not 1 <= config.max_batch <= wp.MAX_BATCH:
+        raise UserError(f"--max-batch must be 1 to {wp.MAX_BATCH}, got {config.max_batch}")
     if config.max_per_device < 1:
         raise UserError(f"--max-per-device must be at least 1, got {config.max_per_device}")
 
@@ -310,7 +313,7 @@ def _serve(config: BrokerConfig, runtime, metrics, exporter) -> int:
     state.connect(connectable(plan.state_address))  # parked requests: WATCH out, ARRIVED in
     broker = Broker(frontend, backend, plan.worker, config.max_queue, config.retries,
                     authorize=ring.may_act_for if ring else None, state=state, wait_seconds=config.wait_seconds,
-                    job_seconds=config.job_seconds, max_per_device=config.max_per_device,
+                    job_seconds=config.job_seconds, max_per_device=config.max_per_device, max_batch=config.max_batch,
                     local_key=plan.local_keys.public if plan.local_keys else None, metrics=metrics)
     runtime.on_stop(lambda: setattr(broker, "running", False))
     children = None

@@ -76,6 +76,9 @@ def command_of(frames) -> str:
     return ep.Command(command).name.lower()
 
 
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
 class BrokerMetrics:
     """Every metric of one broker (its own registry: several brokers in one process never share counts)."""
 
@@ -99,6 +102,9 @@ class BrokerMetrics:
                                        registry=r)
         self.parked_expiries = Counter("cecollm_parked_request_expiries", "Parked requests answered MISSING "
                                        "(their rows did not arrive within --wait-seconds).", registry=r)
+        self.batch_size = Histogram("cecollm_broker_batch_size", "Requests in each batch handed to a worker (requests "
+                                    "of different devices it computes in one pass).", buckets=BATCH_BUCKETS,
+                                    registry=r)
         self.parked = Gauge("cecollm_num_requests_parked", "Requests parked, waiting for their rows (they hold no "
                             "worker).", registry=r)
         self.waiting = Gauge("cecollm_num_requests_waiting", "Requests queued for a free worker.", registry=r)

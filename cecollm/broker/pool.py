@@ -1,12 +1,13 @@
 """The broker's book of workers: who is connected, ready, busy, and when each was last heard.
 
-One `WorkerRecord` per worker. The least recently freed ready worker takes the next job; a
-worker that sends nothing for `liveness` heartbeats is dead (its job goes to another).
+One `WorkerRecord` per worker. A free worker takes a batch of waiting jobs (its own devices'
+first: a device's requests go to the worker that served it last, which keeps its lease); a
+worker that sends nothing for `liveness` heartbeats is dead (its jobs go to another).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 LOADING_SECONDS = 120.0  # a worker that connected may take this long to load before it is silent
 
@@ -34,8 +35,9 @@ class WorkerRecord:
     pid: int
     expires: float  # purged when no message arrives before this
     ready: bool = False  # loaded and serving
-    job: Job | None = None  # the request it is working on
-    busy_since: float = 0.0  # when it got that request
+    jobs: dict[int, Job] = field(default_factory=dict)  # job number -> a request of the batch it is working on
+    busy_since: float = 0.0  # when it got that batch
+    devices: int = 0  # devices whose requests go to this worker (it keeps their leases)
     local: bool = False  # connected with the key of the workers this broker started (its children)
     free_since: float = 0.0  # when it last became free: the least recently used free worker goes first
 
@@ -65,13 +67,19 @@ class WorkerPool:
     def heard(self, record: WorkerRecord, now: float) -> None:
         record.expires = now + self.interval * self.liveness
 
-    def free(self, record: WorkerRecord, now: float) -> None:
-        record.job, record.free_since = None, now
+    def done(self, record: WorkerRecord, job: Job, now: float) -> None:
+        """The worker answered `job`; with the batch's last answer it is free."""
+        del record.jobs[job.number]
+        if not record.jobs:
+            record.free_since = now
 
-    def next_free(self) -> WorkerRecord | None:
-        """The ready worker without a job that has been free longest, or None."""
-        free = [w for w in self.records.values() if w.ready and w.job is None]
-        return min(free, key=lambda w: w.free_since) if free else None
+    def free_workers(self) -> list[WorkerRecord]:
+        """The ready workers without a batch, the one free longest first."""
+        return sorted((w for w in self.records.values() if w.ready and not w.jobs), key=lambda w: w.free_since)
+
+    def fewest_devices(self) -> int:
+        """The fewest devices any ready worker serves (a new device goes to a worker that has no more)."""
+        return min((w.devices for w in self.records.values() if w.ready), default=0)
 
     def expired(self, now: float) -> list[WorkerRecord]:
         return [w for w in self.records.values() if now > w.expires]

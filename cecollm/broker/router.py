@@ -1,7 +1,12 @@
-"""The broker's routing loop: edge requests in, least recently used ready worker out.
+"""The broker's routing loop: edge requests in, batches to free workers out.
 
 Edges talk to the request ROUTER (REQ-style envelopes); workers to the worker ROUTER
-(broker_worker protocol). Requests are checked before they are queued (a bad one is answered
+(broker_worker protocol). A worker that is free gets what is waiting, up to `max_batch` requests of
+different devices, at once (no timer: a lone request goes alone). A device's requests go to the
+worker that served it last (it keeps the device's lease, so a token costs no call to the content
+manager); a device new to the pool goes to a worker that serves no more devices than any other, and
+a device at rest for AFFINITY_SECONDS is free to go anywhere. A device has one request at a worker
+at a time. Requests are checked before they are queued (a bad one is answered
 with an error at once), and a device has at most `max_per_device` requests in the broker. A
 worker that misses `liveness` heartbeats, or holds a job longer than `job_seconds`, is purged
 and its request goes to another worker (up to `retries` times), because the device's state lives
@@ -14,7 +19,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass
 
 import zmq
 
@@ -31,6 +37,7 @@ log = logging.getLogger(__name__)
 CHORES_SECONDS = 0.02  # purging silent workers and the on_tick chores run at most this often
 REOPEN_SECONDS = 5.0  # a HELLO whose OPEN went unanswered (a content manager restarting) is tried again this long
 REOPEN_EVERY = 0.1  # ...this often
+AFFINITY_SECONDS = 30.0  # a device without requests this long no longer counts for its worker
 
 
 class Broker:
@@ -39,13 +46,13 @@ class Broker:
     def __init__(self, frontend: zmq.Socket, backend: zmq.Socket, worker_config: wp.Config,
                  max_queue: int = 1024, retries: int = 1, authorize=None, state: zmq.Socket | None = None,
                  wait_seconds: float = 2.0, job_seconds: float = 60.0, max_per_device: int = 4,
-                 local_key: bytes | None = None, metrics: BrokerMetrics | None = None) -> None:
+                 local_key: bytes | None = None, metrics: BrokerMetrics | None = None, max_batch: int = 1) -> None:
         """`authorize(user_id, device_id)`: whether the key CURVE authenticated may act for the device the
         request names (security.KeyRing.may_act_for); None: no keys (--insecure). `state`: a DEALER to the
         content manager for parked requests (None: a deferred request waits out --wait-seconds, then MISSING).
         `local_key`: the key of the workers this broker started (only those may be killed when they hang);
         None: every worker is on this host (--insecure binds loopback only). `metrics`: where it counts what it
-        does (default: a registry of its own that nobody reads)."""
+        does (default: a registry of its own that nobody reads). `max_batch`: most requests a worker gets at once."""
         self.frontend = frontend
         self.backend = backend
         self.state = state
@@ -62,6 +69,9 @@ class Broker:
         self.queue: deque[Job] = deque()
         self.parked: dict[int, Job] = {}  # job number -> a request waiting for its rows (no worker holds it)
         self.in_broker: Counter[int] = Counter()  # device id -> its requests queued, parked or at a worker
+        self.max_batch = max_batch
+        self.affinity: OrderedDict[int, Affinity] = OrderedDict()  # device id -> its worker, least recently used first
+        self.at_worker: set[int] = set()  # devices with a request at a worker
         self.hung: list[int] = []  # pids of workers dropped for holding a job too long (the daemon kills its own)
         self._jobs = 0
         self.running = True
@@ -99,6 +109,7 @@ class Broker:
                 next_beat = now + self.interval
             if now >= next_chores:  # not on every message: a request passes this loop twice
                 self.purge(now)
+                self.forget_resting(now)
                 self.expire_parked(now)
                 if on_tick:
                     on_tick(self)
@@ -199,13 +210,15 @@ class Broker:
             self.answer(job, msg.payload)
 
     def _finished(self, msg: wp.Reply | wp.Defer, identity: bytes, record: WorkerRecord, now: float) -> Job | None:
-        """The job a worker is done with (it is free again), or None when it names one it does not hold."""
+        """The job a worker is done with (with its batch's last, the worker is free again), or None when it
+        names one it does not hold."""
         self.pool.heard(record, now)
-        job = record.job
-        if job is None or job.number != msg.job:
+        job = record.jobs.get(msg.job)
+        if job is None:
             self._refuse_worker(identity, f"worker {record.pid} answered job {msg.job} it does not hold")
             return None
-        self.pool.free(record, now)
+        self.pool.done(record, job, now)
+        self.at_worker.discard(job.request.device_id)
         return job
 
     # ---- parked requests -----------------------------------------------------------------
@@ -279,15 +292,70 @@ class Broker:
         self.parked.clear()
 
     def dispatch(self) -> None:
-        while self.queue:
-            record = self.pool.next_free()
-            if record is None:
+        """Each free worker gets a batch of what is waiting."""
+        for record in self.pool.free_workers():
+            if not self.queue:
                 return
-            job = self.queue.popleft()
-            job.attempts += 1
-            record.job, record.busy_since = job, time.monotonic()
-            request = wp.Request(job.number, Frames(job.frames))
-            self.backend.send_multipart([record.identity, *request.to_frames()], copy=False)
+            batch = self._batch_for(record)
+            if not batch:
+                continue
+            now = time.monotonic()
+            record.busy_since = now
+            self.metrics.batch_size.observe(len(batch))
+            for i, job in enumerate(batch):
+                job.attempts += 1
+                record.jobs[job.number] = job
+                self.at_worker.add(job.request.device_id)
+                request = wp.Request(job.number, Frames(job.frames), len(batch) - 1 - i)  # left: still to come
+                self.backend.send_multipart([record.identity, *request.to_frames()], copy=False)
+
+    def _batch_for(self, record: WorkerRecord) -> list[Job]:
+        """Up to `max_batch` waiting jobs for `record`, one a device: its own devices' and new devices', in
+        the order they came; the rest stay queued in order."""
+        batch: list[Job] = []
+        kept: deque[Job] = deque()
+        devices: set[int] = set()
+        fewest = self.pool.fewest_devices()
+        now = time.monotonic()
+        for job in self.queue:
+            device = job.request.device_id
+            if len(batch) < self.max_batch and device not in self.at_worker and device not in devices:
+                owner = self.affinity.get(device)
+                new = owner is None and (isinstance(job.request, ep.Hello) or record.devices <= fewest)
+                if new or owner is not None and owner.worker == record.identity:
+                    batch.append(job)
+                    devices.add(device)
+                    if not isinstance(job.request, ep.Hello):
+                        self._serve_at(device, record, now)
+                        fewest = self.pool.fewest_devices()
+                    continue
+            kept.append(job)
+        self.queue = kept
+        return batch
+
+    def _serve_at(self, device: int, record: WorkerRecord, now: float) -> None:
+        """The device's requests go to `record` from now on."""
+        owner = self.affinity.get(device)
+        if owner is None:
+            owner = self.affinity[device] = Affinity(record.identity, now)
+            record.devices += 1
+        owner.last_used = now
+        self.affinity.move_to_end(device)
+
+    def forget_resting(self, now: float) -> None:
+        """Devices without a request for AFFINITY_SECONDS no longer count for their worker (a device's lease
+        moves to whichever worker serves it next: the content manager hands it over)."""
+        while self.affinity:
+            device, owner = next(iter(self.affinity.items()))
+            if now - owner.last_used < AFFINITY_SECONDS:
+                return
+            self._unpin(device)
+
+    def _unpin(self, device: int) -> None:
+        owner = self.affinity.pop(device)
+        record = self.pool.get(owner.worker)
+        if record is not None:
+            record.devices -= 1
 
     def heartbeat(self) -> None:
         beat = wp.Heartbeat().to_frames()
@@ -301,9 +369,9 @@ class Broker:
             self.metrics.workers_dropped.labels("silent").inc()
             log.warning("worker %d is silent: purged (%d ready)", record.pid, self.ready_workers)
         for record in self.pool:
-            if record.job is not None and now - record.busy_since > self.job_seconds:
-                log.warning("worker %d held job %d for more than %g s: dropped", record.pid, record.job.number,
-                            self.job_seconds)
+            if record.jobs and now - record.busy_since > self.job_seconds:
+                log.warning("worker %d held a batch of %d jobs for more than %g s: dropped", record.pid,
+                            len(record.jobs), self.job_seconds)
                 self.backend.send_multipart([record.identity, *wp.Disconnect().to_frames()])
                 if record.local:  # a pid this broker can vouch for (remote workers only say theirs)
                     self.hung.append(record.pid)
@@ -311,16 +379,19 @@ class Broker:
                 self.metrics.workers_dropped.labels("hung").inc()
 
     def _forget(self, record: WorkerRecord) -> None:
-        """Drop a worker; its request goes to another (or, retried enough, back as an error)."""
+        """Drop a worker; its requests go to another (or, retried enough, back as errors), its devices too."""
         self.pool.remove(record)
-        job = record.job
-        if job is not None:
+        for device in [d for d, owner in self.affinity.items() if owner.worker == record.identity]:
+            del self.affinity[device]
+        for job in reversed(list(record.jobs.values())):
+            self.at_worker.discard(job.request.device_id)
             if job.attempts <= self.retries:
                 log.warning("job %d of the dead worker %d goes to another worker", job.number, record.pid)
                 self.queue.appendleft(job)
             else:
                 self.answer(job, ep.Error(job.seq, ErrorCode.WORKER_LOST,
                                           f"the worker died {job.attempts} times on this request").to_frames())
+        record.jobs.clear()
 
     def shutdown(self, linger_ms: int = 200) -> None:
         """Tell every worker to go away; the socket keeps trying for `linger_ms` after it is closed (enough on a
@@ -328,3 +399,11 @@ class Broker:
         for record in self.pool:
             self.backend.send_multipart([record.identity, *wp.Disconnect().to_frames()])
         self.backend.setsockopt(zmq.LINGER, linger_ms)  # LINGER 0 would drop the goodbyes at close
+
+
+@dataclass
+class Affinity:
+    """The worker a device's requests go to (it keeps the device's lease)."""
+
+    worker: bytes  # its routing id
+    last_used: float  # time.monotonic() of the device's last request dispatched

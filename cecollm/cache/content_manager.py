@@ -8,7 +8,10 @@ worker, on another host, gets the state as tensors and commits the KV entries it
 checked and written into the segment here). A verifying lease of the exact mode that finds a wrong
 draft ends with a roll-back instead (device.py). A lease never waits: one that cannot be granted yet
 is answered NOT_YET, and the broker, which parks the request, asks (WATCH) to hear when it may go.
-Rows that are folded are dropped (their pages given back). A session ends when the edge says so,
+A worker on this host keeps its lease between a device's requests (COMMIT keep): the segment's header,
+written here only, names the current lease and says what has arrived, so that worker serves the next
+request without a call; any other worker's LEASE takes a kept lease over. Rows that are folded are
+dropped (their pages given back). A session ends when the edge says so,
 after an idle TTL, or when a byte budget needs room (least recently used idle device first). Sessions
 are 64 random bits; a device id that another edge (instance) is generating with is refused IN_USE.
 """
@@ -249,10 +252,11 @@ class ContentManager:
         self._reply(peer, sp.Error(ErrorCode.STALE, refused) if refused else sp.Committed(msg.folded))
 
     def on_commit(self, msg: sp.Commit, peer: bytes) -> None:
-        """A shared-memory worker's commit is one way: no reply."""
+        """A shared-memory worker's commit is one way: no reply. It leaves the worker after the edge's token, so
+        the session may have ended meanwhile (the edge's END came first): that is no news."""
         refused = self.commit(msg)
         if refused:
-            log.warning("commit refused: %s", refused)
+            log.log(logging.WARNING if msg.device_id in self.devices else logging.DEBUG, "commit refused: %s", refused)
 
     def _reply(self, peer: bytes, msg) -> None:
         self.state.send_multipart([peer, b"", *msg.to_frames()], copy=False)
@@ -349,8 +353,7 @@ class ContentManager:
 
     def _grant(self, dev: DeviceState, lease: sp.Lease, peer: bytes, now: float) -> None:
         self._counter = (self._counter + 1) % (1 << 32) or 1
-        dev.lease_token, dev.lease_seq = self._counter, lease.seq
-        dev.lease_expires = now + self.config.lease_seconds
+        dev.grant(self._counter, lease.seq, now + self.config.lease_seconds)
         drafts = dev.pending_drafts() if lease.verify else ()
         if lease.remote:
             self._reply(peer, self._state_grant(dev, drafts))
@@ -380,7 +383,8 @@ class ContentManager:
 
     def _kv_view(self, dev: DeviceState) -> np.ndarray:
         """The segment's KV cache [cloud_layers, 2, n_kv, capacity, head_dim] (a view: drop it before release)."""
-        return np.ndarray(dev.layout.kv_shape, dtype=np.dtype(self.config.kv_dtype), buffer=dev.segment.buf)
+        return np.ndarray(dev.layout.kv_shape, dtype=np.dtype(self.config.kv_dtype), buffer=dev.segment.buf,
+                          offset=dev.layout.kv_offset)
 
     def _state_grant(self, dev: DeviceState, drafts: tuple[int, ...]) -> sp.StateGrant:
         """A remote worker's grant: the filled KV and the rows not yet folded, copied out of the segment."""
@@ -421,10 +425,10 @@ class ContentManager:
         if not dev.folded <= msg.folded <= dev.received:
             return f"device {msg.device_id}: folded {msg.folded} outside [{dev.folded}, {dev.received}]"
         if isinstance(msg, sp.Rollback):
-            dev.roll_back(msg.folded, msg.decided, msg.prob)
+            dev.roll_back(msg)
             log.debug("device %d: rolled back to %d positions (epoch %d)", dev.device_id, dev.folded, dev.epoch)
         else:
-            dev.end_lease(msg.folded, msg.decided, msg.prob)
+            dev.end_lease(msg)
         self._wake(dev, time.monotonic())
         return None
 
@@ -434,6 +438,7 @@ class ContentManager:
             self._reply(w.peer, sp.Arrived(w.job))
         del self.devices[dev.device_id]
         self.used_bytes -= dev.layout.nbytes
+        dev.close()
         dev.segment.close()
         shm.unlink(dev.segment)
         self.ended[dev.device_id] = why

@@ -47,10 +47,12 @@ class DeviceState:
     folded: int = 0  # positions in the KV cache; their rows are dropped
     epoch: int = 0  # roll-backs so far (exact mode): uploads name the epoch they belong to
     upload_seq: int = 0  # the next upload's expected seq in this epoch
-    drafts: np.ndarray = field(default=None, repr=False)  # [capacity] the edge's token after each row (NO_DRAFT)
-    lease_token: int = 0  # 0: no lease
+    drafts: np.ndarray = field(default=None, repr=False)  # [capacity] the edge's token after each row (NO_DRAFT),
+    #                                                        a view of the segment's header page
+    header: np.ndarray = field(default=None, repr=False)  # the segment's header words (shm.LEASE, RECEIVED, EPOCH)
+    lease_token: int = 0  # 0: no lease; else the lease's holder (computing until lease_expires, or keeping it)
     lease_seq: int = 0  # the edge request the lease serves
-    lease_expires: float = 0.0
+    lease_expires: float = 0.0  # a lease computes until then; 0: none computing (a kept lease waits for the next)
     answer_seq: int = 0  # the edge request the last commit served...
     answer: sp.Decided | None = None  # ...and its token, for a retry of that request
     last_used: float = field(default_factory=time.monotonic)
@@ -60,11 +62,25 @@ class DeviceState:
     owner: int = 0  # the instance of the edge that opened the session (HELLO's)
 
     def __post_init__(self) -> None:
-        if self.drafts is None:
-            self.drafts = np.full(self.layout.capacity, ep.NO_DRAFT, dtype=np.int64)
+        self.drafts = shm.drafts(self.segment.buf, self.layout)
+        self.drafts[:] = ep.NO_DRAFT
+        self.header = shm.header(self.segment.buf)
+        self.header[:] = 0
 
     def leased(self, now: float) -> bool:
+        """Whether a worker computes on the device now (a kept lease between requests does not)."""
         return self.lease_token != 0 and now < self.lease_expires
+
+    def grant(self, token: int, seq: int, expires: float) -> None:
+        """A worker computes on the device until `expires` (or its commit); the header names its lease."""
+        self.lease_token, self.lease_seq, self.lease_expires = token, seq, expires
+        self.header[shm.LEASE] = token
+
+    def close(self) -> None:
+        """The session ends: a worker keeping its lease sees the header's lease gone; the views are dropped
+        (the segment can then be closed)."""
+        self.header[shm.LEASE] = 0
+        self.header = self.drafts = None
 
     def may_go(self, seq: int, position: int, now: float) -> bool:
         """Whether the parked request `seq` up to `position` would now get an answer from its lease (a grant,
@@ -106,27 +122,35 @@ class DeviceState:
             self.drafts[msg.start:msg.start + count] = msg.drafts
         self.upload_seq += 1
         self.received += count
+        self.header[shm.RECEIVED] = self.received  # after the rows and drafts: a worker reading it finds them
 
     def pending_drafts(self) -> tuple[int, ...]:
         """The drafts of the rows not yet folded, [folded, received), for a verifying grant."""
         return tuple(int(d) for d in self.drafts[self.folded:self.received])
 
     # ---- leases ending -------------------------------------------------------------------
-    def end_lease(self, folded: int, decided: int, prob: float) -> None:
-        """The lease's work is in: `folded` positions in the KV, `decided` the token after the last."""
-        if folded > self.folded:
-            self.answer_seq, self.answer = self.lease_seq, sp.Decided(folded - 1, decided, prob)
-        self.folded = folded
-        self.lease_token = 0
+    def end_lease(self, end: sp.LeaseEnd) -> None:
+        """The lease's work is in: `folded` positions in the KV, `decided` the token after the last. A kept
+        lease stays with its worker (no longer computing)."""
+        seq = end.seq or self.lease_seq
+        if end.folded > self.folded:
+            self.answer_seq, self.answer = seq, sp.Decided(end.folded - 1, end.decided, end.prob)
+        self.folded = end.folded
+        self.lease_expires = 0.0
+        if not end.keep:
+            self.lease_token = 0
+            self.header[shm.LEASE] = 0
         self.last_used = time.monotonic()
         shm.drop_pages(self.segment, *self.layout.dropped_pages(self.folded))
 
-    def roll_back(self, folded: int, decided: int, prob: float) -> None:
+    def roll_back(self, end: sp.Rollback) -> None:
         """A verifying lease found the draft after row folded - 1 wrong: the session keeps `folded`
         positions and begins its next epoch; later rows and drafts are gone."""
-        self.end_lease(folded, decided, prob)
-        self.answer_seq, self.answer = self.lease_seq, sp.Decided(folded - 1, decided, prob)
-        self.received = folded
-        self.drafts[folded:] = ep.NO_DRAFT
+        self.end_lease(end)
+        self.answer_seq, self.answer = end.seq or self.lease_seq, sp.Decided(end.folded - 1, end.decided, end.prob)
+        self.received = end.folded
+        self.drafts[end.folded:] = ep.NO_DRAFT
         self.epoch += 1
         self.upload_seq = 0
+        self.header[shm.EPOCH] = self.epoch
+        self.header[shm.RECEIVED] = self.received

@@ -1,8 +1,11 @@
 """Shared-memory segments holding one device session's state, and their layout.
 
-One segment per session: the cloud layers' KV cache [cloud_layers, 2, n_kv, capacity,
-head_dim] (model dtype) at offset 0, then, page-aligned, the upload-layer rows
-[capacity, hidden] (wire dtype) indexed by position. The content manager creates and
+One segment per session: a header (what the content manager says of the session: the current lease,
+the rows received, the epoch; then the edge's draft after each row), then, page-aligned, the cloud
+layers' KV cache [cloud_layers, 2, n_kv, capacity, head_dim] (model dtype), then, page-aligned, the
+upload-layer rows [capacity, hidden] (wire dtype) indexed by position. Only the content manager writes
+the header; a worker that keeps a device's lease reads it to serve the device's next request without
+asking (see cloud/service.py). The content manager creates and
 unlinks segments; workers and same-host edges attach by name and never unlink. Python 3.11's
 SharedMemory registers even a mere attachment with the resource tracker (shared by every
 process the broker spawned), which then unlinks or complains about segments it does not own;
@@ -18,8 +21,12 @@ from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
+import numpy as np
+
 PAGE = mmap.PAGESIZE
 SHM_DIR = Path("/dev/shm")
+HEADER_WORDS = 8  # uint64 words at offset 0: the Header fields, then room to grow
+LEASE, RECEIVED, EPOCH = 0, 1, 2  # the header's words: the current lease's token (0: none), rows received, epoch
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,14 @@ class StateLayout:
     wire_itemsize: int  # bytes per row element (the wire dtype)
 
     @property
+    def drafts_offset(self) -> int:
+        return HEADER_WORDS * 8
+
+    @property
+    def kv_offset(self) -> int:
+        return -(-(self.drafts_offset + 4 * self.capacity) // PAGE) * PAGE
+
+    @property
     def kv_shape(self) -> tuple[int, ...]:
         return (self.cloud_layers, 2, self.n_kv_heads, self.capacity, self.head_dim)
 
@@ -48,7 +63,7 @@ class StateLayout:
 
     @property
     def rows_offset(self) -> int:
-        return -(-self.kv_bytes // PAGE) * PAGE
+        return self.kv_offset + -(-self.kv_bytes // PAGE) * PAGE
 
     @property
     def nbytes(self) -> int:
@@ -63,6 +78,16 @@ class StateLayout:
         begin = self.rows_offset
         end = (self.rows_span(0, folded)[1] // PAGE) * PAGE
         return begin, max(0, end - begin)
+
+
+def header(buf):
+    """The segment's header words, a uint64 view [HEADER_WORDS] of `buf` (LEASE, RECEIVED, EPOCH index it)."""
+    return np.ndarray((HEADER_WORDS,), dtype=np.uint64, buffer=buf)
+
+
+def drafts(buf, layout: StateLayout):
+    """The edge's draft after each row, a uint32 view [capacity] of `buf` (edge_cloud.NO_DRAFT: none)."""
+    return np.ndarray((layout.capacity,), dtype=np.uint32, buffer=buf, offset=layout.drafts_offset)
 
 
 def segment_prefix(owner_pid: int) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from cecollm.cache.kv import KVCache
+from cecollm.cloud.batch import judge
 from cecollm.errors import CecollmError
 from cecollm.layers import DecoderRunner, top1
 from cecollm.split import Split
@@ -61,16 +62,10 @@ class CloudPartition:
         first = self.folded
         x = self._fold(position)
         rows = [r for r in range(first, position) if r in drafts] + [position]  # prompt rows have no draft
-        logits = self.runner.logits(x[:, [r - first for r in rows]])[0]  # [checked rows, vocab]
-        tokens = torch.argmax(logits, dim=-1).tolist()  # greedy, as top1
-        for i, (row, token) in enumerate(zip(rows, tokens)):
-            draft = drafts.get(row)
-            if draft is not None and draft != token or row == position:
-                prob = float(torch.softmax(logits[i], dim=-1)[token])
-                if draft is not None and draft != token:
-                    self.rollback(row + 1)
-                return row, token, prob
-        raise AssertionError("the loop returns at `position`")
+        verdict = judge(self.runner.logits(x[:, [r - first for r in rows]])[0], rows, drafts)  # [checked rows, vocab]
+        if drafts.get(verdict.row, verdict.token) != verdict.token:
+            self.rollback(verdict.row + 1)
+        return verdict.row, verdict.token, verdict.prob
 
     def rollback(self, length: int) -> None:
         """Forget positions >= `length`: their rows came from a wrong token."""

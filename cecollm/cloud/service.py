@@ -1,17 +1,20 @@
-"""What a cloud worker does with one edge request, on state the content manager holds.
+"""What a cloud worker does with a batch of edge requests, on state the content manager holds.
 
-HELLO: check the edge runs the same model and split, open a session. DECIDE: lease the
-device, attach its shared-memory segment, resume a CloudPartition over the KV cache and
-rows there (the KV is written in place), commit the folded positions (one way), answer the token.
-A lease that must wait (NOT_YET: rows still in flight, or another worker holds the device) makes
-the request go back to the broker, which parks it: no worker waits.
-Segments stay mapped between requests (no map, unmap and page faults per token); sweep()
-unmaps those the content manager has released, so their memory goes back.
+HELLO: check the edge runs the same model and split, open a session. DECIDE and VERIFY: lease the
+device, attach its shared-memory segment and fold the rows up to the position into the KV cache
+there (in place), for every request of the batch in one pass (batch.py); commit (one way) and
+answer the token. A worker on the content manager's host keeps its lease after the commit: the
+broker sends the device's next requests to the same worker, which serves them without asking the
+content manager, as long as the segment's header says the lease is still its own (shm.py); so a
+token costs no call to the content manager. A lease that must wait (NOT_YET: rows still in flight,
+or another worker computes on the device) makes the request go back to the broker, which parks it:
+no worker waits. Segments stay mapped between requests (no map, unmap and page faults per token);
+sweep() unmaps those the content manager has released, so their memory goes back.
 
 A remote service (a worker on another host than the content manager) never touches shared memory: its
 lease asks for the state as tensors (the filled KV and the rows not yet folded), it folds them in a KV
-cache of its own for this one request, and commits the KV entries it appended (a call the content
-manager answers), so the state still lives in the content manager only.
+cache of its own for this one request (in the batch with the others), and commits the KV entries it
+appended (a call the content manager answers), so the state still lives in the content manager only.
 """
 
 from __future__ import annotations
@@ -20,13 +23,13 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from cecollm.cache import shm
 from cecollm.cache.kv import KVCache
-from cecollm.cloud.partition import CloudPartition
+from cecollm.cloud.batch import BatchFolder, Fold, Verdict
 from cecollm.layers import DecoderRunner
 from cecollm.split import Split
 from cecollm.wire import edge_cloud as ep
@@ -37,7 +40,7 @@ from cecollm.wire.wire import DTYPE_CODES, DTYPES, ErrorCode, ProtocolError, cli
 
 log = logging.getLogger(__name__)
 
-MAPPED_SEGMENTS = 16  # device segments a worker keeps mapped at most (least recently used unmapped first)
+MAPPED_SEGMENTS = 256  # device segments a worker keeps mapped at most (least recently used unmapped first)
 
 
 class Refused(Exception):
@@ -63,6 +66,9 @@ class CloudService:
                                 head_dim=runner.head_dim, hidden=runner.hidden_size,
                                 kv_itemsize=runner.embed.weight.element_size())
         self.segments: OrderedDict[str, shm.Attachment] = OrderedDict()  # mapped, least recently used first
+        self.held: dict[int, HeldLease] = {}  # device id -> the lease kept on it (a local worker)
+        self.folder = BatchFolder(runner, split)
+        self.commits: list[sp.Commit] = []  # the batch's commits, sent after its replies
         self.requests = Dispatcher({ep.Hello: self.hello, ep.Decide: self.decide, ep.Verify: self.verify})
 
     def close(self) -> None:
@@ -75,6 +81,9 @@ class CloudService:
         for name in list(self.segments):
             if not os.path.exists(shm.SHM_DIR / name):
                 self._unmap(name)
+        for device_id, held in list(self.held.items()):
+            if held.segment not in self.segments:
+                self._drop(device_id)
 
     def _segment(self, name: str) -> shm.Attachment:
         try:
@@ -96,22 +105,56 @@ class CloudService:
 
     def handle(self, frames) -> list | None:
         """Frames of the reply to the edge request `frames`, or None when its lease must wait (the
-        broker parks it); never raises for bad input."""
-        seq = 0
-        try:
-            msg = ep.parse(frames, self.requests.commands)
-            seq = msg.seq
-            return self.requests(msg).to_frames()
-        except ProtocolError as exc:
+        broker parks it); never raises for bad input. Its commit is sent before it returns."""
+        reply = self.handle_batch([frames])[0]
+        self.send_commits()
+        return reply
+
+    def handle_batch(self, payloads: list) -> list[list | None]:
+        """Frames of the reply to each edge request in `payloads` (requests of different devices), or None
+        for one whose lease must wait; never raises for bad input. The decisions and verifications among
+        them go through the cloud layers and the LM head together (batch.BatchFolder). Their commits wait
+        for send_commits()."""
+        replies: list[list | None] = [None] * len(payloads)
+        pending: list[tuple[int, Pending]] = []
+        for i, frames in enumerate(payloads):
+            seq = 0
+            try:
+                msg = ep.parse(frames, self.requests.commands)
+                seq = msg.seq
+                got = self.requests(msg)  # a reply, or a Pending to compute with the batch
+                if isinstance(got, Pending):
+                    pending.append((i, got))
+                else:
+                    replies[i] = got.to_frames()
+            except Exception as exc:  # noqa: BLE001 (_failure tells a bug from a refusal)
+                replies[i] = self._failure(seq, exc)
+        if pending:
+            t0 = time.perf_counter()
+            try:
+                verdicts = self.folder.run([p.fold for _, p in pending])
+            except Exception as exc:  # noqa: BLE001 (a bug: every request of the batch hears of it)
+                for i, p in pending:
+                    self._drop(p.msg.device_id)
+                    replies[i] = self._failure(p.msg.seq, exc)
+                return replies
+            seconds = time.perf_counter() - t0  # the batch's compute: each of its requests waited for it
+            for (i, p), verdict in zip(pending, verdicts):
+                try:
+                    replies[i] = self._finish(p, verdict, seconds).to_frames()
+                except Exception as exc:  # noqa: BLE001
+                    replies[i] = self._failure(p.msg.seq, exc)
+        return replies
+
+    def _failure(self, seq: int, exc: Exception) -> list | None:
+        """The edge's error reply for `exc` (None: NOT_YET, the broker parks the request)."""
+        if isinstance(exc, ProtocolError):
             log.warning("edge request refused: %s", exc)
             return ep.Error(seq, ErrorCode.MALFORMED, clip(str(exc))).to_frames()
-        except Refused as exc:
-            if exc.code == ErrorCode.NOT_YET:
-                return None
-            return ep.Error(seq, exc.code, clip(str(exc))).to_frames()
-        except Exception as exc:  # a bug must not take the worker down; the edge hears of it
-            log.exception("request failed")
-            return ep.Error(seq, ErrorCode.INTERNAL, clip(f"{type(exc).__name__}: {exc}")).to_frames()
+        if isinstance(exc, Refused):
+            return None if exc.code == ErrorCode.NOT_YET else ep.Error(seq, exc.code, clip(str(exc))).to_frames()
+        log.error("request failed", exc_info=exc)  # a bug must not take the worker down; the edge hears of it
+        return ep.Error(seq, ErrorCode.INTERNAL, clip(f"{type(exc).__name__}: {exc}")).to_frames()
 
     def _call(self, msg, retry_later: bool = False):
         """The content manager's answer to `msg`. A call it does not answer in time (the socket then starts
@@ -140,15 +183,22 @@ class CloudService:
                             retry_later=True)
         return ep.Welcome(msg.device_id, msg.seq, opened.session, opened.capacity, opened.rows_offset, opened.segment)
 
-    def decide(self, msg: ep.Decide) -> ep.Token:
-        return self._serve(msg, verify=False)
+    def decide(self, msg: ep.Decide) -> Pending | ep.Token:
+        return self._prepare(msg, verify=False)
 
-    def verify(self, msg: ep.Verify) -> ep.Token:
-        return self._serve(msg, verify=True)
+    def verify(self, msg: ep.Verify) -> Pending | ep.Token:
+        return self._prepare(msg, verify=True)
 
-    def _serve(self, msg: ep.Decide | ep.Verify, verify: bool) -> ep.Token:
-        """Lease the device, fold its rows up to the position (checking their drafts when `verify`),
-        end the lease (a roll-back at a wrong draft), and answer the row and the token after it."""
+    def _prepare(self, msg: ep.Decide | ep.Verify, verify: bool) -> Pending | ep.Token:
+        """The request's fold, ready for the batch: from the lease this worker keeps on the device when its
+        segment's header says it is still this worker's and the rows are in, else from a new lease. A
+        Token when the request was answered already (a retry)."""
+        held = self.held.get(msg.device_id)
+        if held is not None:
+            fold = self._fold_held(held, msg, verify)
+            if fold is not None:
+                return Pending(msg, fold, held)
+            self._drop(msg.device_id)
         epoch = msg.epoch if verify else 0
         grant = self._call(sp.Lease(msg.device_id, msg.session, msg.seq, msg.position, self.remote, verify, epoch),
                            retry_later=True)
@@ -157,35 +207,94 @@ class CloudService:
         if isinstance(grant, sp.StateGrant) != self.remote:
             raise Refused(ErrorCode.INTERNAL, f"the content manager answered a {'remote' if self.remote else 'local'} "
                           f"lease with {type(grant).__name__}")
-        drafts = {grant.folded + i: d for i, d in enumerate(grant.drafts) if d != ep.NO_DRAFT}
-
-        def work(part: CloudPartition) -> tuple[int, int, float]:
-            if verify:
-                return part.verify(msg.position, drafts)
-            return (msg.position, *part.decide(msg.position))
-
+        drafts = {grant.folded + i: d for i, d in enumerate(grant.drafts) if d != ep.NO_DRAFT} if verify else None
         if self.remote:
-            row, token, prob, seconds, kv = self._fold_remote(grant, msg.position, work)
-        else:
-            row, token, prob, seconds = self._compute(grant, msg.position, work)  # seconds: the layers alone
-        rollback = drafts.get(row, token) != token
+            return self._remote_fold(msg, grant, drafts)
+        wire = DTYPES.get(grant.wire_code)
+        assert wire is not None, f"the content manager granted an unknown wire code {grant.wire_code}"
+        layout = shm.StateLayout(capacity=grant.capacity, wire_itemsize=wire.itemsize, **self.layout_base)
+        held = self.held[msg.device_id] = HeldLease(msg.session, grant.token, grant.folded, grant.segment, layout,
+                                                    getattr(torch, wire.name))
+        return Pending(msg, self._local_fold(held, self._segment(held.segment), msg.position, drafts), held)
+
+    def _fold_held(self, held: HeldLease, msg, verify: bool) -> Fold | None:
+        """The fold of `msg` on a kept lease, or None when the lease no longer fits (ask the content manager).
+        NOT_YET (the broker parks the request) when its rows are not in yet."""
+        if self.remote or msg.session != held.session or not held.folded <= msg.position < held.layout.capacity:
+            return None  # the content manager answers these (a retry's token, stale, beyond the capacity)
+        seg = self._segment(held.segment)
+        header = shm.header(seg.buf)
+        # the header is the content manager's word (a same-host edge that maps the segment could change it, but
+        # only for its own session: what it could make the worker read is bounded by the capacity)
+        if int(header[shm.LEASE]) != held.token or verify and msg.epoch != int(header[shm.EPOCH]):
+            return None  # another worker took the device over, the session ended, or the epoch is over
+        if msg.position >= int(header[shm.RECEIVED]):
+            raise Refused(ErrorCode.NOT_YET, f"position {msg.position} not received yet")
+        drafts = None
+        if verify:
+            row_drafts = shm.drafts(seg.buf, held.layout)[held.folded:msg.position + 1].tolist()
+            drafts = {held.folded + i: d for i, d in enumerate(row_drafts) if d != ep.NO_DRAFT}
+        return self._local_fold(held, seg, msg.position, drafts)
+
+    def _local_fold(self, held: HeldLease, seg: shm.Attachment, position: int, drafts) -> Fold:
+        """A fold over the device's segment: the KV is written in place."""
+        lay = held.layout
+        count = 1
+        for n in lay.kv_shape:
+            count *= n
+        dtype = self.runner.embed.weight.dtype
+        kv = torch.frombuffer(seg.buf, dtype=dtype, count=count, offset=lay.kv_offset).view(lay.kv_shape)
+        cache = KVCache(self.split.upload_layer, lay.cloud_layers, lay.n_kv_heads, lay.head_dim, storage=kv)
+        cache.lengths = [held.folded] * cache.n_layers
+        n = position + 1 - held.folded
+        begin, _ = lay.rows_span(held.folded, position + 1)
+        rows = torch.frombuffer(seg.buf, dtype=held.wire_dtype, count=n * lay.hidden, offset=begin)
+        return Fold(cache, rows.view(1, n, lay.hidden), held.folded, drafts)  # rows [1, n, hidden]
+
+    def _finish(self, p: Pending, verdict: Verdict, seconds: float) -> ep.Token:
+        """End the request's work: commit (keeping the lease), or roll the session back at a wrong draft
+        (a call: cut back before the edge hears of it); the edge's TOKEN."""
+        msg, row = p.msg, verdict.row
+        ending = (sp.Rollback if verdict.rolls_back(p.fold) else sp.Commit)(
+            msg.device_id, p.token, row + 1, verdict.token, verdict.prob, msg.seq, keep=p.held is not None)
         if self.remote:
-            self._commit_remote(msg, grant, row, token, prob, kv, rollback)
-        elif rollback:  # a call: the session is cut back before the edge hears of it
-            self._call(sp.Rollback(msg.device_id, grant.token, row + 1, token, prob))
-        else:
-            # one way: if the request went to another worker meanwhile, it computes the same answer
+            self._commit_remote(msg, p, ending)
+        elif isinstance(ending, sp.Rollback):
             try:
-                self.state.send(sp.Commit(msg.device_id, grant.token, row + 1, token, prob).to_frames())
-            except CallTimeout:  # the lease lapses on its own; the answer is right all the same
-                log.warning("device %d: the content manager took no commit", msg.device_id)
-        return ep.Token(row, token, prob, msg.device_id, msg.seq, seconds)
+                self._call(ending)
+            except Refused:
+                self._drop(msg.device_id)
+                raise
+            p.held.folded = row + 1
+        else:
+            self.commits.append(ending)  # sent once the replies are out (send_commits)
+            p.held.folded = row + 1
+        return ep.Token(row, verdict.token, verdict.prob, msg.device_id, msg.seq, seconds)
 
-    def _commit_remote(self, msg, grant: sp.StateGrant, row: int, token: int, prob: float, kv: np.ndarray,
-                       rollback: bool) -> None:
-        """A remote worker commits the KV entries it appended, [folded, row + 1), a call."""
-        entries = np.ascontiguousarray(kv[:, :, :row + 1 - grant.folded])  # [L*2, kv, kept, hd]
-        commit = sp.StateCommit(msg.device_id, grant.token, grant.folded, row + 1, token, prob, entries, rollback)
+    def send_commits(self) -> None:
+        """Send the batch's commits (one way), after its replies: a token does not wait for the content manager
+        to wake. A worker that dies before they leave has answered, and the next worker is granted the state
+        as last committed: it folds those rows again (they stay in the segment until committed) to the same KV."""
+        commits, self.commits = self.commits, []
+        for commit in commits:
+            try:
+                self.state.send(commit.to_frames())
+            except CallTimeout:  # the content manager is not taking messages; the next lease hands the state on
+                log.warning("device %d: the content manager took no commit", commit.device_id)
+
+    def _drop(self, device_id: int) -> None:
+        """Forget the lease kept on the device (the content manager has taken it back, or it is in doubt)."""
+        self.held.pop(device_id, None)
+
+    def _commit_remote(self, msg, p: Pending, ending: sp.LeaseEnd) -> None:
+        """A remote worker commits the KV entries it appended, [grant's folded, row + 1), a call."""
+        start = p.fold.folded
+        kv = p.storage[:, :, :, start:ending.folded].contiguous()  # [L, 2, kv, kept, hd]
+        layers, _, n_kv, kept, hd = kv.shape
+        entries = kv.view(layers * 2, n_kv, kept, hd).numpy()  # [L*2, kv, kept, hd]
+        rollback = isinstance(ending, sp.Rollback)
+        commit = sp.StateCommit(msg.device_id, p.token, start, ending.folded, ending.decided, ending.prob, entries,
+                                rollback)
         try:
             self._call(commit)  # COMMITTED, or an error: the state is then as before
         except Refused as exc:
@@ -193,12 +302,12 @@ class CloudService:
                 raise
             log.warning("device %d: remote commit refused: %s (the answer is right all the same)", msg.device_id, exc)
 
-    @torch.inference_mode()
-    def _fold_remote(self, grant: sp.StateGrant, position: int, work) -> tuple[int, int, float, float, np.ndarray]:
-        """Fold the granted rows up to `position` on a copy of the granted KV; the new KV entries."""
+    def _remote_fold(self, msg, grant: sp.StateGrant, drafts) -> Pending:
+        """A fold of the granted rows up to the request's position on a copy of the granted KV."""
         dtype = self.runner.embed.weight.dtype
         base = self.layout_base
         layers, n_kv, hd = base["cloud_layers"], base["n_kv_heads"], base["head_dim"]
+        position = msg.position
         folded, n = grant.folded, position + 1 - grant.folded
         assert 0 < n <= grant.rows.shape[0], f"granted rows [{folded}, {grant.received}) miss position {position}"
         if (grant.kv.dtype.name, grant.kv.shape) != (str(dtype).removeprefix("torch."), (layers * 2, n_kv, folded, hd)) \
@@ -209,35 +318,34 @@ class CloudService:
         storage.numpy()[:, :, :, :folded] = grant.kv.reshape(layers, 2, n_kv, folded, hd)  # [L, 2, kv, folded, hd]
         rows = torch.from_numpy(grant.rows[:n].copy())  # [n, hidden]; the frame itself is read-only
         cache = KVCache(self.split.upload_layer, layers, n_kv, hd, storage=storage)
-        part = CloudPartition.resume(self.runner, self.split, cache, folded)
-        part.receive(folded, rows.view(1, n, base["hidden"]))  # [1, n, hidden]
-        t0 = time.perf_counter()
-        row, token, prob = work(part)
-        seconds = time.perf_counter() - t0
-        new = storage[:, :, :, folded:].contiguous().view(layers * 2, n_kv, n, hd)  # [L*2, kv, n, hd]
-        return row, token, prob, seconds, new.numpy()
+        cache.lengths = [folded] * layers
+        fold = Fold(cache, rows.view(1, n, base["hidden"]), folded, drafts)  # rows [1, n, hidden]
+        return Pending(msg, fold, None, grant.token, storage)
 
-    @torch.inference_mode()
-    def _compute(self, grant: sp.Grant, position: int, work) -> tuple[int, int, float, float]:
-        wire = DTYPES.get(grant.wire_code)
-        assert wire is not None, f"the content manager granted an unknown wire code {grant.wire_code}"
-        layout = shm.StateLayout(capacity=grant.capacity, wire_itemsize=wire.itemsize, **self.layout_base)
-        seg = self._segment(grant.segment)
-        return self._fold(seg, layout, getattr(torch, wire.name), grant.folded, position, work)
 
-    def _fold(self, seg, layout: shm.StateLayout, wire_dtype, folded: int, position: int,
-              work) -> tuple[int, int, float, float]:
-        count = 1
-        for n in layout.kv_shape:
-            count *= n
-        dtype = self.runner.embed.weight.dtype
-        kv = torch.frombuffer(seg.buf, dtype=dtype, count=count).view(layout.kv_shape)  # [L, 2, kv, cap, hd]
-        cache = KVCache(self.split.upload_layer, layout.cloud_layers, layout.n_kv_heads, layout.head_dim, storage=kv)
-        n = position + 1 - folded
-        begin, _ = layout.rows_span(folded, position + 1)
-        rows = torch.frombuffer(seg.buf, dtype=wire_dtype, count=n * layout.hidden, offset=begin)
-        part = CloudPartition.resume(self.runner, self.split, cache, folded)
-        part.receive(folded, rows.view(1, n, layout.hidden))  # [1, n, hidden]
-        t0 = time.perf_counter()
-        row, token, prob = work(part)
-        return row, token, prob, time.perf_counter() - t0
+@dataclass
+class HeldLease:
+    """A lease this worker keeps on a device between its requests (a local worker: the state is in the
+    device's segment, whose header says whether the lease is still this worker's)."""
+
+    session: int
+    token: int
+    folded: int  # positions in the KV cache, as this worker left them
+    segment: str
+    layout: shm.StateLayout
+    wire_dtype: torch.dtype  # the rows' dtype in the segment
+
+
+@dataclass
+class Pending:
+    """A request of the batch being computed: its message, its fold, and what its commit names."""
+
+    msg: ep.Decide | ep.Verify
+    fold: Fold
+    held: HeldLease | None  # the kept lease it is served on (None: a remote worker's grant)
+    remote_token: int = 0  # a remote grant's lease
+    storage: torch.Tensor | None = None  # a remote fold's KV [L, 2, kv, position+1, hd], committed after
+
+    @property
+    def token(self) -> int:
+        return self.held.token if self.held is not None else self.remote_token

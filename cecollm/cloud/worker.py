@@ -1,8 +1,8 @@
 """A cloud worker process: one thread serves the broker socket and computes.
 
 The main thread connects, receives CONFIG, loads the model (mapped weights) and announces
-READY, then serves: poll, dispatch on the command (a REQUEST is computed right there, no
-hand-off to another thread), housekeeping (heartbeats, the broker's silence, mapped segments
+READY, then serves: poll, dispatch on the command (a batch of REQUESTs is computed right there, no
+hand-off to another thread, and each job answered), housekeeping (heartbeats, the broker's silence, mapped segments
 no device uses any more). While a request computes, a small beat thread sends the heartbeats
 instead; the two threads take turns on the socket under a lock (a full memory barrier, as
 ZeroMQ asks of a socket that changes threads). When the broker is silent for `liveness` beats
@@ -30,6 +30,8 @@ from cecollm.wire.wire import MAX_BODY, Frames, ProtocolError
 from cecollm.wire.worker_state import MAX_STATE_BYTES
 
 log = logging.getLogger(__name__)
+
+BATCH_WAIT_MS = 1000  # a batch's next REQUEST is on its way already (sent back to back); more is a broken broker
 
 
 @dataclass(frozen=True)
@@ -162,11 +164,24 @@ class Worker:
         return self.exit_code
 
     def on_request(self, msg: wp.Request, sock: zmq.Socket, beats: BeatThread, service) -> None:
-        with beats.computing():
-            payload = service.handle(msg.payload)
-        answer = wp.Defer(msg.job) if payload is None else wp.Reply(msg.job, Frames(payload))
+        """A batch: this REQUEST and the `left` ones the broker sent right behind it, computed together."""
+        batch = [msg]
         with beats.lock:
-            sock.send_multipart(answer.to_frames(), copy=False)
+            while batch[-1].left and sock.poll(BATCH_WAIT_MS):
+                try:
+                    nxt = wp.parse(sock.recv_multipart(copy=False), (wp.Command.REQUEST,))
+                except ProtocolError as exc:
+                    log.warning("broker message refused in a batch: %s", exc)
+                    break
+                batch.append(nxt)
+        with beats.computing():
+            payloads = service.handle_batch([m.payload for m in batch])
+        answers = [wp.Defer(m.job) if frames is None else wp.Reply(m.job, Frames(frames))
+                   for m, frames in zip(batch, payloads)]
+        with beats.lock:
+            for answer in answers:
+                sock.send_multipart(answer.to_frames(), copy=False)
+        service.send_commits()
 
     def on_disconnect(self, msg: wp.Disconnect, *_) -> None:
         log.info("worker %d: the broker said goodbye", os.getpid())

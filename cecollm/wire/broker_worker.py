@@ -4,7 +4,8 @@ Worker DEALER -> broker ROUTER. A worker sends CONNECT; the broker answers CONFI
 load and where the content manager is); the worker loads and sends READY, and from then on
 HEARTBEATs both ways every interval while idle or busy (a beat thread of the worker keeps
 beating while its main thread computes). The broker sends REQUEST (a job number plus the
-edge's frames, untouched) to the least recently used ready worker; the worker answers REPLY
+edge's frames, untouched) to a free worker, several back to back for a batch (requests of different
+devices it computes in one pass; a device's requests go to the worker that served it last); the worker answers REPLY
 (the job number plus the frames for the edge), or DEFER (the job's lease must wait for rows
 still in flight or for another worker: the broker parks the job and sends it out again when the
 content manager says it may go). DISCONNECT tells a peer to go away; ERROR answers a message the
@@ -14,6 +15,9 @@ broker could not read.
 from __future__ import annotations
 
 import enum
+from typing import Annotated
+
+import msgspec
 
 from cecollm.wire.edge_cloud import Exits
 from cecollm.wire.wire import U32, Boundary, Frames, JobMessage, Message, Text
@@ -21,7 +25,8 @@ from cecollm.wire.wire import U32, Boundary, Frames, JobMessage, Message, Text
 Command = enum.IntEnum("Command", "CONNECT CONFIG READY HEARTBEAT REQUEST REPLY DISCONNECT ERROR DEFER")  # 1, 2, ...
 
 
-WORKER = Boundary(b"CW", 3, Command)  # 2: fields declared once (msgspec bodies); 3: DEFER
+WORKER = Boundary(b"CW", 4, Command)  # 2: fields declared once (msgspec bodies); 3: DEFER; 4: batches (`left`)
+MAX_BATCH = 256  # most requests in one batch
 TAG, VERSION = WORKER.tag, WORKER.version
 
 
@@ -57,9 +62,11 @@ class Heartbeat(Message, frozen=True):
 
 @WORKER.message(Command.REQUEST)
 class Request(JobMessage, frozen=True):
-    """Job `job` for the worker: the edge's request frames, as the edge sent them."""
+    """Job `job` for the worker: the edge's request frames, as the edge sent them. A batch is several
+    REQUESTs sent back to back; `left` counts those still to come (0: the batch is complete)."""
 
     payload: Frames  # edge protocol frames
+    left: Annotated[int, msgspec.Meta(ge=0, le=MAX_BATCH - 1)] = 0
 
     def __post_init__(self) -> None:
         _check_payload(self.payload)

@@ -20,6 +20,15 @@ WATCH itself) once a parked request's lease would be answered otherwise than NOT
 in and no other request holds the device, or it was answered already, or it will be refused for
 good (session gone or broken, position decided); the request then learns which from its lease.
 
+Kept leases: a worker on this host ends its work with a COMMIT with
+`keep`: the lease stays with it, so the device's next requests (which the broker sends to the same
+worker) are served without asking. The content manager writes the current lease's token, the rows
+received, the epoch and the drafts into the segment's header (shm.py); the worker reads them there,
+and goes back to LEASE when they do not fit its lease (another worker took the device over: any
+LEASE of another request takes a kept lease over; the session ended or was evicted: the header's
+lease is then 0). Each COMMIT with `keep` still tells the content manager what is folded and the
+token decided, for retries, watches and page dropping.
+
 A remote worker (another host: it cannot map the segment) sets LEASE's `remote` flag. Its grant is a
 STATE_GRANT: the lease's numbers plus the state as tensors, the KV cache's filled part (positions
 [0, folded) of every cloud layer) and the received rows not yet folded. It ends the lease with
@@ -56,8 +65,8 @@ Command = enum.IntEnum(  # 1, 2, ...
 # 2: COMMIT carries the decided token; DECIDED. 3: remote workers (LEASE flag, STATE_GRANT, ...).
 # 4: fields declared once (msgspec bodies). 5: the exact mode (verifying leases, ROLLBACK).
 # 6: 64-bit sessions, OPEN's instance and take-over, leases that never wait (NOT_YET, WATCH, ARRIVED).
-# 7: STATS and SNAPSHOT (the broker's metrics).
-STATE = Boundary(b"CS", 7, Command)
+# 7: STATS and SNAPSHOT (the broker's metrics). 8: kept leases (COMMIT's keep and seq).
+STATE = Boundary(b"CS", 8, Command)
 TAG, VERSION = STATE.tag, STATE.version
 KV = Tensor(4, MAX_STATE_BYTES)  # [cloud_layers * 2, n_kv, positions, head_dim], model dtype
 
@@ -123,28 +132,29 @@ class Grant(Message, frozen=True):
         check_drafts(self.drafts, self.received - self.folded)
 
 
-@STATE.message(Command.COMMIT)
-class Commit(Message, frozen=True):
-    """The lease ends: `folded` positions are in the KV now, and the token decided after the last."""
+class LeaseEnd(Message, frozen=True):
+    """Base of COMMIT and ROLLBACK: the lease's work is in, `folded` positions in the KV, and the token
+    decided after the last of them for the device's request `seq`."""
 
     device_id: U32
     token: U64  # the lease
     folded: U32
     decided: U32  # the token decided after position folded - 1
     prob: float  # its probability
+    seq: U32 = 0  # the edge request served (a retry of it gets DECIDED); 0: the lease's own
+    keep: bool = False  # the worker keeps the lease for the device's next requests (it holds the device)
+
+
+@STATE.message(Command.COMMIT)
+class Commit(LeaseEnd, frozen=True):
+    """The lease's work is in (one way, no reply); without `keep` the lease ends."""
 
 
 @STATE.message(Command.ROLLBACK)
-class Rollback(Message, frozen=True):
+class Rollback(LeaseEnd, frozen=True):
     """A verifying lease ends at a wrong draft (a call, answered COMMITTED): the KV holds `folded`
     positions, the draft after row folded - 1 was wrong, the session goes back to `folded` positions
     and its next epoch, and `decided` is the full model's token there."""
-
-    device_id: U32
-    token: U64  # the lease
-    folded: U32
-    decided: U32
-    prob: float
 
 
 @STATE.message(Command.STATE_GRANT)
