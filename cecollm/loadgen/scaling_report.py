@@ -103,7 +103,7 @@ def table(rows: list[dict]) -> list[str]:
                       "n/a" if r["batch_max"] is None else str(r["batch_max"]), _histogram(r["batch_histogram"]),
                       _mib(r["cm_rss_peak"]), _mib(r["shm_peak"]), f"{r['errors']} / {r['timeouts']}",
                       str(r["mismatches"]), str(r["cloud_tokens"])])
-    header = ["devices", "mode", "max batch", "cloud tokens/s", "p50 ms", "p99 ms", "batch mean", "batch max",
+    header = ["devices", "mode", "max batch", "cloud tokens/s", "p50 ms", "p99 ms", "batch mean", "batch max ≤",
               "batches by size (≤size:count)", "CM RSS peak MiB", "shm peak MiB", "errors / timeouts", "mismatches",
               "cloud tokens"]
     return _table(header, lines)
