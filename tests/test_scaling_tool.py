@@ -78,6 +78,8 @@ def test_every_point_gets_the_recorded_tokens_and_reports_its_fields(run):
         else:  # every request went to a worker in some batch, none larger than --max-batch
             assert r["batches"] >= 1 and sum(r["batch_histogram"].values()) == r["batches"]
             assert 1 <= r["batch_mean"] <= r["batch_max"] <= r["max_batch"]
+            if r["mode"] == "unbatched" and has_option:  # --max-batch 1 reached the broker: batches of one
+                assert r["batch_histogram"] == {"1": r["batches"]} and r["batch_mean"] == 1
     header2, rows2 = load_raw(out / RAW_NAME)
     assert rows2 == orjson.loads(orjson.dumps(rows)) and header2["trace_path"] == header["trace_path"]
 

@@ -147,7 +147,9 @@ def render(header: dict, rows: list[dict], plot_path: Path | None, plot_note: st
         "measured by the replaying device (send to reply). Tokens/s: cloud tokens over the point's wall time. "
         "Memory: the content manager's peak RSS and the device segments in /dev/shm. A mismatch is a reply that "
         "differs from the recorded token. The broker's own view of the latency (arrival to reply: "
-        "broker_latency_mean_ms, broker_latency_p99_le_ms) is in raw.jsonl.", "",
+        "broker_latency_mean_ms, broker_latency_p99_le_ms) is in raw.jsonl. Batch sizes: the broker's "
+        "cecollm_broker_batch_size histogram over the point (every request it hands a worker, HELLOs included).",
+        "",
         *table(rows), "",
         "Batched / unbatched:", "", *_table(["devices", "cloud tokens/s", "p99"], ratio_rows), "",
         _served_line(s, t, c["pace"]), "",
