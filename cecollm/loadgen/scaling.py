@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -276,7 +277,17 @@ def run_scaling(config: ScalingConfig, on_point: Callable[[dict], None] | None =
     has_max_batch = broker_has("--max-batch")
     if config.trace:
         Trace.load(config.trace)  # a bad trace is a UserError now, not after the brokers started
-    keys_dir = Path(tempfile.mkdtemp(prefix="cecollm-scaling-keys-"))
+    keys_dir = Path(tempfile.mkdtemp(prefix="cecollm-scaling-keys-"))  # this run's keys: removed at its end
+    try:
+        return _run(config, has_max_batch, keys_dir, on_point, progress_for)
+    finally:
+        shutil.rmtree(keys_dir, ignore_errors=True)
+
+
+def _run(config: ScalingConfig, has_max_batch: bool, keys_dir: Path, on_point, progress_for) -> tuple[dict, list[dict]]:
+    from cecollm.loadgen.trace import Trace
+
+    out = Path(config.out)
     done = threading.Event()
     brokers, keepers = _start(config, has_max_batch, keys_dir, done)
     try:
