@@ -10,8 +10,8 @@ equal its recorded token (a mismatch is an error), which is also the check that 
 token-identical. Points are run in pairs (unbatched then batched at each device count) so a run cut short
 still has comparable pairs and slow drifts of the machine's load hit both modes alike.
 
-`run_scaling(ScalingConfig(...)) -> list[dict]`: one row per point, also appended to `<out>/raw.jsonl` as it
-finishes; scaling_report.py turns the rows into the table, ratios, report.md and the plot.
+`run_scaling(ScalingConfig(...)) -> (header, rows)`: one row per point, also appended to `<out>/raw.jsonl` as
+it finishes; scaling_report.py turns the rows into the table, ratios, report.md and the plot.
 """
 
 from __future__ import annotations
