@@ -391,3 +391,77 @@ def test_a_kept_lease_is_in_the_segment_header_and_another_workers_lease_takes_i
     manager.on_upload([bytes(f) for f in ep.End(3, opened.session).to_frames()])
     assert int(header[shm.LEASE]) == 0  # the session ended: no worker's lease is current
     del header
+
+
+class _DeviceMachine:
+    """Random uploads, leases kept or ended, roll-backs and take-overs on one device: the segment's header (what
+    a worker keeping a lease reads) always says what the content manager's record says."""
+
+    def __init__(self, manager):
+        self.m = manager
+        self.opened = _open(manager)
+        self.dev = manager.devices[3]
+        self.header = shm.header(self.dev.segment.buf)
+        self.token = 0  # the lease a worker holds (kept or computing), 0: none
+        self.computing = False  # a worker computes on it (between LEASE and its COMMIT or ROLLBACK)
+        self.seq = 1
+
+    def upload(self, n):
+        dev = self.dev
+        if dev.received + n <= dev.layout.capacity:
+            _upload(self.m, 3, self.opened.session, dev.upload_seq, dev.received, n)
+            assert dev.epoch == int(self.header[shm.EPOCH])
+
+    def lease(self, worker):
+        dev = self.dev
+        if dev.received == dev.folded:
+            return
+        self.seq += 1
+        self.m.lease(sp.Lease(3, self.opened.session, self.seq, dev.received - 1), worker)
+        (_, grant), = self.m.state.take()
+        if self.computing:  # another request is being computed: this one waits
+            assert isinstance(grant, sp.Error) and grant.code == ErrorCode.NOT_YET, grant
+            return
+        assert isinstance(grant, sp.Grant), grant  # a kept lease never blocks another worker's lease
+        self.token, self.computing = grant.token, True
+
+    def end(self, keep, rollback, upto):
+        dev = self.dev
+        if not self.token or dev.received == dev.folded:
+            return
+        folded = dev.folded + 1 + upto % (dev.received - dev.folded)
+        ending = (sp.Rollback if rollback else sp.Commit)(3, self.token, folded, 7, 0.5, self.seq, keep=keep)
+        assert self.m.commit(ending) is None
+        self.computing = False
+        if not keep:
+            self.token = 0
+
+    def check(self):
+        dev = self.dev
+        assert int(self.header[shm.RECEIVED]) == dev.received and int(self.header[shm.EPOCH]) == dev.epoch
+        assert int(self.header[shm.LEASE]) == dev.lease_token == self.token
+        assert dev.folded <= dev.received
+
+
+def test_the_segment_header_follows_the_record_through_any_sequence(manager):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    ops = st.lists(st.one_of(st.tuples(st.just("upload"), st.integers(1, 5)),
+                             st.tuples(st.just("lease"), st.sampled_from([b"w1", b"w2"])),
+                             st.tuples(st.just("end"), st.booleans(), st.booleans(), st.integers(0, 10))),
+                   max_size=40)
+
+    @settings(max_examples=60, deadline=None)
+    @given(ops)
+    def run(steps):
+        machine = _DeviceMachine(manager)
+        try:
+            for op, *args in steps:
+                getattr(machine, op)(*args)
+                machine.check()
+        finally:
+            del machine.header
+            manager.release(manager.devices[3], "the example ended")
+
+    run()
