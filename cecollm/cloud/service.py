@@ -40,6 +40,8 @@ from cecollm.wire.wire import DTYPE_CODES, DTYPES, ErrorCode, ProtocolError, cli
 
 log = logging.getLogger(__name__)
 
+MAX_WAITING_COMMITS = 64  # commits that wait for an idle moment at most...
+COMMIT_SECONDS = 0.05  # ...and for at most this long
 MAPPED_SEGMENTS = 256  # device segments a worker keeps mapped at most (least recently used unmapped first)
 
 
@@ -68,7 +70,8 @@ class CloudService:
         self.segments: OrderedDict[str, shm.Attachment] = OrderedDict()  # mapped, least recently used first
         self.held: dict[int, HeldLease] = {}  # device id -> the lease kept on it (a local worker)
         self.folder = BatchFolder(runner, split)
-        self.commits: list[sp.Commit] = []  # the batch's commits, sent after its replies
+        self.commits: list[sp.Commit] = []  # commits not sent yet (the worker sends them when idle)
+        self.commits_since = 0.0  # time.monotonic() of the oldest of them
         self.requests = Dispatcher({ep.Hello: self.hello, ep.Decide: self.decide, ep.Verify: self.verify})
 
     def close(self) -> None:
@@ -262,14 +265,21 @@ class CloudService:
                 raise
             p.held.folded = row + 1
         else:
-            self.commits.append(ending)  # sent once the replies are out (send_commits)
+            if not self.commits:
+                self.commits_since = time.monotonic()
+            self.commits.append(ending)  # sent when the worker is idle (send_commits)
             p.held.folded = row + 1
         return ep.Token(row, verdict.token, verdict.prob, msg.device_id, msg.seq, seconds)
 
+    def commits_due(self, now: float) -> bool:
+        """Whether the commits waiting should go now though requests keep coming."""
+        return len(self.commits) >= MAX_WAITING_COMMITS or now - self.commits_since >= COMMIT_SECONDS
+
     def send_commits(self) -> None:
-        """Send the batch's commits (one way), after its replies: a token does not wait for the content manager
-        to wake. A worker that dies before they leave has answered, and the next worker is granted the state
-        as last committed: it folds those rows again (they stay in the segment until committed) to the same KV."""
+        """Send the commits (one way) that wait: after the replies, when the worker is idle, so a token never
+        waits for the content manager to wake and take the CPU. The worker keeps the lease meanwhile; one
+        that dies before they leave has answered, and the next worker is granted the state as last
+        committed: it folds those rows again (they stay in the segment until committed) to the same KV."""
         commits, self.commits = self.commits, []
         for commit in commits:
             try:

@@ -31,6 +31,7 @@ from cecollm.wire.worker_state import MAX_STATE_BYTES
 
 log = logging.getLogger(__name__)
 
+COMMIT_IDLE_MS = 2  # commits go to the content manager once no request came for this long (or see commits_due)
 BATCH_WAIT_MS = 1000  # a batch's next REQUEST is on its way already (sent back to back); more is a broken broker
 
 
@@ -143,9 +144,12 @@ class Worker:
         handlers = Dispatcher({wp.Request: self.on_request, wp.Heartbeat: lambda *_: None,
                                wp.Disconnect: self.on_disconnect})
         while self.running:
+            wait_ms = COMMIT_IDLE_MS if service.commits else max(1, int(interval * 1000))
             with beats.lock:
-                frames = sock.recv_multipart(copy=False) if sock.poll(max(1, int(interval * 1000))) else None
+                frames = sock.recv_multipart(copy=False) if sock.poll(wait_ms) else None
             now = time.monotonic()
+            if service.commits and (frames is None or service.commits_due(now)):
+                service.send_commits()  # the worker is idle (or they have waited long enough)
             if frames is not None:
                 broker_seen = now
                 try:
@@ -181,7 +185,6 @@ class Worker:
         with beats.lock:
             for answer in answers:
                 sock.send_multipart(answer.to_frames(), copy=False)
-        service.send_commits()
 
     def on_disconnect(self, msg: wp.Disconnect, *_) -> None:
         log.info("worker %d: the broker said goodbye", os.getpid())
