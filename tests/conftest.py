@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
+# Every test computes in float32 unless it says otherwise (the machine's default may be bfloat16): set
+# before cecollm's config dataclasses and command lines take their defaults, inherited by subprocesses.
+os.environ["CECOLLM_DTYPE"] = "float32"
+
+import pytest  # noqa: E402
 import torch
 import zmq
 from transformers import LlamaConfig, LlamaForCausalLM

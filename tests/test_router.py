@@ -57,7 +57,7 @@ def test_least_recently_used_dispatch_and_a_worker_that_starts_over():
     from cecollm.wire import edge_cloud as ep
 
     front, back = Collect(), Collect()
-    broker = Broker(front, back, wp.Config("/m", "id", (2,), 2, "ipc:///x", 250, 4))
+    broker = Broker(front, back, wp.Config("/m", "id", "float32", (2,), 2, "ipc:///x", 250, 4))
     for worker, pid in ((b"w1", 1), (b"w2", 2)):
         broker.on_worker(frames_of(worker, *wp.Connect(pid).to_frames()))
         broker.on_worker(frames_of(worker, *wp.Ready().to_frames()))
@@ -89,7 +89,7 @@ def test_a_deferred_request_is_parked_holding_no_worker_until_its_rows_arrive():
     from cecollm.wire.wire import ErrorCode
 
     front, back, state = Collect(), Collect(), Collect()
-    broker = Broker(front, back, wp.Config("/m", "id", (2,), 2, "ipc:///x", 250, 4), state=state,
+    broker = Broker(front, back, wp.Config("/m", "id", "float32", (2,), 2, "ipc:///x", 250, 4), state=state,
                     wait_seconds=2.0, max_per_device=2)
     broker.on_worker(frames_of(b"w1", *wp.Connect(1).to_frames()))
     broker.on_worker(frames_of(b"w1", *wp.Ready().to_frames()))
@@ -121,7 +121,7 @@ def test_a_worker_that_holds_a_job_too_long_is_dropped_and_its_job_goes_to_anoth
     from cecollm.wire import edge_cloud as ep
 
     front, back = Collect(), Collect()
-    broker = Broker(front, back, wp.Config("/m", "id", (2,), 2, "ipc:///x", 250, 4), job_seconds=0.5)
+    broker = Broker(front, back, wp.Config("/m", "id", "float32", (2,), 2, "ipc:///x", 250, 4), job_seconds=0.5)
     for worker, pid in ((b"w1", 11), (b"w2", 12)):
         broker.on_worker(frames_of(worker, *wp.Connect(pid).to_frames()))
         broker.on_worker(frames_of(worker, *wp.Ready().to_frames()))

@@ -28,6 +28,7 @@ import zmq
 from cecollm.cache import shm
 from cecollm.cache.device import DeviceState, StaleUpload, Watcher
 from cecollm.cache.stats import ManagerCounts
+from cecollm.dtypes import numpy_dtype
 from cecollm.errors import UserError
 from cecollm.wire import edge_cloud as ep
 from cecollm.wire import worker_state as sp
@@ -338,7 +339,7 @@ class ContentManager:
             return ErrorCode.STALE, f"position {msg.position} was already decided"
         if msg.remote and self.config.kv_dtype not in DTYPE_CODES:
             return ErrorCode.INTERNAL, (f"a {self.config.kv_dtype} KV cache cannot travel to a remote worker "
-                                        "(float16 and float32 only)")
+                                        "(float16, bfloat16 and float32 only)")
         if dev.broken:
             return ErrorCode.MISSING, f"device {dev.device_id}: {dev.broken}"
         if msg.position >= dev.received:
@@ -380,7 +381,7 @@ class ContentManager:
 
     def _kv_view(self, dev: DeviceState) -> np.ndarray:
         """The segment's KV cache [cloud_layers, 2, n_kv, capacity, head_dim] (a view: drop it before release)."""
-        return np.ndarray(dev.layout.kv_shape, dtype=np.dtype(self.config.kv_dtype), buffer=dev.segment.buf)
+        return np.ndarray(dev.layout.kv_shape, dtype=numpy_dtype(self.config.kv_dtype), buffer=dev.segment.buf)
 
     def _state_grant(self, dev: DeviceState, drafts: tuple[int, ...]) -> sp.StateGrant:
         """A remote worker's grant: the filled KV and the rows not yet folded, copied out of the segment."""

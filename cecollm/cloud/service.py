@@ -27,6 +27,7 @@ import torch
 from cecollm.cache import shm
 from cecollm.cache.kv import KVCache
 from cecollm.cloud.partition import CloudPartition
+from cecollm.dtypes import from_numpy, to_numpy
 from cecollm.layers import DecoderRunner
 from cecollm.split import Split
 from cecollm.wire import edge_cloud as ep
@@ -129,6 +130,9 @@ class CloudService:
         return reply
 
     def hello(self, msg: ep.Hello) -> ep.Welcome:
+        dtype = str(self.runner.embed.weight.dtype).removeprefix("torch.")  # the compute dtype
+        if msg.dtype != dtype:
+            raise Refused(ErrorCode.MISMATCH, f"dtype mismatch: the edge computes in {msg.dtype}, the cloud in {dtype}")
         if msg.identity != self.identity or msg.n_layers != self.split.n_layers:
             raise Refused(ErrorCode.MISMATCH, f"model mismatch: the edge runs {msg.identity[:12]} "
                           f"({msg.n_layers} layers), the cloud serves {self.identity[:12]} ({self.split.n_layers} layers)")
@@ -206,8 +210,8 @@ class CloudService:
             raise Refused(ErrorCode.INTERNAL, f"granted KV {grant.kv.dtype.name} {grant.kv.shape} / rows "
                           f"{grant.rows.shape} do not fit this model")
         storage = torch.empty(layers, 2, n_kv, position + 1, hd, dtype=dtype)  # [L, 2, kv, position+1, hd]
-        storage.numpy()[:, :, :, :folded] = grant.kv.reshape(layers, 2, n_kv, folded, hd)  # [L, 2, kv, folded, hd]
-        rows = torch.from_numpy(grant.rows[:n].copy())  # [n, hidden]; the frame itself is read-only
+        to_numpy(storage)[:, :, :, :folded] = grant.kv.reshape(layers, 2, n_kv, folded, hd)  # [L, 2, kv, folded, hd]
+        rows = from_numpy(grant.rows[:n].copy())  # [n, hidden]; the frame itself is read-only
         cache = KVCache(self.split.upload_layer, layers, n_kv, hd, storage=storage)
         part = CloudPartition.resume(self.runner, self.split, cache, folded)
         part.receive(folded, rows.view(1, n, base["hidden"]))  # [1, n, hidden]
@@ -215,7 +219,7 @@ class CloudService:
         row, token, prob = work(part)
         seconds = time.perf_counter() - t0
         new = storage[:, :, :, folded:].contiguous().view(layers * 2, n_kv, n, hd)  # [L*2, kv, n, hd]
-        return row, token, prob, seconds, new.numpy()
+        return row, token, prob, seconds, to_numpy(new)
 
     @torch.inference_mode()
     def _compute(self, grant: sp.Grant, position: int, work) -> tuple[int, int, float, float]:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import enum
 
 from cecollm.wire.edge_cloud import Exits
-from cecollm.wire.wire import U32, Boundary, Frames, JobMessage, Message, Text
+from cecollm.wire.wire import U32, Boundary, ComputeDtype, Frames, JobMessage, Message, Text
 
 Command = enum.IntEnum("Command", "CONNECT CONFIG READY HEARTBEAT REQUEST REPLY DISCONNECT ERROR DEFER")  # 1, 2, ...
 
 
-WORKER = Boundary(b"CW", 3, Command)  # 2: fields declared once (msgspec bodies); 3: DEFER
+WORKER = Boundary(b"CW", 4, Command)  # 2: fields declared once (msgspec bodies); 3: DEFER; 4: CONFIG's dtype
 TAG, VERSION = WORKER.tag, WORKER.version
 
 
@@ -38,6 +38,7 @@ class Config(Message, frozen=True):
 
     model_dir: Text  # transformers directory of the model (on this host)
     identity: Text  # the model's identity; the worker checks it
+    dtype: ComputeDtype  # the compute dtype the worker loads the model in (the broker's --dtype)
     exits: Exits
     upload_layer: U32
     state_address: Text  # the content manager's control socket
