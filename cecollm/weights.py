@@ -72,6 +72,7 @@ def converted(path: Path, dtype: str) -> Path:
     os.close(fd)
     try:
         save_file(tensors, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep workers of other users out, as the float32 file does not
         os.replace(tmp, target)  # whole or absent: a start that finds it may map it
     finally:
         if os.path.exists(tmp):
