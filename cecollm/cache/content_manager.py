@@ -339,7 +339,7 @@ class ContentManager:
             return ErrorCode.STALE, f"position {msg.position} was already decided"
         if msg.remote and self.config.kv_dtype not in DTYPE_CODES:
             return ErrorCode.INTERNAL, (f"a {self.config.kv_dtype} KV cache cannot travel to a remote worker "
-                                        "(float16, bfloat16 and float32 only)")
+                                        "(float16 and float32 only)")
         if dev.broken:
             return ErrorCode.MISSING, f"device {dev.device_id}: {dev.broken}"
         if msg.position >= dev.received:
