@@ -32,7 +32,8 @@ def cli(verbose: bool) -> None:
               help="An exit decides when its top-1 probability reaches this; 1.0 disables early exit.")
 @click.option("--max-new-tokens", type=int, default=_DEFAULTS.max_new_tokens, show_default=True)
 @click.option("--raw", is_flag=True, help="Use the prompt as is, without the chat template.")
-@click.option("--no-fp16", is_flag=True, help="Upload float32 hidden states instead of float16.")
+@click.option("--no-fp16", is_flag=True, help="Upload float32 hidden states instead of 2 bytes a value (the model's bfloat16 or "
+              "float16; float16 for a float32 model).")
 @click.option("--wait-below", type=click.FloatRange(0, 1), default=_DEFAULTS.wait_below, show_default=True,
               help="--mode exact: below this draft confidence wait for the cloud's token instead.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads [default: torch's choice].")

@@ -64,15 +64,15 @@ def set_threads(threads: int | None) -> None:
 
 
 def model_options(command):
-    """Click options --model, --exits, --upload-layer, --heads (defaults: ModelSpec's); the command
+    """Click options --model, --exits, --upload-layer, --heads, --dtype (defaults: ModelSpec's); the command
     gets them as one `spec` (a ModelSpec) argument."""
     from cecollm.spec import ModelSpec
 
     default = ModelSpec()
 
     @functools.wraps(command)
-    def with_spec(*args, model, exits, upload_layer, heads, **kwargs):
-        return command(*args, spec=ModelSpec.from_options(model, exits, upload_layer, heads), **kwargs)
+    def with_spec(*args, model, exits, upload_layer, heads, dtype, **kwargs):
+        return command(*args, spec=ModelSpec.from_options(model, exits, upload_layer, heads, dtype), **kwargs)
 
     options = [
         click.option("--model", default=default.model, show_default=True,
@@ -83,10 +83,21 @@ def model_options(command):
                      help="Layer whose output the cloud receives [default: the last exit]."),
         click.option("--heads", default=default.heads, help="Exit heads file (from `cecollm train-exits`) "
                      "[default: the model's trained heads, if it has any]."),
+        dtype_option(default.dtype),
     ]
     for option in reversed(options):
         with_spec = option(with_spec)
     return with_spec
+
+
+def dtype_option(default: str, help: str = ""):
+    """The --dtype option (a compute dtype; `default` from a config dataclass, see dtypes.default_dtype)."""
+    from cecollm.dtypes import COMPUTE_DTYPES
+
+    return click.option("--dtype", type=click.Choice(COMPUTE_DTYPES), default=default, show_default=True,
+                        help=help or "Compute dtype of the model; edge and cloud must use the same. The default is bfloat16 "
+                        "where the CPU computes it natively (AVX512-BF16, AMX-BF16), else float32 ($CECOLLM_DTYPE "
+                        "sets it). Uploads are the model's dtype when 2 bytes wide, float16 for float32.")
 
 
 def tcp_address(address: str, option: str, example: str) -> tuple:

@@ -29,7 +29,7 @@ class GenerationConfig:
     mode: str = "exact"  # cloud | standalone | collab (the paper's) | exact (measured as fast, and the full model's)
     threshold: float = DEFAULT_THRESHOLD  # an exit decides when its top-1 probability reaches this; 1.0: no exits
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # stop after this many generated tokens (or at EOS)
-    fp16: bool = True  # the edge uploads float16 hidden states (the paper); False sends float32
+    fp16: bool = True  # 2-byte uploads (the paper's): the model's bfloat16/float16, float16 for float32; False: float32
     wait_below: float = DEFAULT_WAIT_BELOW  # exact: no draft below this confidence, the edge waits for the cloud
 
     def __post_init__(self) -> None:
@@ -42,9 +42,8 @@ class GenerationConfig:
         if self.max_new_tokens < 1:
             raise UserError(f"max-new-tokens must be at least 1, got {self.max_new_tokens}")
 
-    @property
-    def wire_dtype(self):
-        """The torch dtype of hidden states on the wire."""
-        import torch
+    def wire_dtype(self, compute):
+        """The torch dtype of hidden states on the wire, for a model computing in `compute` (a torch dtype)."""
+        from cecollm.dtypes import name_of, torch_dtype, wire_dtype
 
-        return torch.float16 if self.fp16 else torch.float32
+        return torch_dtype(wire_dtype(name_of(compute), self.fp16))

@@ -147,6 +147,6 @@ class SplitEngine:
     @staticmethod
     def _upload(cloud: CloudPartition, uploads, config: GenerationConfig, stats: GenerationStats) -> None:
         for up in uploads:
-            wire = up.hidden.to(config.wire_dtype)  # what crosses the network
+            wire = up.hidden.to(config.wire_dtype(up.hidden.dtype))  # what crosses the network
             stats.bytes_up += wire.numel() * wire.element_size()
             cloud.receive(up.start, wire)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from cecollm.config import DEFAULT_MODEL, cecollm_home
+from cecollm.dtypes import torch_dtype
 from cecollm.errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -167,9 +168,11 @@ class LoadedModel:
         return self.model.config.num_hidden_layers
 
 
-def load_model(spec: str) -> LoadedModel:
-    """Load `spec` (see module doc) as float32 for CPU inference, in eval mode."""
+def load_model(spec: str, dtype: str = "float32") -> LoadedModel:
+    """Load `spec` (see module doc) in `dtype` (a dtypes.COMPUTE_DTYPES name) for CPU inference, in eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch_type = torch_dtype(dtype)
 
     path = resolve_model_dir(spec)
     try:
@@ -180,7 +183,7 @@ def load_model(spec: str) -> LoadedModel:
     from safetensors import SafetensorError
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_type, attn_implementation="sdpa")
     except (OSError, SafetensorError) as exc:  # no weights file, or a damaged one
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise UserError(f"{path}: cannot load the weights ({reason})") from None

@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from cecollm.config import DEFAULT_MODEL
+from cecollm.dtypes import check_dtype, default_dtype
 from cecollm.errors import UserError
 from cecollm.split import Split, default_exits, parse_exits
 
@@ -95,12 +96,17 @@ class ModelSpec:
     exits: tuple[int, ...] = ()  # exits as numbers of decoder layers run; () = the model's default split
     upload_layer: int = 0  # the layer whose output the cloud receives; 0 = the last exit
     heads: str = ""  # exit heads file (from `cecollm train-exits`); "" = the model's default heads
+    dtype: str = field(default_factory=default_dtype)  # compute dtype; default: the machine's (dtypes.default_dtype)
+
+    def __post_init__(self) -> None:
+        check_dtype(self.dtype)
 
     @classmethod
     def from_options(cls, model: str | None = None, exits: str | None = None, upload_layer: int | None = None,
-                     heads: str | None = None) -> ModelSpec:
+                     heads: str | None = None, dtype: str | None = None) -> ModelSpec:
         """A spec from command-line text: exits as "8,15"; empty or missing values are defaults."""
-        return cls(model or DEFAULT_MODEL, parse_exits(exits) if exits else (), upload_layer or 0, heads or "")
+        return cls(model or DEFAULT_MODEL, parse_exits(exits) if exits else (), upload_layer or 0, heads or "",
+                   dtype or default_dtype())
 
     def options(self) -> list[str]:
         """The command-line options that give this spec to another cecollm command."""
@@ -111,18 +117,19 @@ class ModelSpec:
             out += ["--upload-layer", str(self.upload_layer)]
         if self.heads:
             out += ["--heads", self.heads]
-        return out
+        return out + ["--dtype", self.dtype]
 
     def load(self, mapped: bool = False):
-        """The loaded model (loading.LoadedModel); `mapped`: weights mapped from disk, no tokenizer (the cloud)."""
+        """The loaded model (loading.LoadedModel) in the spec's dtype; `mapped`: weights mapped from disk, no
+        tokenizer (the cloud)."""
         from cecollm.loading import LoadedModel, load_model, resolve_model_dir
 
         if not mapped:
-            return load_model(self.model)
+            return load_model(self.model, self.dtype)
         from cecollm.weights import load_mapped
 
         path = resolve_model_dir(self.model)
-        return LoadedModel(load_mapped(path), None, path, self.model)
+        return LoadedModel(load_mapped(path, self.dtype), None, path, self.model)
 
     def resolve(self, loaded) -> Resolved:
         """The split and heads file for `loaded` (a loading.LoadedModel), checked against it."""

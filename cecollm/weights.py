@@ -4,18 +4,30 @@ The model is built on the meta device, then every parameter becomes a tensor ove
 (copy-on-write) memory map of the float32 safetensors file, with load_state_dict(assign=True).
 Pages nobody writes stay shared with the page cache, so N worker processes on one host hold
 one copy of the weights (and only the pages of the layers they run are ever touched).
+
+A bfloat16 or float16 model maps a converted copy of the float32 file: written once per dtype
+under $CECOLLM_HOME/models/dtypes/ (keyed by the float32 file's name, size and hash, see
+loading._file_key), so the workers still share one copy of the half-size weights, and a start
+converts nothing.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import mmap
+import os
 import struct
+import tempfile
 from pathlib import Path
 
 import torch
 
+from cecollm.config import cecollm_home
+from cecollm.dtypes import torch_dtype
 from cecollm.errors import UserError
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -41,8 +53,36 @@ def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_mapped(model_dir: Path) -> torch.nn.Module:
-    """The model of a transformers directory, float32, eval mode, weights mapped from disk."""
+def converted(path: Path, dtype: str) -> Path:
+    """The copy of the float32 safetensors file `path` in `dtype` (written once, atomically); `path` for float32."""
+    if dtype == "float32":
+        return path
+    from safetensors.torch import save_file
+
+    from cecollm.loading import _file_key
+
+    target = cecollm_home() / "models" / "dtypes" / f"{_file_key(path)}-{dtype}.safetensors"
+    if target.is_file():
+        return target
+    log.info("converting %s once to %s in %s", path.name, dtype, target)
+    to = torch_dtype(dtype)
+    tensors = {name: t.to(to) if t.is_floating_point() else t.clone() for name, t in map_safetensors(path).items()}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", dir=target.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep workers of other users out, as the float32 file does not
+        os.replace(tmp, target)  # whole or absent: a start that finds it may map it
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load_mapped(model_dir: Path, dtype: str = "float32") -> torch.nn.Module:
+    """The model of a transformers directory in `dtype` (float32 weights converted once, see `converted`),
+    eval mode, weights mapped from disk."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_dir = Path(model_dir)
@@ -51,12 +91,12 @@ def load_mapped(model_dir: Path) -> torch.nn.Module:
         raise UserError(f"{model_dir}: no .safetensors file to map")
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype), attn_implementation="sdpa")
     state = {}
     for file in files:
-        state.update(map_safetensors(file))
-    if any(t.dtype != torch.float32 for t in state.values()):
-        raise UserError(f"{model_dir}: weights are not float32; convert the model first")
+        if any(t.dtype != torch.float32 for t in map_safetensors(file).values()):
+            raise UserError(f"{model_dir}: weights are not float32; convert the model first")
+        state.update(map_safetensors(converted(file, dtype)))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

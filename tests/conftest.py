@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
+# Every test computes in float32 unless it says otherwise (the machine's default may be bfloat16): set
+# before cecollm's config dataclasses and command lines take their defaults, inherited by subprocesses.
+os.environ["CECOLLM_DTYPE"] = "float32"
+
+import pytest  # noqa: E402
 import torch
 import zmq
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -42,6 +48,25 @@ def hf_greedy(model, prompt_ids, max_new_tokens):
     out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
                          do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=0)
     return out[0, len(prompt_ids):].tolist()
+
+
+NEAR_TIE = 1e-2  # logits this close (relative) are a tie in bfloat16 (8 bits of mantissa) and float16 arithmetic
+
+
+def assert_greedy_equal(model, prompt_ids, got, ref, near_tie: float = NEAR_TIE):
+    """`got` is transformers' greedy output `ref`, or parts from it only at a near-tie: where they first
+    differ, transformers' own logits of the two tokens (after the common prefix) are within `near_tie`.
+    In bfloat16 and float16 one row at a time and several at once may round differently (float32 is
+    asserted equal, token for token)."""
+    if got == ref:
+        return
+    i = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
+    assert i < min(len(got), len(ref)), f"lengths differ: {len(got)} tokens, transformers {len(ref)}"
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt_ids + ref[:i]])).logits[0, -1].float()
+    a, b = float(logits[got[i]]), float(logits[ref[i]])
+    assert abs(a - b) <= near_tie * max(1.0, abs(b)), \
+        f"token {i}: {got[i]} (logit {a:.5f}) where transformers has {ref[i]} (logit {b:.5f}): no near-tie"
 
 
 CHAT_TEMPLATE = (

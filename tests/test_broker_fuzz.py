@@ -87,7 +87,7 @@ def _semantic(rng: random.Random, module) -> list[bytes]:
         if choice == 0:
             return ep.Decide(device, 1, rng.randrange(1 << 32), rng.randrange(100)).to_frames()
         if choice == 1:
-            return ep.Hello(device, 1, "f" * 32, 6, (2, 3), 3, "float16", False).to_frames()  # another model
+            return ep.Hello(device, 1, "f" * 32, 6, (2, 3), 3, "float32", "float16", False).to_frames()  # another model
         if choice == 2:
             frames = ep.Upload(device, 1, 0, 0, np.zeros((n, 64), np.float16)).to_frames()
             frames[2] = struct.pack("!BBII", 1, 2, n + 1, 64)  # shape does not match the buffer
@@ -98,8 +98,8 @@ def _semantic(rng: random.Random, module) -> list[bytes]:
             return ep.UploadShm(device, 1, 0, 0, n).to_frames()
         return ep.End(device, 1).to_frames()
     if module is wp:
-        return rng.choice([wp.Heartbeat(), wp.Reply(rng.randrange(1 << 40), Frames((b"x",))), wp.Config("x", "y", (1,), 1, "z", 1, 1),
-                           wp.Request(1, Frames((b"x",)))]).to_frames()
+        return rng.choice([wp.Heartbeat(), wp.Reply(rng.randrange(1 << 40), Frames((b"x",))),
+                           wp.Config("x", "y", "float32", (1,), 1, "z", 1, 1), wp.Request(1, Frames((b"x",)))]).to_frames()
     return rng.choice([sp.Lease(device, 1, 1, 3), sp.Commit(device, 5, 5, 1, 0.5), sp.Open(device, 77),
                        sp.Grant(1, 1, 1, 1, 1, "x")]).to_frames()
 

@@ -33,6 +33,43 @@ def test_generate_json(tiny_model_dir):
     assert stats["bytes_up"] > 0 and stats["cloud_seconds"] > 0
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_generate_in_a_dtype_is_transformers_in_that_dtype(tiny_model_dir, dtype):
+    """--dtype loads the model in that dtype: cloud-only and the split (2-byte uploads in the model's own
+    dtype) both give transformers' greedy tokens of the same model in the same dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import hf_greedy
+
+    outs = {}
+    for mode in ("cloud", "collab"):
+        res = run(["generate", "--model", str(tiny_model_dir), "--prompt", "The cat", "--exits", "2,4", "--raw",
+                   "--max-new-tokens", "8", "--threshold", "1.0", "--mode", mode, "--dtype", dtype, "--json"])
+        assert res.exit_code == 0, res.output
+        outs[mode] = json.loads(res.stdout)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=getattr(torch, dtype)).eval()
+    prompt = AutoTokenizer.from_pretrained(tiny_model_dir)("The cat")["input_ids"]
+    expected = hf_greedy(model, prompt, 8)  # up to EOS (id 2), where generate stops too
+    expected = expected[:expected.index(2) + 1] if 2 in expected else expected
+    assert outs["cloud"]["token_ids"] == outs["collab"]["token_ids"] == expected
+    # The tokens of a tiny model may not tell dtypes apart; their probabilities do.
+    confidences = [t["confidence"] for t in outs["cloud"]["tokens"]]
+    assert confidences == pytest.approx(_hf_confidences(model, prompt, len(expected)), rel=1e-5)
+    assert confidences != pytest.approx(_hf_confidences(model.float(), prompt, len(expected)), rel=1e-5)
+    rows = outs["collab"]["stats"]["prompt_tokens"] + len(outs["collab"]["token_ids"]) - 1
+    assert outs["collab"]["stats"]["bytes_up"] == rows * model.config.hidden_size * 2
+
+
+def _hf_confidences(model, prompt, n):
+    """The probability of each token transformers' greedy generation picks."""
+    import torch
+
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         do_sample=False, max_new_tokens=n, output_scores=True, return_dict_in_generate=True)
+    return [float(torch.softmax(s[0].float(), -1)[t]) for s, t in zip(out.scores, out.sequences[0, len(prompt):])]
+
+
 def test_generate_standalone_text(tiny_model_dir):
     res = run(["generate", "--model", str(tiny_model_dir), "--prompt", "hello", "--mode", "standalone",
                "--exits", "3", "--max-new-tokens", "4", "--raw"])
@@ -97,6 +134,11 @@ def test_real_process_prints_no_traceback(tmp_path):
                            "--prompt", "hi"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: model not found: {tmp_path / 'nope'} (a directory, a .gguf file, or SmolLM2-135M-Instruct)"
+
+
+def test_a_bad_dtype_is_refused_by_the_option():
+    res = CliRunner().invoke(cli, ["generate", "--model", "m", "--prompt", "hi", "--dtype", "float64"])
+    assert res.exit_code == 2 and "'float64' is not one of 'float32', 'bfloat16', 'float16'" in res.output
 
 
 def test_help_explains():

@@ -10,6 +10,7 @@ import pytest
 
 from cecollm.cache import shm
 from cecollm.cache.content_manager import ContentManager, ContentManagerConfig
+from cecollm.dtypes import numpy_dtype
 from cecollm.wire import edge_cloud as ep
 from cecollm.wire import worker_state as sp
 from cecollm.wire.wire import DTYPE_CODES, ErrorCode
@@ -277,14 +278,14 @@ def test_a_bad_remote_commit_is_an_error_reply_and_changes_nothing(manager):
     assert reply == sp.Committed(3) and dev.folded == 3
 
 
-def test_a_kv_dtype_the_wire_cannot_carry_is_refused_to_remote_workers_without_a_lease(manager):
+def test_a_bfloat16_kv_travels_to_remote_workers(manager):
+    """A bfloat16 model's KV (2 bytes an element) is granted as a bfloat16 tensor (ml_dtypes on the numpy side)."""
     manager.config = ContentManagerConfig(**{**manager.config.__dict__, "kv_dtype": "bfloat16"})
     opened = _open(manager)
     _upload(manager, 3, opened.session, 0, 0, 2)
-    (_, err), = _control(manager, b"r1", sp.Lease(3, opened.session, 1, 1, remote=True))
-    assert err.code == ErrorCode.INTERNAL and "bfloat16" in err.message and manager.devices[3].lease_token == 0
-    (_, grant), = _control(manager, b"w1", sp.Lease(3, opened.session, 1, 1))  # local workers are served
-    assert isinstance(grant, sp.Grant) and manager.devices[3].layout.kv_itemsize == 2
+    (_, grant), = _control(manager, b"r1", sp.Lease(3, opened.session, 1, 1, remote=True))
+    assert isinstance(grant, sp.StateGrant) and grant.kv.dtype == numpy_dtype("bfloat16")
+    assert manager.devices[3].layout.kv_itemsize == 2 and grant.rows.shape[0] == 2
 
 
 def _drafted(m, device, session, seq, start, n, drafts, epoch=0):

@@ -14,7 +14,7 @@ from cecollm.errors import UserError
 from cecollm.layers import DecoderRunner
 from cecollm.split import Split
 
-from conftest import hf_greedy, make_tiny_model
+from conftest import assert_greedy_equal, hf_greedy, make_tiny_model
 
 
 class ConfidentHead(NormHead):
@@ -238,3 +238,23 @@ def test_kv_exact_with_several_pending_depths(upload):
                 assert k.shape[1] == len(ids), f"layer {layer} holds {k.shape[1]} of {len(ids)} positions"
                 torch.testing.assert_close(k, ref.layers[layer].keys[0], rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(v, ref.layers[layer].values[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["cloud", "collab", "exact"])
+def test_each_dtype_equals_transformers_in_that_dtype(tiny_model, dtype, mode):
+    """Computing in bfloat16 or float16 (2-byte uploads in the model's own dtype: no rounding on the wire)
+    gives transformers' greedy output of the same model in the same dtype."""
+    model = tiny_model.to(dtype)
+    n = model.config.num_hidden_layers
+    split = Split.create(n, (2, n // 2))
+    heads = confident_heads(model, split.exits, scale=6.0) if mode == "exact" else HeadSet.lens(model, split.exits)
+    engine = SplitEngine(model, split, heads)
+    config = GenerationConfig(mode=mode, threshold=0.5 if mode == "exact" else 1.0, max_new_tokens=24)
+    assert config.wire_dtype(dtype) == dtype
+    for length in (1, 33):
+        prompt = random_prompt(model, length, seed=length)
+        result = engine.generate(prompt, config)
+        assert_greedy_equal(model, prompt, result.token_ids, hf_greedy(model, prompt, 24))
+        if mode == "collab":  # every position's row went up once, 2 bytes a value
+            assert result.stats.bytes_up == (length + 23) * model.config.hidden_size * 2

@@ -26,7 +26,7 @@ from cecollm.edge.heads import HeadSet
 from cecollm.engine import SplitEngine
 from cecollm.split import Split
 
-from conftest import hf_greedy
+from conftest import assert_greedy_equal, hf_greedy
 
 EXITS = (2, 4)
 PROMPTS = {21: [5, 17, 33, 2, 9], 22: [100, 7, 7, 300, 41, 12, 3, 8, 250, 1, 64]}
@@ -159,3 +159,34 @@ def test_the_cli_marks_each_token(model_dir, broker):
         assert out.exit_code == 0, out.output
         stats = orjson.loads(out.output.strip().splitlines()[-1])["stats"]
         assert (stats["drafts"] > 0) == drafted, (flag, stats)
+
+
+@pytest.fixture(scope="module")
+def bf16_broker(model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "broker-bf16.log"
+    with BrokerProcess(str(model_dir), workers=1, extra=["--exits", "2,4", "--dtype", "bfloat16"], log_path=log) as b:
+        yield b
+
+
+def test_bfloat16_end_to_end_is_transformers_in_bfloat16_with_bfloat16_uploads(model_dir, split, bf16_broker):
+    """A bfloat16 edge and cloud: uploads are bfloat16 (bit-exact, 2 bytes a value, over the socket and through
+    shared memory) and the output is transformers' greedy output of the model in bfloat16."""
+    from cecollm.loading import load_model
+
+    loaded = load_model(str(model_dir), "bfloat16")
+    heads = confident_heads(loaded.model, EXITS, scale=6.0)
+    for device, shm in ((31, False), (32, True)):
+        with _client(loaded, split, heads, bf16_broker, device, fp16=True, shm=shm) as client:
+            assert client.wire_dtype == torch.bfloat16
+            result = client.generate(PROMPTS[22])
+        assert_greedy_equal(loaded.model, PROMPTS[22], result.token_ids, hf_greedy(loaded.model, PROMPTS[22], 24))
+        assert result.stats.rollbacks > 0 and all(t.verified for t in result.tokens)
+        assert (result.stats.shm_bytes > 0) == shm
+
+
+def test_an_edge_in_another_dtype_is_refused_naming_both(loaded, split, heads, bf16_broker):
+    from cecollm.errors import UserError
+
+    with _client(loaded, split, heads, bf16_broker, 33) as client:
+        with pytest.raises(UserError, match="dtype mismatch: the edge computes in float32, the cloud in bfloat16"):
+            client.generate(PROMPTS[21])

@@ -165,3 +165,18 @@ def test_bad_input_is_one_line_and_exit_2(broker, prompts_file, tmp_path):
     # and as a real process: one line on stderr, exit code 2
     r = subprocess.run([sys.executable, str(TOOL), *cases["at least 1"]], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --clients must be at least 1, got 0"]
+
+
+def test_a_bfloat16_trace_keeps_its_rows_bit_for_bit(tmp_path):
+    """.npy has no bfloat16: the rows are stored as their bits and come back as bfloat16, with the edge's dtype."""
+    import numpy as np
+
+    from cecollm.dtypes import numpy_dtype
+    from cecollm.loadgen.trace import TraceHeader
+
+    rows = np.linspace(-3, 3, 4 * 8).astype(numpy_dtype("bfloat16")).reshape(4, 8)
+    header = TraceHeader("m", "id", 6, (2, 4), 4, "bfloat16", 8, 0.8, 4, "", dtype="bfloat16")
+    Trace(header, [], rows).save(tmp_path / "t.jsonl")
+    back = Trace.load(tmp_path / "t.jsonl")
+    assert back.rows.dtype == numpy_dtype("bfloat16") and np.array_equal(back.rows.view(np.uint16), rows.view(np.uint16))
+    assert back.header.dtype == "bfloat16" and back.header.wire_dtype == "bfloat16"

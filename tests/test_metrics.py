@@ -108,7 +108,7 @@ def test_counts_match_a_generation_and_hostile_requests(loaded, broker):
 
     # a session that is opened and left idle: the generation's device needs its room (the budget holds one)
     edge = _socket(zmq.DEALER, broker.request_address, broker.device_keys)
-    welcome = _ask(edge, ep.Hello(50, 1, loaded.identity, loaded.n_layers, EXITS, 4, "float16", False, 77).to_frames())
+    welcome = _ask(edge, ep.Hello(50, 1, loaded.identity, loaded.n_layers, EXITS, 4, "float32", "float16", False, 77).to_frames())
     assert isinstance(welcome, ep.Welcome)
     one = value(wait_for(url, lambda s: value(s, "cecollm_active_devices") == 1, "the idle session"),
                 "cecollm_shm_used_bytes")
@@ -211,7 +211,7 @@ def test_the_routing_loop_counts_busy_missing_hung_and_a_bad_worker():
     from cecollm.wire import broker_worker as wp
 
     front, back, state = Collect(), Collect(), Collect()
-    broker = Broker(front, back, wp.Config("/m", "id", (2,), 2, "ipc:///x", 250, 4), state=state, wait_seconds=2.0,
+    broker = Broker(front, back, wp.Config("/m", "id", "float32", (2,), 2, "ipc:///x", 250, 4), state=state, wait_seconds=2.0,
                     job_seconds=0.5, max_per_device=1)
     for worker, pid in ((b"w1", 11), (b"w2", 12)):
         broker.on_worker(frames_of(worker, *wp.Connect(pid).to_frames()))
@@ -228,7 +228,7 @@ def test_the_routing_loop_counts_busy_missing_hung_and_a_bad_worker():
     broker.on_worker(frames_of(b"w2", *wp.Reply(2, Frames(token)).to_frames()))  # w2 was free longest
     broker.on_worker(frames_of(b"w2", b"junk"))  # a worker's unreadable message
     broker.on_state([b"", b"junk"])  # and the content manager's
-    broker.on_edge(frames_of(b"edge", b"", *ep.Hello(9, 1, "id", 6, EXITS, 4, "float16", False).to_frames()))
+    broker.on_edge(frames_of(b"edge", b"", *ep.Hello(9, 1, "id", 6, EXITS, 4, "float32", "float16", False).to_frames()))
     broker.dispatch()  # to w1, free since it deferred job 1
     broker.on_worker(frames_of(b"w1", *wp.Heartbeat().to_frames()))  # it beats, but never answers
     broker.purge(time.monotonic() + 0.7)  # past the job's deadline

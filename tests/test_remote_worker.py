@@ -159,3 +159,40 @@ def test_worker_cli_bad_addresses_are_one_line_exit_2():
                  ["--broker", "tcp://h:1", "--remote", "--state", "ipc:///tmp/s"]):
         out = CliRunner().invoke(worker_command, args)
         assert out.exit_code == 2 and out.output.startswith("error:") and "Traceback" not in out.output, args
+
+
+def test_a_bfloat16_remote_worker_rolls_back_exactly_and_a_float32_one_is_refused(model_dir, split, tmp_path):
+    """bfloat16 KV and rows travel as tensors (STATE_GRANT / STATE_COMMIT): the output is transformers' in
+    bfloat16. A worker that expects another dtype than the broker serves says so on one line, exit 2."""
+    from cecollm.loading import load_model
+
+    from conftest import assert_greedy_equal
+
+    (state_port,) = free_ports(1)
+    with BrokerProcess(str(model_dir), workers=0, log_path=tmp_path / "broker.log",
+                       extra=["--exits", "2,4", "--dtype", "bfloat16", "--state-address", f"tcp://*:{state_port}"]) as b:
+        worker = [sys.executable, "-c", NO_SHM_WORKER, "--broker", b.worker_address, "--remote", "--keys", b.worker_keys]
+        out = subprocess.run([*worker, "--dtype", "float32"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        assert "dtype mismatch: this worker computes in float32, the broker serves bfloat16" in out.stderr
+        worker_log = open(tmp_path / "worker.log", "w")
+        proc = subprocess.Popen([*worker, "--dtype", "bfloat16"], stderr=worker_log)
+        try:
+            loaded = load_model(str(model_dir), "bfloat16")
+            heads = HeadSet(EXITS, {e: SharpHead(loaded.model.model.norm) for e in EXITS})
+            config = EdgeConfig(device_id=4, broker=b.request_address, upload=b.upload_address, keys=b.device_keys,
+                                exact=True, threshold=0.5, max_new_tokens=24, timeout=20.0, hello_timeout=120.0)
+            with EdgeClient(loaded.model, loaded.identity, split, heads, config) as client:
+                assert client.wire_dtype == torch.bfloat16
+                got = client.generate(PROMPT)
+            assert_greedy_equal(loaded.model, PROMPT, got.token_ids, hf_greedy(loaded.model, PROMPT, 24))
+            assert got.stats.rollbacks > 0 and got.stats.standalone_reason == "" and got.stats.shm_bytes == 0
+            assert "refused" not in (tmp_path / "worker.log").read_text()
+        finally:
+            b.stop()
+            try:
+                proc.wait(timeout=60)  # told to go away by the broker (or it gives up waiting for one)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            worker_log.close()

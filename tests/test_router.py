@@ -64,7 +64,7 @@ def test_new_devices_spread_over_workers_stay_with_theirs_and_a_worker_that_star
     from cecollm.wire import edge_cloud as ep
 
     front, back = Collect(), Collect()
-    broker = Broker(front, back, wp.Config("/m", "id", (2,), 2, "ipc:///x", 250, 4), max_batch=4)
+    broker = Broker(front, back, wp.Config("/m", "id", "float32", (2,), 2, "ipc:///x", 250, 4), max_batch=4)
     for worker, pid in ((b"w1", 1), (b"w2", 2)):
         broker.on_worker(frames_of(worker, *wp.Connect(pid).to_frames()))
         broker.on_worker(frames_of(worker, *wp.Ready().to_frames()))
@@ -94,7 +94,7 @@ def test_a_free_worker_gets_what_is_waiting_one_request_a_device():
     from cecollm.wire import edge_cloud as ep
 
     front, back = Collect(), Collect()
-    broker = Broker(front, back, wp.Config("/m", "id", (2,), 2, "ipc:///x", 250, 4), max_batch=3)
+    broker = Broker(front, back, wp.Config("/m", "id", "float32", (2,), 2, "ipc:///x", 250, 4), max_batch=3)
     broker.on_worker(frames_of(b"w1", *wp.Connect(1).to_frames()))
     broker.on_worker(frames_of(b"w1", *wp.Ready().to_frames()))
     for device, seq in ((1, 1), (1, 2), (2, 1), (3, 1), (4, 1)):  # jobs 1..5: device 1 twice
@@ -127,7 +127,7 @@ def test_a_deferred_request_is_parked_holding_no_worker_until_its_rows_arrive():
     from cecollm.wire.wire import ErrorCode
 
     front, back, state = Collect(), Collect(), Collect()
-    broker = Broker(front, back, wp.Config("/m", "id", (2,), 2, "ipc:///x", 250, 4), state=state,
+    broker = Broker(front, back, wp.Config("/m", "id", "float32", (2,), 2, "ipc:///x", 250, 4), state=state,
                     wait_seconds=2.0, max_per_device=2)
     broker.on_worker(frames_of(b"w1", *wp.Connect(1).to_frames()))
     broker.on_worker(frames_of(b"w1", *wp.Ready().to_frames()))
@@ -159,7 +159,7 @@ def test_a_worker_that_holds_a_job_too_long_is_dropped_and_its_job_goes_to_anoth
     from cecollm.wire import edge_cloud as ep
 
     front, back = Collect(), Collect()
-    broker = Broker(front, back, wp.Config("/m", "id", (2,), 2, "ipc:///x", 250, 4), job_seconds=0.5)
+    broker = Broker(front, back, wp.Config("/m", "id", "float32", (2,), 2, "ipc:///x", 250, 4), job_seconds=0.5)
     for worker, pid in ((b"w1", 11), (b"w2", 12)):
         broker.on_worker(frames_of(worker, *wp.Connect(pid).to_frames()))
         broker.on_worker(frames_of(worker, *wp.Ready().to_frames()))

@@ -107,7 +107,7 @@ def _dealer(address: str, keys: ClientKeys | None) -> zmq.Socket:
 
 
 def _hello(loaded, device: int) -> list:
-    return [b"", *ep.Hello(device, 1, loaded.identity, loaded.n_layers, EXITS, 4, "float16", False).to_frames()]
+    return [b"", *ep.Hello(device, 1, loaded.identity, loaded.n_layers, EXITS, 4, "float32", "float16", False).to_frames()]
 
 
 def _reply(sock: zmq.Socket, timeout_ms: int):
@@ -219,7 +219,7 @@ def _hostile(broker) -> ClientKeys:
 
 
 def _hello_as(loaded, device: int, seq: int, instance: int, take_over: bool = False) -> list:
-    return [b"", *ep.Hello(device, seq, loaded.identity, loaded.n_layers, EXITS, 4, "float16", False, instance,
+    return [b"", *ep.Hello(device, seq, loaded.identity, loaded.n_layers, EXITS, 4, "float32", "float16", False, instance,
                            take_over).to_frames()]
 
 

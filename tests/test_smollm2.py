@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+import torch
 
 from cecollm import loading
 from cecollm.config import DEFAULT_MODEL, GenerationConfig
@@ -54,3 +55,24 @@ def test_threshold_one_equals_generate(smollm2, prompt):
     got = engine.generate(ids, GenerationConfig(mode="collab", threshold=1.0, max_new_tokens=32, fp16=False))
     assert got.token_ids == ref
     assert engine.generate(ids, GenerationConfig(mode="cloud", max_new_tokens=32)).token_ids == ref
+
+
+def test_bfloat16_with_its_trained_heads_is_transformers_in_bfloat16():
+    """The default model in bfloat16 with its trained exit heads (cast to bfloat16): cloud-only, the split at
+    threshold 1.0 (bfloat16 uploads) and the exact mode give transformers' greedy output in bfloat16, up to
+    near-ties (the exact mode verifies rows in batches, which round apart from one row at a time)."""
+    from conftest import assert_greedy_equal
+
+    spec = ModelSpec(dtype="bfloat16")
+    loaded = spec.load()
+    split, heads = edge_setup(spec, loaded)
+    assert loaded.model.dtype == torch.bfloat16
+    assert {p.dtype for h in heads.heads.values() for p in h.parameters()} == {torch.bfloat16}
+    engine = SplitEngine(loaded.model, split, heads)
+    ids = encode_prompt(loaded.tokenizer, PROMPTS[1])
+    ref = hf_greedy(loaded.model, ids, 32)
+    assert engine.generate(ids, GenerationConfig(mode="cloud", max_new_tokens=32)).token_ids == ref
+    assert engine.generate(ids, GenerationConfig(mode="collab", threshold=1.0, max_new_tokens=32)).token_ids == ref
+    exact = engine.generate(ids, GenerationConfig(mode="exact", max_new_tokens=32))
+    assert_greedy_equal(loaded.model, ids, exact.token_ids, ref)
+    assert exact.stats.drafts > 0

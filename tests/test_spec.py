@@ -40,11 +40,15 @@ def test_bundled_heads_match_their_defaults_entry():
 def test_options_round_trip_and_empty_means_default():
     spec = ModelSpec.from_options("m", "2, 4", 3, "h.safetensors")
     assert spec == ModelSpec("m", (2, 4), 3, "h.safetensors")
-    assert spec.options() == ["--model", "m", "--exits", "2,4", "--upload-layer", "3", "--heads", "h.safetensors"]
+    assert spec.options() == ["--model", "m", "--exits", "2,4", "--upload-layer", "3", "--heads", "h.safetensors",
+                              "--dtype", "float32"]  # conftest pins the machine's default to float32
     assert ModelSpec.from_options(None, "", 0, "") == ModelSpec() == ModelSpec(DEFAULT_MODEL)
-    assert ModelSpec().options() == ["--model", DEFAULT_MODEL]
+    assert ModelSpec().options() == ["--model", DEFAULT_MODEL, "--dtype", "float32"]
+    assert ModelSpec.from_options("m", dtype="bfloat16").options() == ["--model", "m", "--dtype", "bfloat16"]
     with pytest.raises(UserError, match="--exits"):
         ModelSpec.from_options("m", "2,x")
+    with pytest.raises(UserError, match="--dtype must be one of float32, bfloat16, float16, got 'half'"):
+        ModelSpec("m", dtype="half")
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,16 @@ import msgspec
 import numpy as np
 import pytest
 
+from cecollm.dtypes import numpy_dtype
 from cecollm.wire import broker_worker as wp
 from cecollm.wire import edge_cloud as ep
 from cecollm.wire import worker_state as sp
 from cecollm.wire.wire import MAX_BODY, ErrorCode, Frames, ProtocolError, pack_header
 
 EDGE_MESSAGES = [
-    ep.Hello(3, 1, "ab" * 16, 30, (8, 15), 15, "float16", False),
-    ep.Hello(2**32 - 1, 7, "x", 6, (2,), 2, "float32", True),
+    ep.Hello(3, 1, "ab" * 16, 30, (8, 15), 15, "float32", "float16", False),
+    ep.Hello(2**32 - 1, 7, "x", 6, (2,), 2, "float32", "float32", True),
+    ep.Hello(5, 2, "x", 6, (2,), 2, "bfloat16", "bfloat16", True),
     ep.Welcome(3, 1, 99, 1024, 4096, "cecollm-1-3-99"),
     ep.Decide(3, 2, 99, 41),
     ep.Token(41, 1234, 0.5, 3, 2, 0.001),
@@ -28,7 +30,7 @@ EDGE_MESSAGES = [
     ep.Error(2, ErrorCode.UNKNOWN_DEVICE, "device 3 has no state"),
 ]
 WORKER_MESSAGES = [
-    wp.Connect(1234), wp.Config("/m", "id", (2, 4), 4, "ipc:///tmp/x", 250, 4), wp.Ready(), wp.Heartbeat(),
+    wp.Connect(1234), wp.Config("/m", "id", "bfloat16", (2, 4), 4, "ipc:///tmp/x", 250, 4), wp.Ready(), wp.Heartbeat(),
     wp.Request(7, Frames((b"a", b"bc"))), wp.Reply(2**63 - 1, Frames((b"z",))), wp.Disconnect(), wp.Error("bad"),
 ]
 STATE_MESSAGES = [
@@ -48,9 +50,9 @@ def test_round_trip(module, msg):
     assert module.parse(_wire(msg.to_frames())) == msg
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
 def test_upload_tensor_round_trip_without_copy(dtype):
-    rows = np.arange(3 * 576, dtype=dtype).reshape(3, 576)
+    rows = np.arange(3 * 576).astype(numpy_dtype(dtype)).reshape(3, 576)
     frames = ep.Upload(3, 9, 2, 40, rows).to_frames()
     assert isinstance(frames[3], memoryview)  # the array's own memory goes to the socket
     back = ep.parse(_wire(frames))
@@ -75,8 +77,8 @@ def _upload_frames(head, data):
 
 
 def _hello(**change):
-    fields = dict(zip(["device_id", "seq", "identity", "n_layers", "exits", "upload_layer", "wire_dtype", "shm"],
-                      [1, 1, "x", 6, [2], 2, "float16", False]))
+    fields = dict(zip(["device_id", "seq", "identity", "n_layers", "exits", "upload_layer", "dtype", "wire_dtype", "shm"],
+                      [1, 1, "x", 6, [2], 2, "float32", "float16", False]))
     fields.update(change)
     return [_head(ep, ep.Command.HELLO), _body(*fields.values())]
 
@@ -98,6 +100,8 @@ BAD_EDGE = {
     "hello exits as strings": _hello(exits=["2"]),
     "hello no exits": _hello(exits=[]),
     "hello bad dtype": _hello(wire_dtype="int8"),
+    "hello bad compute dtype": _hello(dtype="int8"),
+    "hello no compute dtype": [_head(ep, ep.Command.HELLO), _body(1, 1, "x", 6, [2], 2, "float16", False)],
     "hello negative id": _hello(device_id=-1),
     "hello id past 32 bits": _hello(device_id=1 << 32),
     "hello shm as int": _hello(shm=1),

@@ -93,7 +93,7 @@ def broker_rtts(broker, identity: str, n: int) -> tuple[list[float], list[float]
     context = zmq.Context.instance()
     keys = _keys(broker)
     rpc = RpcSocket(context, broker.request_address, keys=keys)
-    rpc.send(ep.Hello(1, 1, identity, 4, (1, 2), 2, "float16", False).to_frames())
+    rpc.send(ep.Hello(1, 1, identity, 4, (1, 2), 2, "float32", "float16", False).to_frames())
     welcome = ep.parse(rpc.receive(time.monotonic() + 30))
     assert isinstance(welcome, ep.Welcome), welcome
     push = context.socket(zmq.PUSH)
@@ -131,7 +131,7 @@ def upload_throughput(broker, identity: str, state_address: str, shm: bool, rows
     context = zmq.Context.instance()
     keys = _keys(broker)
     rpc = RpcSocket(context, broker.request_address, keys=keys)
-    rpc.send(ep.Hello(2, 1, identity, 4, (1, 2), 2, "float16", shm).to_frames())
+    rpc.send(ep.Hello(2, 1, identity, 4, (1, 2), 2, "float32", "float16", shm).to_frames())
     welcome = ep.parse(rpc.receive(time.monotonic() + 30))
     assert isinstance(welcome, ep.Welcome), welcome
     state = RpcSocket(context, state_address)
@@ -167,8 +167,9 @@ def worker_memory(workers: int) -> tuple[float, float, float]:
     from cecollm.loading import load_model
     from cecollm.spec import ModelSpec
 
-    loaded = load_model(DEFAULT_MODEL)
-    split, heads = edge_setup(ModelSpec(), loaded)
+    spec = ModelSpec()  # the machine's default dtype, as the broker's
+    loaded = load_model(DEFAULT_MODEL, spec.dtype)
+    split, heads = edge_setup(spec, loaded)
     with tempfile.NamedTemporaryFile(suffix=".log") as log:
         with BrokerProcess(DEFAULT_MODEL, workers, log_path=log.name) as broker:
             config = EdgeConfig(1, broker.request_address, broker.upload_address, threshold=1.0, max_new_tokens=8, exact=False,
@@ -205,7 +206,7 @@ def main(memory: bool, n: int, total_rows: int) -> None:
         capacity = max(total_rows, n + 50)
         runs = {}
         for secure in (True, False):  # with keys (CURVE on every socket) and --insecure, in the same run
-            with BrokerProcess(str(model_dir), 1, ["--exits", "1,2", "--capacity", str(capacity), "--wait-seconds",
+            with BrokerProcess(str(model_dir), 1, ["--exits", "1,2", "--dtype", "float32", "--capacity", str(capacity), "--wait-seconds",
                                                    "120", "--budget-mb", "4096"], secure=secure) as broker:
                 rtt, net = broker_rtts(broker, identity, n)
                 state = f"ipc://{tempfile.gettempdir()}/cecollm-{broker.proc.pid}-state.ipc"  # as the broker names it

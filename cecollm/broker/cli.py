@@ -7,7 +7,7 @@ import sys
 import click
 
 from cecollm.broker.daemon import BrokerConfig
-from cecollm.cliutil import GuardedCommand
+from cecollm.cliutil import GuardedCommand, dtype_option
 
 _B = BrokerConfig()
 
@@ -29,6 +29,7 @@ _B = BrokerConfig()
 @click.option("--upload-layer", type=int, default=_B.upload_layer, help="Layer whose output edges upload "
               "[default: the last exit].")
 @click.option("--heads", default=_B.heads, help="Heads file whose exits define the split.")
+@dtype_option(_B.dtype)
 @click.option("--workers", type=int, default=_B.workers, show_default=True, help="Worker processes to start.")
 @click.option("--heartbeat-ms", type=int, default=_B.heartbeat_ms, show_default=True,
               help="Heartbeat interval between the broker and its workers.")

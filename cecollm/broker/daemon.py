@@ -14,10 +14,11 @@ import os
 import signal
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cecollm.config import DEFAULT_MODEL
+from cecollm.dtypes import default_dtype
 from cecollm.errors import CecollmError, UserError
 from cecollm.runtime import ReadyWaiter, run_daemon
 from cecollm.wire import broker_worker as wp
@@ -45,6 +46,8 @@ class BrokerConfig:
     exits: str = ""  # exits as layer counts, "8,15"; "" = the model's default split
     upload_layer: int = 0  # layer whose output the edges upload; 0 = the last exit
     heads: str = ""  # heads file whose exits define the split (the cloud never runs heads)
+    dtype: str = field(default_factory=default_dtype)  # compute dtype (workers load in it, edges must use it);
+    #                                                    default: the machine's (dtypes.default_dtype)
     workers: int = 1  # worker processes to start
     heartbeat_ms: int = 250  # heartbeat interval between broker and workers
     liveness: int = 4  # heartbeats a worker may miss before it is purged
@@ -141,7 +144,7 @@ def _plan(config: BrokerConfig) -> _Plan:
     else:
         ring = KeyRing(config.keys or default_dir())
         local_keys = ring.local_worker_keys()
-    spec = ModelSpec.from_options(config.model, config.exits, config.upload_layer, config.heads)
+    spec = ModelSpec.from_options(config.model, config.exits, config.upload_layer, config.heads, config.dtype)
     loaded = spec.load(mapped=True)
     split = spec.resolve(loaded).split
     c = loaded.model.config
@@ -161,7 +164,7 @@ def _plan(config: BrokerConfig) -> _Plan:
         raise UserError(f"--budget-mb {config.budget_mb} holds no device: one device's state at --capacity "
                         f"{config.capacity} takes {one_device / (1 << 20):.1f} MiB (float32 rows); give --budget-mb "
                         f"{-(-one_device >> 20)} or more, or a smaller --capacity")
-    worker = wp.Config(str(loaded.path), loaded.identity, split.exits, split.upload_layer,
+    worker = wp.Config(str(loaded.path), loaded.identity, spec.dtype, split.exits, split.upload_layer,
                        connectable(state_address), config.heartbeat_ms, config.liveness)
     return _Plan(requests, uploads, state_address, prefix, split.describe(), manager, worker, worker_address, ring,
                  local_keys)
@@ -382,7 +385,7 @@ def _announce(config: BrokerConfig, plan: _Plan, ready: int, runtime, metrics_ur
     metrics = f" | metrics {metrics_url}" if metrics_url else ""
     print(f"cecollm-broker: requests {','.join(plan.requests)} | uploads {','.join(plan.uploads)} | "
           f"workers {plan.worker_address} | state {plan.state_address} | model {config.model} "
-          f"({plan.worker.identity[:12]}) | {plan.split_text} | {ready} workers | {security}{metrics}", flush=True)
+          f"({plan.worker.identity[:12]}, {plan.worker.dtype}) | {plan.split_text} | {ready} workers | {security}{metrics}", flush=True)
     runtime.ready(requests=",".join(plan.requests), uploads=",".join(plan.uploads), workers=plan.worker_address,
                   state=plan.state_address, identity=plan.worker.identity, split=plan.split_text,
                   keys=str(plan.ring.directory) if plan.ring else "", metrics=metrics_url)

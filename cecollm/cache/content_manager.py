@@ -31,6 +31,7 @@ import zmq
 from cecollm.cache import shm
 from cecollm.cache.device import DeviceState, StaleUpload, Watcher
 from cecollm.cache.stats import ManagerCounts
+from cecollm.dtypes import numpy_dtype
 from cecollm.errors import UserError
 from cecollm.wire import edge_cloud as ep
 from cecollm.wire import worker_state as sp
@@ -383,7 +384,7 @@ class ContentManager:
 
     def _kv_view(self, dev: DeviceState) -> np.ndarray:
         """The segment's KV cache [cloud_layers, 2, n_kv, capacity, head_dim] (a view: drop it before release)."""
-        return np.ndarray(dev.layout.kv_shape, dtype=np.dtype(self.config.kv_dtype), buffer=dev.segment.buf,
+        return np.ndarray(dev.layout.kv_shape, dtype=numpy_dtype(self.config.kv_dtype), buffer=dev.segment.buf,
                           offset=dev.layout.kv_offset)
 
     def _state_grant(self, dev: DeviceState, drafts: tuple[int, ...]) -> sp.StateGrant:

@@ -8,6 +8,7 @@ import click
 
 from cecollm.cliutil import GuardedCommand
 from cecollm.cloud.worker import WorkerConfig
+from cecollm.dtypes import COMPUTE_DTYPES
 from cecollm.errors import UserError
 
 _W = WorkerConfig()
@@ -34,9 +35,11 @@ def _one_endpoint(address: str, remote: bool) -> None:
               "(DIR/bundles/worker-NAME) [default: $CECOLLM_HOME/keys/bundles/worker-local].")
 @click.option("--insecure", is_flag=True, help="No keys: for a broker started with --insecure (loopback only).")
 @click.option("--threads", type=click.IntRange(min=1), default=_W.threads, show_default=True, help="Torch threads.")
+@click.option("--dtype", type=click.Choice(COMPUTE_DTYPES), default=_W.dtype or None, help="The compute dtype this "
+              "worker expects; a broker serving another is refused [default: the broker's --dtype].")
 @click.option("-v", "--verbose", is_flag=True, default=_W.verbose, help="Debug logging.")
 def worker_command(broker_address: str, remote: bool, state_address: str, model_dir: str, keys: str, insecure: bool,
-                   threads: int, verbose: bool) -> None:
+                   threads: int, dtype: str | None, verbose: bool) -> None:
     """Start one more cloud worker for a running broker: on its host (device state in shared memory), or with
     --remote on another host (device state sent over TCP per request)."""
     from cecollm.cloud.worker import serve_worker
@@ -50,7 +53,7 @@ def worker_command(broker_address: str, remote: bool, state_address: str, model_
 
         client_keys = ClientKeys.load(keys or bundle("worker-local"))
     config = WorkerConfig(broker_address, threads, verbose=verbose, remote=remote, state_address=state_address,
-                          model_dir=model_dir, client_keys=client_keys)
+                          model_dir=model_dir, client_keys=client_keys, dtype=dtype or "")
     sys.exit(run_daemon("worker", serve_worker, config, verbose))
 
 

@@ -30,6 +30,7 @@ import torch
 from cecollm.cache import shm
 from cecollm.cache.kv import KVCache
 from cecollm.cloud.batch import BatchFolder, Fold, Verdict
+from cecollm.dtypes import from_numpy, to_numpy
 from cecollm.layers import DecoderRunner
 from cecollm.split import Split
 from cecollm.wire import edge_cloud as ep
@@ -175,6 +176,9 @@ class CloudService:
         return reply
 
     def hello(self, msg: ep.Hello) -> ep.Welcome:
+        dtype = str(self.runner.embed.weight.dtype).removeprefix("torch.")  # the compute dtype
+        if msg.dtype != dtype:
+            raise Refused(ErrorCode.MISMATCH, f"dtype mismatch: the edge computes in {msg.dtype}, the cloud in {dtype}")
         if msg.identity != self.identity or msg.n_layers != self.split.n_layers:
             raise Refused(ErrorCode.MISMATCH, f"model mismatch: the edge runs {msg.identity[:12]} "
                           f"({msg.n_layers} layers), the cloud serves {self.identity[:12]} ({self.split.n_layers} layers)")
@@ -296,7 +300,7 @@ class CloudService:
         start = p.fold.folded
         kv = p.storage[:, :, :, start:ending.folded].contiguous()  # [L, 2, kv, kept, hd]
         layers, _, n_kv, kept, hd = kv.shape
-        entries = kv.view(layers * 2, n_kv, kept, hd).numpy()  # [L*2, kv, kept, hd]
+        entries = to_numpy(kv.view(layers * 2, n_kv, kept, hd))  # [L*2, kv, kept, hd]
         rollback = isinstance(ending, sp.Rollback)
         commit = sp.StateCommit(msg.device_id, p.token, start, ending.folded, ending.decided, ending.prob, entries,
                                 rollback)
@@ -320,8 +324,8 @@ class CloudService:
             raise Refused(ErrorCode.INTERNAL, f"granted KV {grant.kv.dtype.name} {grant.kv.shape} / rows "
                           f"{grant.rows.shape} do not fit this model")
         storage = torch.empty(layers, 2, n_kv, position + 1, hd, dtype=dtype)  # [L, 2, kv, position+1, hd]
-        storage.numpy()[:, :, :, :folded] = grant.kv.reshape(layers, 2, n_kv, folded, hd)  # [L, 2, kv, folded, hd]
-        rows = torch.from_numpy(grant.rows[:n].copy())  # [n, hidden]; the frame itself is read-only
+        to_numpy(storage)[:, :, :, :folded] = grant.kv.reshape(layers, 2, n_kv, folded, hd)  # [L, 2, kv, folded, hd]
+        rows = from_numpy(grant.rows[:n].copy())  # [n, hidden]; the frame itself is read-only
         cache = KVCache(self.split.upload_layer, layers, n_kv, hd, storage=storage)
         cache.lengths = [folded] * layers
         fold = Fold(cache, rows.view(1, n, base["hidden"]), folded, drafts)  # rows [1, n, hidden]

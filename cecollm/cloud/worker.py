@@ -48,6 +48,7 @@ class WorkerConfig:
     remote: bool = False  # never map shared memory: the content manager sends the state (another host)
     state_address: str = ""  # the content manager's address; "" = the one the broker names (for remote: its host)
     model_dir: str = ""  # the model's transformers directory here; "" = the broker's path
+    dtype: str = ""  # the compute dtype this worker expects; "" = the broker's (its CONFIG says), else must match it
     client_keys: object = None  # security.ClientKeys for the broker (and a tcp state) socket; None: --insecure
 
 
@@ -95,7 +96,9 @@ class Worker:
         model_dir = Path(self.config.model_dir or config.model_dir)
         if not model_dir.is_dir():
             raise UserError(f"no model directory {model_dir} on this host (give --model)")
-        model = load_mapped(model_dir)
+        if self.config.dtype and self.config.dtype != config.dtype:
+            raise UserError(f"dtype mismatch: this worker computes in {self.config.dtype}, the broker serves {config.dtype}")
+        model = load_mapped(model_dir, config.dtype)
         identity = LoadedModel(model, None, model_dir, str(model_dir)).identity
         if identity != config.identity:
             raise UserError(f"the model at {model_dir} here is {identity[:12]}, the broker serves "

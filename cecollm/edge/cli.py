@@ -35,7 +35,8 @@ DEFAULT_QUEUE = 16  # server.DEFAULT_QUEUE, without importing FastAPI for --help
               "token is final and the cloud decides the rest (not the full model's output).")
 @click.option("--wait-below", type=click.FloatRange(0, 1), default=_E.wait_below, show_default=True,
               help="With --exact: below this draft confidence the edge waits for the cloud's token instead.")
-@click.option("--no-fp16", is_flag=True, help="Upload float32 hidden states instead of float16.")
+@click.option("--no-fp16", is_flag=True, help="Upload float32 hidden states instead of 2 bytes a value (the model's bfloat16 or "
+              "float16; float16 for a float32 model).")
 @click.option("--max-new-tokens", type=int, default=_E.max_new_tokens, show_default=True,
               help="Stop after this many tokens; with --serve, for requests that name no max_tokens.")
 @click.option("--timeout", type=float, default=_E.timeout, show_default=True,

@@ -21,6 +21,7 @@ import torch
 import zmq
 
 from cecollm.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_THRESHOLD, DEFAULT_WAIT_BELOW
+from cecollm.dtypes import name_of, to_numpy, torch_dtype, wire_dtype
 from cecollm.edge.exact import ExactRun
 from cecollm.edge.heads import HeadSet
 from cecollm.edge.partition import EdgePartition
@@ -53,7 +54,7 @@ class EdgeConfig:
     standalone: bool = False  # never ask the cloud
     exact: bool = True  # every token a draft the cloud verifies (the full model's output); False: the paper's mode
     wait_below: float = DEFAULT_WAIT_BELOW  # exact mode: below this draft confidence wait for the cloud instead
-    fp16: bool = True  # upload float16 rows (False: float32)
+    fp16: bool = True  # upload 2-byte rows: the model's bfloat16/float16, float16 for float32 (False: float32)
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # stop after this many tokens (or at EOS)
     timeout: float = 5.0  # seconds a single-token request may take before the edge decides it itself
     hello_timeout: float = 10.0  # seconds to wait for the cloud to open a session
@@ -115,7 +116,8 @@ class EdgeClient:
         self.config = config
         self.runner = _TappingRunner(model, split.last_exit)
         self.eos = eos_ids(model)
-        self.wire_dtype = torch.float16 if config.fp16 else torch.float32
+        self.dtype = name_of(model.dtype)  # the compute dtype, which the cloud must share
+        self.wire_dtype = torch_dtype(wire_dtype(self.dtype, config.fp16))  # of the uploaded rows
         self.context = context or zmq.Context.instance()
         self._rpc: RpcSocket | None = None
         self._sender: UploadSender | None = None
@@ -176,7 +178,7 @@ class EdgeClient:
         c = self.config
         timeout = c.hello_timeout if timeout is None else timeout
         hello = ep.Hello(c.device_id, self._next_seq(), self.identity, self.split.n_layers, self.split.exits,
-                         self.split.upload_layer, str(self.wire_dtype).removeprefix("torch."), c.use_shm,
+                         self.split.upload_layer, self.dtype, name_of(self.wire_dtype), c.use_shm,
                          self.instance, c.take_over)
         try:
             reply = self._request(hello, timeout, stats)
@@ -259,7 +261,7 @@ class EdgeClient:
         stats = gen.stats
         t0 = time.perf_counter()
         out = gen.edge.step(inputs)
-        uploads = [(u.start, u.hidden[0].to(self.wire_dtype).contiguous().numpy()) for u in out.uploads]
+        uploads = [(u.start, to_numpy(u.hidden[0].to(self.wire_dtype).contiguous())) for u in out.uploads]
         stats.edge_seconds += time.perf_counter() - t0
         if gen.session is None and gen.rejoin_at is not None and time.monotonic() >= gen.rejoin_at:
             self._rejoin(gen)  # before this step's rows are kept: a rejoin uploads the kept ones

@@ -17,6 +17,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from cecollm.dtypes import to_numpy
 from cecollm.edge.drafts import DraftBook
 from cecollm.edge.session import CloudGone, EdgeResult, Generation
 from cecollm.generation import StopGeneration
@@ -127,7 +128,7 @@ class ExactRun:
     def _upload(self, uploads) -> None:
         client, gen = self.client, self.gen
         for up in uploads:
-            rows = up.hidden[0].to(client.wire_dtype).contiguous().numpy()  # [n, hidden] in the wire dtype
+            rows = to_numpy(up.hidden[0].to(client.wire_dtype).contiguous())  # [n, hidden] in the wire dtype
             gen.kept.append((up.start, rows))
             client._sender.rows(up.start, rows, self._drafts_for(up.start, rows.shape[0]))
             self.last_row = max(self.last_row, up.start + rows.shape[0] - 1)

@@ -249,7 +249,7 @@ class HeadSet:
                     raise UserError(f"{path}: exit {e} was made for another model size ({name} is "
                                     f"{tuple(value.shape)}, this model needs {tuple(target.shape)})")
             head.load_state_dict(state)
-            heads[e] = head.eval()
+            heads[e] = head.to(model.dtype).eval()  # the model's compute dtype, whatever the file's
         return cls(exits, heads, arch, options, meta.model_identity, meta.training)
 
 

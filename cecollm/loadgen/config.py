@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cecollm.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODEL, DEFAULT_THRESHOLD
+from cecollm.dtypes import default_dtype
 from cecollm.errors import UserError
 from cecollm.prompting import read_prompt_file
 
@@ -34,7 +35,8 @@ class FanoutConfig:
     exits: str = ""  # live/record: exits "8,15"; "" = the model's default split
     upload_layer: int = 0  # live/record: layer whose output is uploaded; 0 = the last exit
     threshold: float = DEFAULT_THRESHOLD  # live/record: exit confidence threshold; 1.0 disables exits
-    fp16: bool = True  # live/record: float16 rows on the wire (False: float32)
+    fp16: bool = True  # live/record: 2-byte rows on the wire (dtypes.wire_dtype; False: float32)
+    dtype: str = field(default_factory=default_dtype)  # live/record: the model's compute dtype (the broker's)
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # live/record: tokens per generation at most
     timeout: float = 20.0  # seconds a request may take before it counts as a timeout
     pace: float = 1.0  # replay: recorded edge time is multiplied by this (0: requests back to back)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from cecollm.dtypes import name_of
 from cecollm.errors import UserError
 from cecollm.loadgen.config import FanoutConfig, check_config, read_prompt_texts
 from cecollm.loadgen.report import ClientSummary
@@ -30,7 +31,7 @@ def load_edge(config: FanoutConfig):
 
     texts = read_prompt_texts(config)
     set_threads(config.threads)
-    spec = ModelSpec.from_options(config.model, config.exits, config.upload_layer, config.heads)
+    spec = ModelSpec.from_options(config.model, config.exits, config.upload_layer, config.heads, config.dtype)
     loaded = spec.load()
     split, heads = edge_setup(spec, loaded)
     prompt_ids = [encode_prompt(loaded.tokenizer, t, config.raw) for t in texts]
@@ -57,8 +58,9 @@ def record_trace(config: FanoutConfig, path: str | Path | None = None,
             if progress:
                 progress(1)
         header = TraceHeader(str(config.model), loaded.identity, split.n_layers, tuple(split.exits),
-                             split.upload_layer, "float16" if config.fp16 else "float32",
-                             loaded.model.config.hidden_size, config.threshold, config.max_new_tokens, "")
+                             split.upload_layer, name_of(client.wire_dtype),
+                             loaded.model.config.hidden_size, config.threshold, config.max_new_tokens, "",
+                             dtype=client.dtype)
         trace = client.trace(header)
     trace.save(path)
     return trace

@@ -115,7 +115,7 @@ class ReplayDevice:
     def _hello(self) -> int:
         h = self.trace.header
         msg = ep.Hello(self.device_id, self._next_seq(), h.identity, h.n_layers, h.exits, h.upload_layer,
-                       h.wire_dtype, self.edge.use_shm, self.instance)
+                       h.dtype, h.wire_dtype, self.edge.use_shm, self.instance)
         reply = self._call(msg, self.edge.hello_timeout)
         if reply is None:
             raise _Abort(f"no WELCOME within {self.edge.hello_timeout:g} s")

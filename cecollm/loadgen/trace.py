@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from cecollm.dtypes import numpy_dtype
 from cecollm.edge.client import EdgeClient
 from cecollm.edge.sender import UploadSender
 from cecollm.edge.session import EdgeResult
@@ -46,11 +47,12 @@ class TraceHeader:
     n_layers: int
     exits: tuple[int, ...]
     upload_layer: int
-    wire_dtype: str  # "float16" | "float32"
+    wire_dtype: str  # "float16" | "bfloat16" | "float32"
     hidden: int  # row width
     threshold: float  # the recording edge's exit threshold
     max_new_tokens: int
-    rows_file: str  # the .npy file with every uploaded row, relative to the trace
+    rows_file: str  # the .npy file with every uploaded row, relative to the trace (bfloat16 stored as uint16)
+    dtype: str = "float32"  # the recording edge's compute dtype (a replaying device's HELLO says it)
     format: str = TRACE_FORMAT
 
 
@@ -93,7 +95,8 @@ class Trace:
         rows_path = path.with_name(path.name + ".rows.npy")
         header = TraceHeader(**{**asdict(self.header), "rows_file": rows_path.name})
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(rows_path, self.rows, allow_pickle=False)
+        bf16 = self.rows.dtype == numpy_dtype("bfloat16")  # .npy has no bfloat16: its bits as uint16
+        np.save(rows_path, self.rows.view(np.uint16) if bf16 else self.rows, allow_pickle=False)
         with open(path, "wb") as out:
             out.write(orjson.dumps({"kind": "trace", **asdict(header)}) + b"\n")
             for g in self.generations:
@@ -136,6 +139,8 @@ class Trace:
             rows = np.load(rows_path, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot read the trace's rows {rows_path}: {exc}") from None
+        if header.wire_dtype == "bfloat16" and rows.dtype == np.uint16:
+            rows = rows.view(numpy_dtype("bfloat16"))
         if rows.ndim != 2 or rows.shape[1] != header.hidden or rows.dtype.name != header.wire_dtype:
             raise UserError(f"{rows_path}: rows {rows.dtype.name} {rows.shape} do not fit "
                             f"{header.wire_dtype} [n, {header.hidden}]")

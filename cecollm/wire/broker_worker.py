@@ -20,12 +20,13 @@ from typing import Annotated
 import msgspec
 
 from cecollm.wire.edge_cloud import Exits
-from cecollm.wire.wire import U32, Boundary, Frames, JobMessage, Message, Text
+from cecollm.wire.wire import U32, Boundary, ComputeDtype, Frames, JobMessage, Message, Text
 
 Command = enum.IntEnum("Command", "CONNECT CONFIG READY HEARTBEAT REQUEST REPLY DISCONNECT ERROR DEFER")  # 1, 2, ...
 
 
-WORKER = Boundary(b"CW", 4, Command)  # 2: fields declared once (msgspec bodies); 3: DEFER; 4: batches (`left`)
+# 2: fields declared once (msgspec bodies); 3: DEFER; 4: CONFIG's dtype; 5: batches (REQUEST's `left`)
+WORKER = Boundary(b"CW", 5, Command)
 MAX_BATCH = 256  # most requests in one batch
 TAG, VERSION = WORKER.tag, WORKER.version
 
@@ -43,6 +44,7 @@ class Config(Message, frozen=True):
 
     model_dir: Text  # transformers directory of the model (on this host)
     identity: Text  # the model's identity; the worker checks it
+    dtype: ComputeDtype  # the compute dtype the worker loads the model in (the broker's --dtype)
     exits: Exits
     upload_layer: U32
     state_address: Text  # the content manager's control socket

@@ -26,7 +26,7 @@ from typing import Annotated
 
 import msgspec
 
-from cecollm.wire.wire import U32, U64, Boundary, Decision, Message, Refusal, Tensor, Text, WireDtype
+from cecollm.wire.wire import U32, U64, Boundary, ComputeDtype, Decision, Message, Refusal, Tensor, Text, WireDtype
 
 MAX_UPLOAD_BYTES = 64 << 20  # largest upload tensor accepted
 
@@ -35,7 +35,8 @@ Command = enum.IntEnum("Command", "HELLO WELCOME DECIDE TOKEN UPLOAD UPLOAD_SHM 
 
 
 # 2: fields declared once (msgspec bodies); 3: the exact mode; 4: 64-bit sessions, HELLO's instance and take-over
-EDGE = Boundary(b"CE", 4, Command)
+# 5: HELLO's compute dtype, bfloat16 rows
+EDGE = Boundary(b"CE", 5, Command)
 NO_DRAFT = (1 << 32) - 1  # in an upload's drafts: the edge made no draft after this row
 MAX_ROWS = 1 << 16  # most rows one upload carries
 TAG, VERSION = EDGE.tag, EDGE.version
@@ -80,7 +81,8 @@ class Hello(DeviceMessage, frozen=True):
     n_layers: U32
     exits: Exits
     upload_layer: U32
-    wire_dtype: WireDtype  # "float16" | "float32"
+    dtype: ComputeDtype  # the model's compute dtype: edge and cloud must compute in the same
+    wire_dtype: WireDtype  # of the uploaded rows: "float16" | "bfloat16" | "float32"
     shm: bool  # the edge will write rows into the device's shared-memory segment
     instance: U64 = 0  # random per edge process: a second edge with the same device id is told apart
     take_over: bool = False  # replace another edge's session of this device id instead of being refused

@@ -20,6 +20,7 @@ from typing import Annotated, ClassVar, get_args, get_origin
 import msgspec
 import numpy as np
 
+from cecollm.dtypes import numpy_dtype
 from cecollm.errors import CecollmError
 
 HEADER = struct.Struct("!2sBB")  # tag, version, command
@@ -49,8 +50,8 @@ class ErrorCode(enum.IntEnum):
     NOT_YET = 13  # a lease must wait (rows still in flight, or another worker holds the device): park the request
 
 
-# Wire dtypes by one-byte code; numpy names are the interchange format.
-DTYPES = {1: np.dtype("float16"), 2: np.dtype("float32")}
+# Wire dtypes by one-byte code; numpy names are the interchange format (bfloat16: ml_dtypes').
+DTYPES = {1: numpy_dtype("float16"), 2: numpy_dtype("float32"), 3: numpy_dtype("bfloat16")}
 DTYPE_CODES = {v.name: k for k, v in DTYPES.items()}
 
 # Field types: a type and its bounds, checked on every message received.
@@ -59,7 +60,8 @@ U16 = Annotated[int, msgspec.Meta(ge=0, lt=1 << 16)]
 U32 = Annotated[int, msgspec.Meta(ge=0, lt=1 << 32)]
 U64 = Annotated[int, msgspec.Meta(ge=0)]  # MessagePack integers end at 2**64 - 1
 Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
-WireDtype = Annotated[str, msgspec.Meta(pattern="^(float16|float32)$")]
+WireDtype = Annotated[str, msgspec.Meta(pattern="^(float16|float32|bfloat16)$")]  # a name of DTYPES
+ComputeDtype = Annotated[str, msgspec.Meta(pattern="^(float32|bfloat16|float16)$")]  # a model's, dtypes.COMPUTE_DTYPES
 
 
 def clip(text: str) -> str:
@@ -159,7 +161,7 @@ def tensor_frames(array: np.ndarray) -> list:
     head = TENSOR_HEAD.pack(code, array.ndim) + struct.pack(f"!{array.ndim}I", *array.shape)
     if array.size == 0:  # a memoryview with a 0 in its shape cannot be cast to bytes
         return [head, b""]
-    return [head, memoryview(array).cast("B")]
+    return [head, memoryview(array.reshape(-1).view(np.uint8))]  # bytes: a bfloat16 buffer has no format code
 
 
 def tensor_from_frames(head_frame, data_frame, spec: TensorSpec) -> np.ndarray:

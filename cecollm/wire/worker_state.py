@@ -65,8 +65,9 @@ Command = enum.IntEnum(  # 1, 2, ...
 # 2: COMMIT carries the decided token; DECIDED. 3: remote workers (LEASE flag, STATE_GRANT, ...).
 # 4: fields declared once (msgspec bodies). 5: the exact mode (verifying leases, ROLLBACK).
 # 6: 64-bit sessions, OPEN's instance and take-over, leases that never wait (NOT_YET, WATCH, ARRIVED).
-# 7: STATS and SNAPSHOT (the broker's metrics). 8: kept leases (COMMIT's keep and seq).
-STATE = Boundary(b"CS", 8, Command)
+# 7: STATS and SNAPSHOT (the broker's metrics). 8: bfloat16 rows and KV tensors (wire dtype code 3).
+# 9: kept leases (COMMIT's keep and seq).
+STATE = Boundary(b"CS", 9, Command)
 TAG, VERSION = STATE.tag, STATE.version
 KV = Tensor(4, MAX_STATE_BYTES)  # [cloud_layers * 2, n_kv, positions, head_dim], model dtype
 

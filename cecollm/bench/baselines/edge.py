@@ -20,6 +20,7 @@ import torch
 import zmq
 
 from cecollm.bench.baselines import protocol as bp
+from cecollm.dtypes import name_of, numpy_dtype, to_numpy, torch_dtype, wire_dtype
 from cecollm.edge.heads import HeadSet
 from cecollm.edge.partition import EdgePartition
 from cecollm.edge.session import EdgeResult, EdgeStats
@@ -116,7 +117,7 @@ class FullUploadEdge:
         self.max_new_tokens = max_new_tokens
         self.runner = DecoderRunner(model)
         self.eos = eos_ids(model)
-        self.wire_dtype = torch.float16 if fp16 else torch.float32
+        self.wire_dtype = torch_dtype(wire_dtype(name_of(model.dtype), fp16))  # as EdgeClient's
         self._caller = _Caller(context or zmq.Context.instance(), address, timeout, keys)
 
     @torch.inference_mode()
@@ -125,7 +126,7 @@ class FullUploadEdge:
         result = EdgeResult([], [], stats)
         edge = EdgePartition(self.runner, self.split, self.heads, self.threshold, upload=True)
         hidden = self.runner.hidden_size
-        np_dtype = np.float16 if self.wire_dtype == torch.float16 else np.float32
+        np_dtype = numpy_dtype(name_of(self.wire_dtype))
         rows = np.empty((len(prompt_ids) + self.max_new_tokens, hidden), dtype=np_dtype)  # [positions, H]
         have = 0  # rows [0, have) are filled
         inputs, position = list(prompt_ids), len(prompt_ids)
@@ -135,7 +136,7 @@ class FullUploadEdge:
             for up in out.uploads:  # up.hidden [1, n, H]
                 n = up.hidden.shape[1]
                 assert up.start == have, f"upload rows arrive in order (got {up.start}, have {have})"
-                rows[have:have + n] = up.hidden[0].to(self.wire_dtype).numpy()
+                rows[have:have + n] = to_numpy(up.hidden[0].to(self.wire_dtype).contiguous())
                 have += n
             stats.edge_seconds += time.perf_counter() - t0
             if out.token is not None:

@@ -22,6 +22,7 @@ import click
 from cecollm.bench.baselines import protocol as bp
 from cecollm.cliutil import GuardedCommand
 from cecollm.config import DEFAULT_MODEL
+from cecollm.dtypes import from_numpy
 from cecollm.errors import UserError
 from cecollm.wire.dispatch import Dispatcher
 from cecollm.wire.security import DEVICES, KeyRing
@@ -104,7 +105,7 @@ class StatelessCloud:
         t0 = time.perf_counter()
         with torch.inference_mode():
             dtype = self.runner.embed.weight.dtype
-            x = torch.from_numpy(msg.rows.copy()).to(dtype).unsqueeze(0)  # [n, H] -> [1, n, H]
+            x = from_numpy(msg.rows.copy()).to(dtype).unsqueeze(0)  # [n, H] -> [1, n, H]
             first = self.split.upload_layer
             cache = KVCache.for_runner(self.runner, first, self.split.n_layers - first, capacity=n)
             rope = self.runner.rope(0, n, x)
