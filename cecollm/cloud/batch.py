@@ -6,7 +6,8 @@ rows of every request go through a layer's row-wise parts (norm, projections, ML
 through attention one request at a time, each over its own KV. The LM head reads its weights once
 for the rows of the whole batch: on a small model that read is most of a token's cost.
 
-A batch of one computes exactly what the unbatched path (CloudPartition) computes.
+A batch of one computes exactly what the unbatched path (CloudPartition) computes; a batch computes
+in passes of at most ROWS_PER_PASS rows (see there).
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ import torch
 from cecollm.cache.kv import KVCache
 from cecollm.layers import DecoderRunner
 from cecollm.split import Split
+
+# Matrix products on CPU (oneDNN's bfloat16 kernels, measured on AVX512-BF16) give each row the same bits
+# whether it is computed alone or among up to 32 rows; beyond 32 rows another kernel rounds differently.
+# So a batch goes through the layers in passes of at most this many rows, and each request's tokens are
+# those it gets served alone (bit for bit in bfloat16; float32's small-row kernels round apart in the
+# last bits, which the tokens survive).
+ROWS_PER_PASS = 32
 
 
 @dataclass
@@ -66,6 +74,24 @@ def judge(logits: torch.Tensor, rows: list[int], drafts: dict[int, int] | None) 
     raise AssertionError("the loop returns at the last row")
 
 
+def passes(folds: list[Fold]) -> list[list[int]]:
+    """The batch's passes (indices into `folds`): requests of at most ROWS_PER_PASS rows packed together in
+    order, a request with more rows alone (a prompt: computed as it would be unbatched)."""
+    groups: list[list[int]] = []
+    rows = ROWS_PER_PASS
+    for i, fold in enumerate(folds):
+        n = fold.rows.shape[1]
+        if n > ROWS_PER_PASS:
+            groups.append([i])
+            continue
+        if rows + n > ROWS_PER_PASS:
+            groups.append([])
+            rows = 0
+        groups[-1].append(i)
+        rows += n
+    return [g for g in groups if g]
+
+
 class BatchFolder:
     """Runs batches of Folds through layers [upload layer, n_layers) and the LM head."""
 
@@ -77,6 +103,14 @@ class BatchFolder:
     def run(self, folds: list[Fold]) -> list[Verdict]:
         """Fold every request's rows into its KV and judge it; one verdict a fold, in order."""
         assert folds, "a batch has at least one request"
+        verdicts: list[Verdict | None] = [None] * len(folds)
+        for group in passes(folds):
+            for i, verdict in zip(group, self._run([folds[i] for i in group])):
+                verdicts[i] = verdict
+        return verdicts
+
+    def _run(self, folds: list[Fold]) -> list[Verdict]:
+        """One pass: the folds' rows through the cloud layers together, then the LM head."""
         runner = self.runner
         dtype = runner.embed.weight.dtype
         sizes = [f.rows.shape[1] for f in folds]
