@@ -1,21 +1,34 @@
-"""Run decoder layers of a transformers Llama-family model against our own KV cache.
+"""Run decoder layers of a Llama-family model (transformers' or cecollm.llama's) against our own KV cache.
 
-We reuse the model's own modules (norms, projections, MLP, rotary table, and transformers'
-SDPA attention function) so every number matches what transformers computes; only the KV
-bookkeeping is ours, because a split model needs per-layer lengths and late filling of
+Every number matches what transformers' Llama computes: the same operations on the same values
+in the same order (checked bit for bit in tests/test_layers.py). What differs is only how many
+operations a step dispatches, because a decode step of a small model is ~20% Python and dispatch:
+
+- the rotary table is built once for all positions (elementwise, the same values transformers
+  computes per call) and a step takes rows of it;
+- q, k and v (and gate and up) are one matrix product over weights concatenated once: each output
+  element is the same dot product, and the model's parameters become views of the concatenation,
+  so no memory is added (not for weights mapped from disk: those stay shared, unfused);
+- the RMS norms, rotary and attention call torch functions directly instead of modules;
+- transformers' SDPA dispatch is reproduced here (GQA inside SDPA, or repeated keys when there
+  is a mask), so this module does not import transformers (a fast start).
+
+Only the KV bookkeeping is ours, because a split model needs per-layer lengths and late filling of
 positions that exited early.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+import torch.nn.functional as F
+
+_INITIAL_ROPE_POSITIONS = 1024  # the rotary table grows by doubling past this
 
 
 class DecoderRunner:
     """Runs layers of one model; holds no per-sequence state (that lives in KVCache)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, fuse: bool | None = None) -> None:
         inner = model.model
         self.layers = inner.layers
         self.rotary = inner.rotary_emb
@@ -27,18 +40,52 @@ class DecoderRunner:
         attn = self.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.n_kv_heads = self.config.num_key_value_heads
+        self.n_heads = self.config.num_attention_heads
         self.hidden_size = self.config.hidden_size
-        self._attention = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        self.groups = self.n_heads // self.n_kv_heads
+        self.scaling = attn.scaling
         self.layer_calls = 0  # layers run so far, counted per call (tests assert on it)
+        self._silu = getattr(self.config, "hidden_act", "silu") == "silu"
+        self._tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # dtype -> (cos, sin) [1, P, hd]
+        rope_type = str(getattr(self.rotary, "rope_type", "default"))
+        self._static_rope = "dynamic" not in rope_type and rope_type != "longrope"  # else inv_freq changes with length
+        if fuse is None:  # weights mapped from disk stay as they are: shared pages between processes
+            fuse = not getattr(model, "mapped_weights", False)
+        self._fused = [_fuse_layer(layer, self._silu) if fuse else None for layer in self.layers]
+
+    # -- rotary ---------------------------------------------------------------------------------
+
+    def _table(self, end: int, dtype: torch.dtype):
+        """cos, sin [1, P, hd] for positions [0, P), P >= end, in `dtype` (transformers' values)."""
+        table = self._tables.get(dtype)
+        if table is None or table[0].shape[1] < end:
+            size = _INITIAL_ROPE_POSITIONS
+            while size < end:
+                size *= 2
+            # As LlamaRotaryEmbedding.forward, elementwise, so a row is what a call for that position gives.
+            positions = torch.arange(size).unsqueeze(0)  # [1, P]
+            freqs = positions[..., None].float() * self.rotary.inv_freq.float()
+            emb = torch.cat((freqs, freqs), dim=-1)
+            scaling = self.rotary.attention_scaling
+            table = ((emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype))
+            self._tables[dtype] = table  # one assignment: a concurrent reader sees the old or the new table
+        return table
 
     def rope(self, start: int, end: int, like: torch.Tensor):
         """cos, sin for positions [start, end), each [1, end-start, head_dim]."""
-        positions = torch.arange(start, end).unsqueeze(0)  # [1, T]
-        return self.rotary(like, positions)
+        if not self._static_rope:
+            return self.rotary(like, torch.arange(start, end).unsqueeze(0))
+        cos, sin = self._table(end, like.dtype)
+        return cos[:, start:end], sin[:, start:end]
 
     def rope_at(self, positions: torch.Tensor, like: torch.Tensor):
         """cos, sin for the positions [1, T] (any order: a batch of several sequences' rows), each [1, T, head_dim]."""
-        return self.rotary(like, positions)
+        if not self._static_rope:
+            return self.rotary(like, positions)
+        cos, sin = self._table(int(positions.max()) + 1 if positions.numel() else 0, like.dtype)
+        return cos[0, positions[0]].unsqueeze(0), sin[0, positions[0]].unsqueeze(0)
+
+    # -- layers ---------------------------------------------------------------------------------
 
     def run_layer(self, index: int, x: torch.Tensor, start: int, cache, rope) -> torch.Tensor:
         """Run layer `index` on rows x [1, T, hidden] at positions [start, start+T).
@@ -56,12 +103,18 @@ class DecoderRunner:
         self.layer_calls += 1
         layer = self.layers[index]
         attn = layer.self_attn
-        t = x.shape[1]
-        h = layer.input_layernorm(x)
-        # [1, T, heads*hd] -> [1, T, heads, hd] -> [1, heads, T, hd]
-        q = attn.q_proj(h).view(1, t, -1, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(1, t, -1, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(1, t, -1, self.head_dim).transpose(1, 2)
+        t, hd = x.shape[1], self.head_dim
+        h = _rms_norm(x, layer.input_layernorm)
+        fused = self._fused[index]
+        if fused is not None and fused.current(attn.q_proj.weight):
+            # [1, T, (heads + 2 kv heads) * hd] -> [1, heads + 2 kv heads, T, hd]
+            qkv = F.linear(h, fused.qkv, fused.qkv_bias).view(1, t, -1, hd).transpose(1, 2)
+            q, k, v = qkv.split((self.n_heads, self.n_kv_heads, self.n_kv_heads), dim=1)
+        else:
+            # [1, T, heads*hd] -> [1, T, heads, hd] -> [1, heads, T, hd]
+            q = attn.q_proj(h).view(1, t, -1, hd).transpose(1, 2)
+            k = attn.k_proj(h).view(1, t, -1, hd).transpose(1, 2)
+            v = attn.v_proj(h).view(1, t, -1, hd).transpose(1, 2)
         cos, sin = rope
         q, k = _apply_rotary(q, k, cos, sin)
         return q, k, v
@@ -69,24 +122,92 @@ class DecoderRunner:
     def attend(self, index: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
         """One sequence's attention: queries q [1, heads, T, hd] at positions [start, start+T) over its keys and
         values [1, kv heads, start+T, hd]; the output [1, T, heads*hd] (before o_proj)."""
-        attn = self.layers[index].self_attn
         t = q.shape[2]
         mask = None
         if t > 1 and start > 0:
             # Rows see every cached position and the rows before them: [T, start+T], True = attend.
             mask = torch.ones(t, start + t, dtype=torch.bool).tril(diagonal=start)
-        out, _ = self._attention(attn, q, keys, values, mask, dropout=0.0, scaling=attn.scaling)
+        out = _sdpa(q, keys, values, mask, self.scaling, self.groups)
         return out.reshape(1, t, -1)  # [1, T, heads, hd] -> [1, T, heads*hd]
 
     def finish(self, index: int, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """The rest of layer `index`: output projection, residual, MLP. Row-wise, as project()."""
         layer = self.layers[index]
         x = x + layer.self_attn.o_proj(attended.contiguous())
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        h = _rms_norm(x, layer.post_attention_layernorm)
+        fused = self._fused[index]
+        if fused is not None and fused.gate_up is not None and fused.current(layer.self_attn.q_proj.weight):
+            mlp = layer.mlp
+            gate, up = F.linear(h, fused.gate_up, fused.gate_up_bias).chunk(2, dim=-1)
+            return x + mlp.down_proj(F.silu(gate) * up)  # LlamaMLP: down(act(gate(h)) * up(h))
+        return x + layer.mlp(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head over hidden [1, T, hidden] -> [1, T, vocab] (float32)."""
         return self.lm_head(self.norm(hidden)).float()
+
+
+class _Fused:
+    """One layer's q/k/v (and gate/up) weights concatenated, the layer's Linear weights views of them."""
+
+    def __init__(self, qkv, qkv_bias, gate_up, gate_up_bias) -> None:
+        self.qkv, self.qkv_bias = qkv, qkv_bias
+        self.gate_up, self.gate_up_bias = gate_up, gate_up_bias
+        self._ptr = qkv.data_ptr()
+
+    def current(self, q_weight: torch.Tensor) -> bool:
+        """False once the model's weights were replaced (model.to(dtype), a new state dict): then the
+        layer runs through its own modules."""
+        return q_weight.data_ptr() == self._ptr
+
+
+def _concat_into_views(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the weights (and biases) of `linears` along the output dimension and make each
+    module's parameter a view of its rows: the same values, no second copy."""
+    weights = [m.weight.detach() for m in linears]
+    whole = _adjacent(weights)  # already fused (by another runner over the same model)
+    if whole is None:
+        whole = torch.cat(weights)
+        row = 0
+        for m in linears:
+            n = m.weight.shape[0]
+            m.weight = torch.nn.Parameter(whole[row : row + n], requires_grad=m.weight.requires_grad)
+            row += n
+    biases = [m.bias for m in linears]
+    if all(b is None for b in biases):
+        return whole, None
+    if any(b is None for b in biases):
+        raise ValueError("some projections have a bias and some not")
+    return whole, torch.cat([b.detach() for b in biases])
+
+
+def _adjacent(weights) -> torch.Tensor | None:
+    """The rows of `weights` as one tensor when they already lie one after the other in one storage."""
+    first = weights[0]
+    storage, ptr = first.untyped_storage().data_ptr(), first.data_ptr()
+    for w in weights:
+        if w.dtype != first.dtype or not w.is_contiguous() or w.untyped_storage().data_ptr() != storage or w.data_ptr() != ptr:
+            return None
+        ptr += w.numel() * w.element_size()
+    rows = sum(w.shape[0] for w in weights)
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, *first.shape[1:]))
+
+
+def _fuse_layer(layer, silu: bool) -> _Fused | None:
+    attn, mlp = layer.self_attn, layer.mlp
+    if attn.q_proj.weight.is_meta:
+        return None
+    with torch.inference_mode(False):  # the model's parameters stay ordinary tensors (heads train against them)
+        qkv, qkv_bias = _concat_into_views([attn.q_proj, attn.k_proj, attn.v_proj])
+        gate_up, gate_up_bias = _concat_into_views([mlp.gate_proj, mlp.up_proj]) if silu else (None, None)
+    return _Fused(qkv, qkv_bias, gate_up, gate_up_bias)
+
+
+def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
+    """LlamaRMSNorm.forward: weight * (x in float32 * rsqrt(mean(x^2) + eps)) cast back."""
+    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)  # the same values, one op
+    return norm(x)
 
 
 def _apply_rotary(q, k, cos, sin):
@@ -99,6 +220,32 @@ def _apply_rotary(q, k, cos, sin):
 def _rotate_half(x):
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _sdpa(q, keys, values, mask, scaling: float, groups: int) -> torch.Tensor:
+    """transformers' sdpa_attention_forward on CPU (Llama, no dropout): [1, T, heads, hd], contiguous."""
+    t = q.shape[2]
+    kwargs = {}
+    if groups > 1:
+        if mask is None and keys.shape[-1] == values.shape[-1] <= 256:
+            kwargs["enable_gqa"] = True
+        elif t == 1:  # one query row: the heads of a kv head become its rows
+            q = q.reshape(q.shape[0], q.shape[1] // groups, groups, q.shape[-1])
+        else:
+            keys = _repeat_kv(keys, groups)
+            values = _repeat_kv(values, groups)
+    is_causal = t > 1 and mask is None
+    if is_causal and keys.shape[2] > t:
+        keys, values = keys[:, :, :t], values[:, :, :t]
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=0.0, scale=scaling,
+                                         is_causal=is_causal, **kwargs)
+    out = out.reshape(out.shape[0], -1, t, values.shape[-1])
+    return out.transpose(1, 2).contiguous()
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 
 
 def top1(logits: torch.Tensor) -> tuple[int, float]:
