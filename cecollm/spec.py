@@ -113,16 +113,33 @@ class ModelSpec:
             out += ["--heads", self.heads]
         return out
 
-    def load(self, mapped: bool = False):
-        """The loaded model (loading.LoadedModel); `mapped`: weights mapped from disk, no tokenizer (the cloud)."""
+    def load(self, mapped: bool = False, transformers: bool = False):
+        """The loaded model (loading.LoadedModel); `mapped`: weights mapped from disk, no tokenizer (the cloud).
+
+        A Llama directory loads into cecollm.llama's modules with cecollm.tokenizer's tokenizer, without
+        importing transformers (a fast start); `transformers`: a transformers model (to call or train)."""
         from cecollm.loading import LoadedModel, load_model, resolve_model_dir
 
-        if not mapped:
+        if transformers:
             return load_model(self.model)
-        from cecollm.weights import load_mapped
-
         path = resolve_model_dir(self.model)
-        return LoadedModel(load_mapped(path), None, path, self.model)
+        if mapped:
+            from cecollm.weights import load_mapped
+
+            return LoadedModel(load_mapped(path), None, path, self.model)
+        from cecollm.llama import load_native
+
+        model = load_native(path)
+        if model is None:
+            return load_model(self.model)
+        from cecollm.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(path)
+        if tokenizer is None and (path / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        return LoadedModel(model, tokenizer, path, self.model)
 
     def resolve(self, loaded) -> Resolved:
         """The split and heads file for `loaded` (a loading.LoadedModel), checked against it."""

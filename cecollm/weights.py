@@ -43,9 +43,14 @@ def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_mapped(model_dir: Path) -> torch.nn.Module:
     """The model of a transformers directory, float32, eval mode, weights mapped from disk."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from cecollm.llama import load_native
 
     model_dir = Path(model_dir)
+    native = load_native(model_dir, mapped=True)  # our own modules: no transformers import
+    if native is not None:
+        return native
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise UserError(f"{model_dir}: no .safetensors file to map")
@@ -68,4 +73,5 @@ def load_mapped(model_dir: Path) -> torch.nn.Module:
     inner.rotary_emb = type(inner.rotary_emb)(config=config)
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         assert not tensor.is_meta, f"{name} is still on the meta device after mapping"
+    model.mapped_weights = True  # layers.DecoderRunner leaves mapped weights unfused (shared pages)
     return model.eval()
