@@ -9,6 +9,8 @@ operations a step dispatches, because a decode step of a small model is ~20% Pyt
 - q, k and v (and gate and up) are one matrix product over weights concatenated once: each output
   element is the same dot product, and the model's parameters become views of the concatenation,
   so no memory is added (not for weights mapped from disk: those stay shared, unfused);
+- the rotary's rotate_half(q) * sin is roll(q) * sin with its first half negated (computed once a
+  step): the same products, as negation is exact, without slices, a negation and a cat per tensor;
 - the RMS norms, rotary and attention call torch functions directly instead of modules;
 - transformers' SDPA dispatch is reproduced here (GQA inside SDPA, or repeated keys when there
   is a mask), so this module does not import transformers (a fast start).
@@ -46,6 +48,7 @@ class DecoderRunner:
         self.scaling = attn.scaling
         self.layer_calls = 0  # layers run so far, counted per call (tests assert on it)
         self._silu = getattr(self.config, "hidden_act", "silu") == "silu"
+        self._signed = (None, None)  # (sin of a step's rows, its signed form for the rolled rotary)
         self._tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # dtype -> (cos, sin) [1, P, hd]
         rope_type = str(getattr(self.rotary, "rope_type", "default"))
         self._static_rope = "dynamic" not in rope_type and rope_type != "longrope"  # else inv_freq changes with length
@@ -116,7 +119,16 @@ class DecoderRunner:
             k = attn.k_proj(h).view(1, t, -1, hd).transpose(1, 2)
             v = attn.v_proj(h).view(1, t, -1, hd).transpose(1, 2)
         cos, sin = rope
-        q, k = _apply_rotary(q, k, cos, sin)
+        signed = self._signed  # one read: another thread may replace it
+        if signed[0] is not sin:  # the first layer of a step: the rows' sin with the first half negated
+            signed = (sin, _negate_first_half(sin).unsqueeze(1))
+            self._signed = signed
+        cos = cos.unsqueeze(1)
+        # q * cos + rotate_half(q) * sin, where rotate_half(q) * sin = [-q2 * s1, q1 * s2] = roll(q) * [-s1, s2]
+        # bit for bit (negation is exact): a roll and one multiply instead of two slices, a negation and a cat.
+        half = self.head_dim // 2
+        q = q * cos + q.roll(half, dims=-1) * signed[1]
+        k = k * cos + k.roll(half, dims=-1) * signed[1]
         return q, k, v
 
     def attend(self, index: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
@@ -210,16 +222,9 @@ def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
     return norm(x)
 
 
-def _apply_rotary(q, k, cos, sin):
-    """Rotary embedding exactly as transformers' Llama applies it (cos/sin unsqueezed at dim 1)."""
-    cos = cos.unsqueeze(1)
-    sin = sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x):
+def _negate_first_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return torch.cat((-x[..., :half], x[..., half:]), dim=-1)
 
 
 def _sdpa(q, keys, values, mask, scaling: float, groups: int) -> torch.Tensor:
