@@ -6,14 +6,14 @@ operations a step dispatches, because a decode step of a small model is ~20% Pyt
 
 - the rotary table is built once for all positions (elementwise, the same values transformers
   computes per call) and a step takes rows of it;
-- q, k and v (and gate and up) are one matrix product over weights concatenated once: each output
-  element is the same dot product, and the model's parameters become views of the concatenation,
-  so no memory is added (not for weights mapped from disk: those stay shared, unfused);
 - the rotary's rotate_half(q) * sin is roll(q) * sin with its first half negated (computed once a
   step): the same products, as negation is exact, without slices, a negation and a cat per tensor;
-- the RMS norms, rotary and attention call torch functions directly instead of modules;
+- the RMS norms, projections, rotary and attention call torch functions directly, not modules;
 - transformers' SDPA dispatch is reproduced here (GQA inside SDPA, or repeated keys when there
   is a mask), so this module does not import transformers (a fast start).
+
+(q/k/v and gate/up as one matrix product each over concatenated weights were tried: bit-equal but
+no faster per token, decoding being bound by reading weights, and a 280 MB copy at every start.)
 
 Only the KV bookkeeping is ours, because a split model needs per-layer lengths and late filling of
 positions that exited early.
@@ -30,7 +30,7 @@ _INITIAL_ROPE_POSITIONS = 1024  # the rotary table grows by doubling past this
 class DecoderRunner:
     """Runs layers of one model; holds no per-sequence state (that lives in KVCache)."""
 
-    def __init__(self, model: torch.nn.Module, fuse: bool | None = None) -> None:
+    def __init__(self, model: torch.nn.Module) -> None:
         inner = model.model
         self.layers = inner.layers
         self.rotary = inner.rotary_emb
@@ -52,9 +52,6 @@ class DecoderRunner:
         self._tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # dtype -> (cos, sin) [1, P, hd]
         rope_type = str(getattr(self.rotary, "rope_type", "default"))
         self._static_rope = "dynamic" not in rope_type and rope_type != "longrope"  # else inv_freq changes with length
-        if fuse is None:  # weights mapped from disk stay as they are: shared pages between processes
-            fuse = not getattr(model, "mapped_weights", False)
-        self._fused = [_fuse_layer(layer, self._silu) if fuse else None for layer in self.layers]
 
     # -- rotary ---------------------------------------------------------------------------------
 
@@ -108,16 +105,10 @@ class DecoderRunner:
         attn = layer.self_attn
         t, hd = x.shape[1], self.head_dim
         h = _rms_norm(x, layer.input_layernorm)
-        fused = self._fused[index]
-        if fused is not None and fused.current(attn.q_proj.weight):
-            # [1, T, (heads + 2 kv heads) * hd] -> [1, heads + 2 kv heads, T, hd]
-            qkv = F.linear(h, fused.qkv, fused.qkv_bias).view(1, t, -1, hd).transpose(1, 2)
-            q, k, v = qkv.split((self.n_heads, self.n_kv_heads, self.n_kv_heads), dim=1)
-        else:
-            # [1, T, heads*hd] -> [1, T, heads, hd] -> [1, heads, T, hd]
-            q = attn.q_proj(h).view(1, t, -1, hd).transpose(1, 2)
-            k = attn.k_proj(h).view(1, t, -1, hd).transpose(1, 2)
-            v = attn.v_proj(h).view(1, t, -1, hd).transpose(1, 2)
+        # [1, T, heads*hd] -> [1, T, heads, hd] -> [1, heads, T, hd]
+        q = _linear(h, attn.q_proj).view(1, t, -1, hd).transpose(1, 2)
+        k = _linear(h, attn.k_proj).view(1, t, -1, hd).transpose(1, 2)
+        v = _linear(h, attn.v_proj).view(1, t, -1, hd).transpose(1, 2)
         cos, sin = rope
         signed = self._signed  # one read: another thread may replace it
         if signed[0] is not sin:  # the first layer of a step: the rows' sin with the first half negated
@@ -145,74 +136,21 @@ class DecoderRunner:
     def finish(self, index: int, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """The rest of layer `index`: output projection, residual, MLP. Row-wise, as project()."""
         layer = self.layers[index]
-        x = x + layer.self_attn.o_proj(attended.contiguous())
+        x = x + _linear(attended.contiguous(), layer.self_attn.o_proj)
         h = _rms_norm(x, layer.post_attention_layernorm)
-        fused = self._fused[index]
-        if fused is not None and fused.gate_up is not None and fused.current(layer.self_attn.q_proj.weight):
-            mlp = layer.mlp
-            gate, up = F.linear(h, fused.gate_up, fused.gate_up_bias).chunk(2, dim=-1)
-            return x + mlp.down_proj(F.silu(gate) * up)  # LlamaMLP: down(act(gate(h)) * up(h))
-        return x + layer.mlp(h)
+        mlp = layer.mlp
+        if self._silu:  # LlamaMLP: down(act(gate(h)) * up(h))
+            return x + _linear(F.silu(_linear(h, mlp.gate_proj)) * _linear(h, mlp.up_proj), mlp.down_proj)
+        return x + mlp(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head over hidden [1, T, hidden] -> [1, T, vocab] (float32)."""
         return self.lm_head(self.norm(hidden)).float()
 
 
-class _Fused:
-    """One layer's q/k/v (and gate/up) weights concatenated, the layer's Linear weights views of them."""
-
-    def __init__(self, qkv, qkv_bias, gate_up, gate_up_bias) -> None:
-        self.qkv, self.qkv_bias = qkv, qkv_bias
-        self.gate_up, self.gate_up_bias = gate_up, gate_up_bias
-        self._ptr = qkv.data_ptr()
-
-    def current(self, q_weight: torch.Tensor) -> bool:
-        """False once the model's weights were replaced (model.to(dtype), a new state dict): then the
-        layer runs through its own modules."""
-        return q_weight.data_ptr() == self._ptr
-
-
-def _concat_into_views(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Concatenate the weights (and biases) of `linears` along the output dimension and make each
-    module's parameter a view of its rows: the same values, no second copy."""
-    weights = [m.weight.detach() for m in linears]
-    whole = _adjacent(weights)  # already fused (by another runner over the same model)
-    if whole is None:
-        whole = torch.cat(weights)
-        row = 0
-        for m in linears:
-            n = m.weight.shape[0]
-            m.weight = torch.nn.Parameter(whole[row : row + n], requires_grad=m.weight.requires_grad)
-            row += n
-    biases = [m.bias for m in linears]
-    if all(b is None for b in biases):
-        return whole, None
-    if any(b is None for b in biases):
-        raise ValueError("some projections have a bias and some not")
-    return whole, torch.cat([b.detach() for b in biases])
-
-
-def _adjacent(weights) -> torch.Tensor | None:
-    """The rows of `weights` as one tensor when they already lie one after the other in one storage."""
-    first = weights[0]
-    storage, ptr = first.untyped_storage().data_ptr(), first.data_ptr()
-    for w in weights:
-        if w.dtype != first.dtype or not w.is_contiguous() or w.untyped_storage().data_ptr() != storage or w.data_ptr() != ptr:
-            return None
-        ptr += w.numel() * w.element_size()
-    rows = sum(w.shape[0] for w in weights)
-    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, *first.shape[1:]))
-
-
-def _fuse_layer(layer, silu: bool) -> _Fused | None:
-    attn, mlp = layer.self_attn, layer.mlp
-    if attn.q_proj.weight.is_meta:
-        return None
-    with torch.inference_mode(False):  # the model's parameters stay ordinary tensors (heads train against them)
-        qkv, qkv_bias = _concat_into_views([attn.q_proj, attn.k_proj, attn.v_proj])
-        gate_up, gate_up_bias = _concat_into_views([mlp.gate_proj, mlp.up_proj]) if silu else (None, None)
-    return _Fused(qkv, qkv_bias, gate_up, gate_up_bias)
+def _linear(x: torch.Tensor, linear) -> torch.Tensor:
+    """nn.Linear.forward without the module call."""
+    return F.linear(x, linear.weight, linear.bias)
 
 
 def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:

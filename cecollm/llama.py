@@ -228,7 +228,6 @@ def load_native(model_dir: Path, mapped: bool = False, dtype: torch.dtype = torc
         missing = [m for m in missing if m != "lm_head.weight"]
     if missing or unexpected:
         raise UserError(f"{model_dir}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.mapped_weights = mapped  # layers.DecoderRunner leaves mapped weights unfused (shared pages)
     return model.eval()
 
 

@@ -73,5 +73,4 @@ def load_mapped(model_dir: Path) -> torch.nn.Module:
     inner.rotary_emb = type(inner.rotary_emb)(config=config)
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         assert not tensor.is_meta, f"{name} is still on the meta device after mapping"
-    model.mapped_weights = True  # layers.DecoderRunner leaves mapped weights unfused (shared pages)
     return model.eval()

@@ -34,34 +34,3 @@ def test_a_layer_equals_transformers_decoder_layer_bit_for_bit():
             theirs = model.model.layers[index](x, attention_mask=None, position_embeddings=rope)
             theirs = theirs[0] if isinstance(theirs, tuple) else theirs
             assert torch.equal(ours, theirs)
-
-
-def test_fused_projections_are_views_and_replaced_weights_are_noticed():
-    model = make_tiny_model("mha")
-    attn = model.model.layers[2].self_attn
-    before = [attn.q_proj.weight.clone(), attn.k_proj.weight.clone(), attn.v_proj.weight.clone()]
-    runner = DecoderRunner(model)
-    fused = runner._fused[2]
-    assert attn.q_proj.weight.data_ptr() == fused.qkv.data_ptr(), "the module weights are views: no second copy"
-    assert all(torch.equal(a, b) for a, b in zip(before, [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
-    again = DecoderRunner(model)
-    assert again._fused[2].qkv.data_ptr() == fused.qkv.data_ptr(), "a second runner finds the fusion made"
-    x = torch.randn(1, 3, runner.hidden_size)
-    rope = runner.rope(0, 3, x)
-    q_fused = runner.project(2, x, rope)[0]
-    with torch.no_grad():
-        attn.q_proj.weight = torch.nn.Parameter(attn.q_proj.weight * 2)  # replaced, as model.to(dtype) does
-    assert not fused.current(attn.q_proj.weight)
-    assert not torch.equal(runner.project(2, x, rope)[0], q_fused), "the replaced weight is used, not the stale fusion"
-
-
-def test_unfused_runner_gives_the_same_numbers():
-    model = make_tiny_model("gqa")
-    x = torch.randn(1, 4, model.config.hidden_size)
-    plain = DecoderRunner(model, fuse=False)
-    rope = plain.rope(0, 4, x)
-    q, k, v = plain.project(1, x, rope)
-    expected = plain.finish(1, x, plain.attend(1, q, k, v, 0))
-    fused = DecoderRunner(model)
-    q, k, v = fused.project(1, x, rope)
-    assert torch.equal(fused.finish(1, x, fused.attend(1, q, k, v, 0)), expected)
