@@ -12,6 +12,10 @@ skipped with a note where llama-cpp-python is not installed (`pip install .[peer
 or when --model is not a GGUF file or the default model.
 
     .venv/bin/python tools/bench_engine.py --n 5 --max-new-tokens 64 --threads 1,2
+
+llama-cpp-python built with -DGGML_NATIVE=ON on a CPU with AMX (as this machine's) used ggml's AMX
+buffers and crashed (SIGSEGV) on any prompt of more than one token: build it with
+CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON ... -DGGML_AMX_INT8=OFF" (results/bench-engine/README.md).
 """
 
 from __future__ import annotations
