@@ -13,8 +13,34 @@ from cecollm.errors import UserError
 
 _DEFAULTS = GenerationConfig()
 
+# Commands defined in other packages, imported only when run or listed: `cecollm generate` starts
+# without importing asyncio (linkem), the exit-head tools or the bench.
+_LAZY_COMMANDS = {
+    "linkem": ("cecollm.linkem.cli", "linkem"),
+    "train-exits": ("cecollm.exits.cli", "train_exits_command"),
+    "exits-selfgen": ("cecollm.exits.cli", "selfgen_command"),
+    "exits-report": ("cecollm.exits.cli", "exits_report_command"),
+    "exits-compare": ("cecollm.exits.cli", "exits_compare_command"),
+    "bench": ("cecollm.bench.cli", "bench_command"),
+}
 
-@click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(GuardedGroup):
+    """A group whose _LAZY_COMMANDS are imported on first use."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_LAZY_COMMANDS})
+
+    def get_command(self, ctx, name):
+        if name in _LAZY_COMMANDS and name not in self.commands:
+            import importlib
+
+            module, attr = _LAZY_COMMANDS[name]
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def cli(verbose: bool) -> None:
     """cecollm: one LLM split between an edge device (with early exits) and a cloud server."""
@@ -95,28 +121,6 @@ def keys_command(directory, devices, workers):
     click.echo(f"keys in {directory} (the broker: cecollm-broker --keys {directory})")
     for bundle in made:
         click.echo(f"  {bundle}")
-
-
-from cecollm.linkem.cli import linkem  # noqa: E402
-
-cli.add_command(linkem)
-
-
-from cecollm.exits.cli import (  # noqa: E402
-    exits_compare_command,
-    exits_report_command,
-    selfgen_command,
-    train_exits_command,
-)
-
-cli.add_command(train_exits_command)
-cli.add_command(selfgen_command)
-cli.add_command(exits_report_command)
-cli.add_command(exits_compare_command)
-
-from cecollm.bench.cli import bench_command  # noqa: E402
-
-cli.add_command(bench_command)
 
 
 def main() -> None:

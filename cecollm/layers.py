@@ -1,15 +1,30 @@
-"""Run decoder layers of a transformers Llama-family model against our own KV cache.
+"""Run decoder layers of a Llama-family model (transformers' or cecollm.llama's) against our own KV cache.
 
-We reuse the model's own modules (norms, projections, MLP, rotary table, and transformers'
-SDPA attention function) so every number matches what transformers computes; only the KV
-bookkeeping is ours, because a split model needs per-layer lengths and late filling of
+Every number matches what transformers' Llama computes: the same operations on the same values
+in the same order (checked bit for bit in tests/test_layers.py). What differs is only how many
+operations a step dispatches, because a decode step of a small model is ~20% Python and dispatch:
+
+- the rotary table is built once for all positions (elementwise, the same values transformers
+  computes per call) and a step takes rows of it;
+- the rotary's rotate_half(q) * sin is roll(q) * sin with its first half negated (computed once a
+  step): the same products, as negation is exact, without slices, a negation and a cat per tensor;
+- the RMS norms, projections, rotary and attention call torch functions directly, not modules;
+- transformers' SDPA dispatch is reproduced here (GQA inside SDPA, or repeated keys when there
+  is a mask), so this module does not import transformers (a fast start).
+
+(q/k/v and gate/up as one matrix product each over concatenated weights were tried: bit-equal but
+no faster per token, decoding being bound by reading weights, and a 280 MB copy at every start.)
+
+Only the KV bookkeeping is ours, because a split model needs per-layer lengths and late filling of
 positions that exited early.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+import torch.nn.functional as F
+
+_INITIAL_ROPE_POSITIONS = 1024  # the rotary table grows by doubling past this
 
 
 class DecoderRunner:
@@ -27,18 +42,50 @@ class DecoderRunner:
         attn = self.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.n_kv_heads = self.config.num_key_value_heads
+        self.n_heads = self.config.num_attention_heads
         self.hidden_size = self.config.hidden_size
-        self._attention = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        self.groups = self.n_heads // self.n_kv_heads
+        self.scaling = attn.scaling
         self.layer_calls = 0  # layers run so far, counted per call (tests assert on it)
+        self._silu = getattr(self.config, "hidden_act", "silu") == "silu"
+        self._signed = (None, None)  # (sin of a step's rows, its signed form for the rolled rotary)
+        self._tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # dtype -> (cos, sin) [1, P, hd]
+        rope_type = str(getattr(self.rotary, "rope_type", "default"))
+        self._static_rope = "dynamic" not in rope_type and rope_type != "longrope"  # else inv_freq changes with length
+
+    # -- rotary ---------------------------------------------------------------------------------
+
+    def _table(self, end: int, dtype: torch.dtype):
+        """cos, sin [1, P, hd] for positions [0, P), P >= end, in `dtype` (transformers' values)."""
+        table = self._tables.get(dtype)
+        if table is None or table[0].shape[1] < end:
+            size = _INITIAL_ROPE_POSITIONS
+            while size < end:
+                size *= 2
+            # As LlamaRotaryEmbedding.forward, elementwise, so a row is what a call for that position gives.
+            positions = torch.arange(size).unsqueeze(0)  # [1, P]
+            freqs = positions[..., None].float() * self.rotary.inv_freq.float()
+            emb = torch.cat((freqs, freqs), dim=-1)
+            scaling = self.rotary.attention_scaling
+            table = ((emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype))
+            self._tables[dtype] = table  # one assignment: a concurrent reader sees the old or the new table
+        return table
 
     def rope(self, start: int, end: int, like: torch.Tensor):
         """cos, sin for positions [start, end), each [1, end-start, head_dim]."""
-        positions = torch.arange(start, end).unsqueeze(0)  # [1, T]
-        return self.rotary(like, positions)
+        if not self._static_rope:
+            return self.rotary(like, torch.arange(start, end).unsqueeze(0))
+        cos, sin = self._table(end, like.dtype)
+        return cos[:, start:end], sin[:, start:end]
 
     def rope_at(self, positions: torch.Tensor, like: torch.Tensor):
         """cos, sin for the positions [1, T] (any order: a batch of several sequences' rows), each [1, T, head_dim]."""
-        return self.rotary(like, positions)
+        if not self._static_rope:
+            return self.rotary(like, positions)
+        cos, sin = self._table(int(positions.max()) + 1 if positions.numel() else 0, like.dtype)
+        return cos[0, positions[0]].unsqueeze(0), sin[0, positions[0]].unsqueeze(0)
+
+    # -- layers ---------------------------------------------------------------------------------
 
     def run_layer(self, index: int, x: torch.Tensor, start: int, cache, rope) -> torch.Tensor:
         """Run layer `index` on rows x [1, T, hidden] at positions [start, start+T).
@@ -56,49 +103,92 @@ class DecoderRunner:
         self.layer_calls += 1
         layer = self.layers[index]
         attn = layer.self_attn
-        t = x.shape[1]
-        h = layer.input_layernorm(x)
+        t, hd = x.shape[1], self.head_dim
+        h = _rms_norm(x, layer.input_layernorm)
         # [1, T, heads*hd] -> [1, T, heads, hd] -> [1, heads, T, hd]
-        q = attn.q_proj(h).view(1, t, -1, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(1, t, -1, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(1, t, -1, self.head_dim).transpose(1, 2)
+        q = _linear(h, attn.q_proj).view(1, t, -1, hd).transpose(1, 2)
+        k = _linear(h, attn.k_proj).view(1, t, -1, hd).transpose(1, 2)
+        v = _linear(h, attn.v_proj).view(1, t, -1, hd).transpose(1, 2)
         cos, sin = rope
-        q, k = _apply_rotary(q, k, cos, sin)
+        signed = self._signed  # one read: another thread may replace it
+        if signed[0] is not sin:  # the first layer of a step: the rows' sin with the first half negated
+            signed = (sin, _negate_first_half(sin).unsqueeze(1))
+            self._signed = signed
+        cos = cos.unsqueeze(1)
+        # q * cos + rotate_half(q) * sin, where rotate_half(q) * sin = [-q2 * s1, q1 * s2] = roll(q) * [-s1, s2]
+        # bit for bit (negation is exact): a roll and one multiply instead of two slices, a negation and a cat.
+        half = self.head_dim // 2
+        q = q * cos + q.roll(half, dims=-1) * signed[1]
+        k = k * cos + k.roll(half, dims=-1) * signed[1]
         return q, k, v
 
     def attend(self, index: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
         """One sequence's attention: queries q [1, heads, T, hd] at positions [start, start+T) over its keys and
         values [1, kv heads, start+T, hd]; the output [1, T, heads*hd] (before o_proj)."""
-        attn = self.layers[index].self_attn
         t = q.shape[2]
         mask = None
         if t > 1 and start > 0:
             # Rows see every cached position and the rows before them: [T, start+T], True = attend.
             mask = torch.ones(t, start + t, dtype=torch.bool).tril(diagonal=start)
-        out, _ = self._attention(attn, q, keys, values, mask, dropout=0.0, scaling=attn.scaling)
+        out = _sdpa(q, keys, values, mask, self.scaling, self.groups)
         return out.reshape(1, t, -1)  # [1, T, heads, hd] -> [1, T, heads*hd]
 
     def finish(self, index: int, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """The rest of layer `index`: output projection, residual, MLP. Row-wise, as project()."""
         layer = self.layers[index]
-        x = x + layer.self_attn.o_proj(attended.contiguous())
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        x = x + _linear(attended.contiguous(), layer.self_attn.o_proj)
+        h = _rms_norm(x, layer.post_attention_layernorm)
+        mlp = layer.mlp
+        if self._silu:  # LlamaMLP: down(act(gate(h)) * up(h))
+            return x + _linear(F.silu(_linear(h, mlp.gate_proj)) * _linear(h, mlp.up_proj), mlp.down_proj)
+        return x + mlp(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head over hidden [1, T, hidden] -> [1, T, vocab] (float32)."""
         return self.lm_head(self.norm(hidden)).float()
 
 
-def _apply_rotary(q, k, cos, sin):
-    """Rotary embedding exactly as transformers' Llama applies it (cos/sin unsqueezed at dim 1)."""
-    cos = cos.unsqueeze(1)
-    sin = sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+def _linear(x: torch.Tensor, linear) -> torch.Tensor:
+    """nn.Linear.forward without the module call."""
+    return F.linear(x, linear.weight, linear.bias)
 
 
-def _rotate_half(x):
+def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
+    """LlamaRMSNorm.forward: weight * (x in float32 * rsqrt(mean(x^2) + eps)) cast back."""
+    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)  # the same values, one op
+    return norm(x)
+
+
+def _negate_first_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return torch.cat((-x[..., :half], x[..., half:]), dim=-1)
+
+
+def _sdpa(q, keys, values, mask, scaling: float, groups: int) -> torch.Tensor:
+    """transformers' sdpa_attention_forward on CPU (Llama, no dropout): [1, T, heads, hd], contiguous."""
+    t = q.shape[2]
+    kwargs = {}
+    if groups > 1:
+        if mask is None and keys.shape[-1] == values.shape[-1] <= 256:
+            kwargs["enable_gqa"] = True
+        elif t == 1:  # one query row: the heads of a kv head become its rows
+            q = q.reshape(q.shape[0], q.shape[1] // groups, groups, q.shape[-1])
+        else:
+            keys = _repeat_kv(keys, groups)
+            values = _repeat_kv(values, groups)
+    is_causal = t > 1 and mask is None
+    if is_causal and keys.shape[2] > t:
+        keys, values = keys[:, :, :t], values[:, :, :t]
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=0.0, scale=scaling,
+                                         is_causal=is_causal, **kwargs)
+    out = out.reshape(out.shape[0], -1, t, values.shape[-1])
+    return out.transpose(1, 2).contiguous()
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 
 
 def top1(logits: torch.Tensor) -> tuple[int, float]:

@@ -119,17 +119,35 @@ class ModelSpec:
             out += ["--heads", self.heads]
         return out + ["--dtype", self.dtype]
 
-    def load(self, mapped: bool = False):
+    def load(self, mapped: bool = False, transformers: bool = False):
         """The loaded model (loading.LoadedModel) in the spec's dtype; `mapped`: weights mapped from disk, no
-        tokenizer (the cloud)."""
+        tokenizer (the cloud).
+
+        A Llama directory loads into cecollm.llama's modules with cecollm.tokenizer's tokenizer, without
+        importing transformers (a fast start); `transformers`: a transformers model (to call or train)."""
         from cecollm.loading import LoadedModel, load_model, resolve_model_dir
 
-        if not mapped:
+        if transformers:
             return load_model(self.model, self.dtype)
-        from cecollm.weights import load_mapped
-
         path = resolve_model_dir(self.model)
-        return LoadedModel(load_mapped(path, self.dtype), None, path, self.model)
+        if mapped:
+            from cecollm.weights import load_mapped
+
+            return LoadedModel(load_mapped(path, self.dtype), None, path, self.model)
+        from cecollm.dtypes import torch_dtype
+        from cecollm.llama import load_native
+
+        model = load_native(path, dtype=torch_dtype(self.dtype))
+        if model is None:
+            return load_model(self.model, self.dtype)
+        from cecollm.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(path)
+        if tokenizer is None and (path / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        return LoadedModel(model, tokenizer, path, self.model)
 
     def resolve(self, loaded) -> Resolved:
         """The split and heads file for `loaded` (a loading.LoadedModel), checked against it."""

@@ -82,21 +82,29 @@ def converted(path: Path, dtype: str) -> Path:
 
 def load_mapped(model_dir: Path, dtype: str = "float32") -> torch.nn.Module:
     """The model of a transformers directory in `dtype` (float32 weights converted once, see `converted`),
-    eval mode, weights mapped from disk."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    eval mode, weights mapped from disk: in cecollm.llama's modules where it can (no transformers import),
+    else transformers'."""
+    from cecollm.llama import load_native
 
     model_dir = Path(model_dir)
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise UserError(f"{model_dir}: no .safetensors file to map")
+    for file in files:
+        if any(t.dtype != torch.float32 for t in map_safetensors(file).values()):
+            raise UserError(f"{model_dir}: weights are not float32; convert the model first")
+    files = [converted(file, dtype) for file in files]
+    native = load_native(model_dir, mapped=True, dtype=torch_dtype(dtype), files=files)
+    if native is not None:
+        return native
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype), attn_implementation="sdpa")
     state = {}
     for file in files:
-        if any(t.dtype != torch.float32 for t in map_safetensors(file).values()):
-            raise UserError(f"{model_dir}: weights are not float32; convert the model first")
-        state.update(map_safetensors(converted(file, dtype)))
+        state.update(map_safetensors(file))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

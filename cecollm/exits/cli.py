@@ -172,7 +172,7 @@ def exits_report_command(model, heads, prompts, part, holdout, limit, max_new_to
     if not chosen:
         raise UserError(f"{prompts}: no prompts ({part})")
     spec = ModelSpec.from_options(model, heads=heads)
-    loaded = spec.load()
+    loaded = spec.load(transformers=True)  # the report calls the model (teacher-forced logits)
     split, head_set = edge_setup(spec, loaded)
     report = run_report(loaded, split, head_set, chosen, max_new_tokens, ts)
     click.echo(f"exits {','.join(map(str, split.exits))} of {split.n_layers}, {len(chosen)} prompts "
