@@ -90,10 +90,13 @@ def load_mapped(model_dir: Path, dtype: str = "float32") -> torch.nn.Module:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise UserError(f"{model_dir}: no .safetensors file to map")
-    for file in files:
-        if any(t.dtype != torch.float32 for t in map_safetensors(file).values()):
-            raise UserError(f"{model_dir}: weights are not float32; convert the model first")
-    files = [converted(file, dtype) for file in files]
+    try:
+        for file in files:
+            if any(t.dtype != torch.float32 for t in map_safetensors(file).values()):
+                raise UserError(f"{model_dir}: weights are not float32; convert the model first")
+        files = [converted(file, dtype) for file in files]
+    except (OSError, ValueError, struct.error) as exc:  # a damaged file
+        raise UserError(f"{model_dir}: cannot load the weights ({str(exc).splitlines()[0] if str(exc) else exc})") from None
     native = load_native(model_dir, mapped=True, dtype=torch_dtype(dtype), files=files)
     if native is not None:
         return native
