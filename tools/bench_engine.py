@@ -6,7 +6,7 @@ prompt token ids, same thread count, same process.
 
 Runs are interleaved (ours, transformers, llama.cpp, ours, ...) and each prompt's best of --repeats is
 kept, so background load hits every side alike. Ours runs once per --dtypes entry (the model loaded
-in that dtype; float32 only until the loader takes a dtype). `collab` at threshold 1.0 (the split
+in that dtype, as `cecollm generate --dtype`). `collab` at threshold 1.0 (the split
 path with the cloud partition fed from uploaded hidden states) is shown for reference. llama.cpp is
 skipped with a note where llama-cpp-python is not installed (`pip install .[peer]`, a long build),
 or when --model is not a GGUF file or the default model.
@@ -21,7 +21,6 @@ CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON ... -DGGML_AMX_INT8=OFF" (results
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import sys
 import time
 from pathlib import Path
@@ -58,11 +57,10 @@ def read_prompts(path: Path, n: int) -> list[str]:
 
 
 def load_in(spec: ModelSpec, dtype: str):
-    """The model as `cecollm generate` loads it, in `dtype` where the loader takes one (None if it cannot)."""
-    takes_dtype = "dtype" in inspect.signature(spec.load).parameters
-    if takes_dtype:
-        return spec.load(dtype=dtype)
-    return spec.load() if dtype == "float32" else None
+    """The model as `cecollm generate --dtype DTYPE` loads it."""
+    import dataclasses
+
+    return dataclasses.replace(spec, dtype=dtype).load()
 
 
 class Timer:
@@ -125,8 +123,8 @@ def peer_gguf(model: str) -> tuple[Path | None, str]:
 @click.option("--max-new-tokens", default=32, show_default=True)
 @click.option("--repeats", default=3, show_default=True, help="Runs per prompt and side; the best is kept.")
 @click.option("--threads", default="1", show_default=True, help="Thread counts to run, comma-separated (1,2).")
-@click.option("--dtypes", default="float32", show_default=True,
-              help="Our compute dtypes, comma-separated (float32, bfloat16, float16; needs a loader that takes one).")
+@click.option("--dtypes", default="float32,bfloat16,float16", show_default=True,
+              help="Our compute dtypes, comma-separated (float32, bfloat16, float16), each run against the peer.")
 @click.option("--transformers/--no-transformers", "with_hf", default=True, show_default=True,
               help="Also time transformers' generate (the reference for token mismatches).")
 def main(model, prompts, n, max_new_tokens, repeats, threads, dtypes, with_hf):
@@ -142,14 +140,9 @@ def main(model, prompts, n, max_new_tokens, repeats, threads, dtypes, with_hf):
     base = None
     for d in dtype_names:
         loaded = load_in(spec, d)
-        if loaded is None:
-            notes.append(f"ours in {d} skipped: this loader has no dtype parameter yet")
-            continue
         split, heads = edge_setup(spec, loaded)
         engines[d] = SplitEngine(loaded.model, split, heads)
         base = base or loaded
-    if base is None:
-        raise UserError("no dtype of --dtypes can be loaded here")
     hf = None
     if with_hf:
         from cecollm.loading import load_model
