@@ -2,12 +2,12 @@
 
 Each request brings the rows its device uploaded since its last request ([folded, position]) and
 its KV cache (where it lives: a device's shared-memory segment, or a remote grant's copy). The
-rows of every request go through a layer's row-wise parts (norm, projections, MLP) together, and
-through attention one request at a time, each over its own KV. The LM head reads its weights once
+rows of the requests of a pass go through a layer's row-wise parts (norm, projections, MLP)
+together, and through attention one request at a time, each over its own KV. The LM head reads its weights once
 for the rows of the whole batch: on a small model that read is most of a token's cost.
 
 A batch of one computes exactly what the unbatched path (CloudPartition) computes; a batch computes
-in passes of at most ROWS_PER_PASS rows (see there).
+in passes (see ROWS_PER_PASS): single-row requests together, a request of several rows alone.
 """
 
 from __future__ import annotations
@@ -22,9 +22,13 @@ from cecollm.split import Split
 
 # Matrix products on CPU (oneDNN's bfloat16 kernels, measured on AVX512-BF16) give each row the same bits
 # whether it is computed alone or among up to 32 rows; beyond 32 rows another kernel rounds differently.
-# So a batch goes through the layers in passes of at most this many rows, and each request's tokens are
-# those it gets served alone (bit for bit in bfloat16; float32's small-row kernels round apart in the
-# last bits, which the tokens survive).
+# A batch therefore goes through the layers in passes of at most this many rows. Only single-row requests
+# (a decision right after the last, the common case) share a pass; a request with several rows goes alone,
+# as it would unbatched: replaying a bfloat16 trace from 16 and 32 devices with such requests packed too gave
+# 5 and 10 tokens of 2400 and 8100 other than the unbatched recording (near-ties, at recurring positions;
+# the rounding that parts them was not found), with them alone 0. So each request's tokens are those it
+# gets served alone, bit for bit in bfloat16 (float32's small-row kernels round apart in the last bits,
+# which the tokens survive: 0 mismatches there with any packing).
 ROWS_PER_PASS = 32
 
 
@@ -75,13 +79,13 @@ def judge(logits: torch.Tensor, rows: list[int], drafts: dict[int, int] | None) 
 
 
 def passes(folds: list[Fold]) -> list[list[int]]:
-    """The batch's passes (indices into `folds`): requests of at most ROWS_PER_PASS rows packed together in
-    order, a request with more rows alone (a prompt: computed as it would be unbatched)."""
+    """The batch's passes (indices into `folds`): single-row requests packed together in order, at most
+    ROWS_PER_PASS a pass; a request with several rows alone (computed as it would be unbatched)."""
     groups: list[list[int]] = []
     rows = ROWS_PER_PASS
     for i, fold in enumerate(folds):
         n = fold.rows.shape[1]
-        if n > ROWS_PER_PASS:
+        if n > 1:
             groups.append([i])
             continue
         if rows + n > ROWS_PER_PASS:
