@@ -2,7 +2,7 @@
 
 HELLO: check the edge runs the same model and split, open a session. DECIDE and VERIFY: lease the
 device, attach its shared-memory segment and fold the rows up to the position into the KV cache
-there (in place), for every request of the batch in one pass (batch.py); commit (one way) and
+there (in place), for every request of the batch in one pass (batch.py); commit (one way, sent when the worker is idle) and
 answer the token. A worker on the content manager's host keeps its lease after the commit: the
 broker sends the device's next requests to the same worker, which serves them without asking the
 content manager, as long as the segment's header says the lease is still its own (shm.py); so a
