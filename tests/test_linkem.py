@@ -200,7 +200,8 @@ def test_time_on_the_wire_counts_overlapping_directions_once():
         elapsed = time.perf_counter() - t0
         stats = link.stats()
     assert stats.up.transit_s >= 0.9 * 0.2 and stats.down.transit_s >= 0.9 * 0.2
-    assert stats.busy_s < 0.8 * (stats.up.transit_s + stats.down.transit_s)
+    # how much the directions overlap depends on when the echo starts (a loaded machine delays it): some do
+    assert max(stats.up.transit_s, stats.down.transit_s) <= stats.busy_s < stats.up.transit_s + stats.down.transit_s
     assert 0.9 * 0.24 <= stats.busy_s <= elapsed
 
 
