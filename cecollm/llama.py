@@ -201,7 +201,7 @@ def load_native(model_dir: Path, mapped: bool = False, dtype: torch.dtype = torc
     safetensors files to load (a mapped model in another dtype: the converted copies); default the
     directory's.
     """
-    from cecollm.weights import map_safetensors
+    from cecollm.weights import assign_weights, map_safetensors
 
     model_dir = Path(model_dir)
     config = native_config(model_dir)
@@ -225,12 +225,7 @@ def load_native(model_dir: Path, mapped: bool = False, dtype: torch.dtype = torc
         if mapped:
             raise UserError(f"{model_dir}: weights are not {str(dtype).removeprefix('torch.')}; convert the model first")
         state = {k: t.to(dtype) for k, t in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-        missing = [m for m in missing if m != "lm_head.weight"]
-    if missing or unexpected:
-        raise UserError(f"{model_dir}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    assign_weights(model, state, config.tie_word_embeddings, model_dir)
     return model.eval()
 
 

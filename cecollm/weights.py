@@ -80,6 +80,17 @@ def converted(path: Path, dtype: str) -> Path:
     return target
 
 
+def assign_weights(model: torch.nn.Module, state: dict, tied: bool, model_dir: Path) -> None:
+    """Make `state`'s tensors the parameters of `model` (built on the meta device; no copy), the LM head the
+    embedding when `tied`; a one-line error when they do not fit its config."""
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        missing = [m for m in missing if m != "lm_head.weight"]
+    if missing or unexpected:
+        raise UserError(f"{model_dir}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
 def load_mapped(model_dir: Path, dtype: str = "float32") -> torch.nn.Module:
     """The model of a transformers directory in `dtype` (float32 weights converted once, see `converted`),
     eval mode, weights mapped from disk: in cecollm.llama's modules where it can (no transformers import),
@@ -108,12 +119,7 @@ def load_mapped(model_dir: Path, dtype: str = "float32") -> torch.nn.Module:
     state = {}
     for file in files:
         state.update(map_safetensors(file))
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-        missing = [m for m in missing if m != "lm_head.weight"]
-    if missing or unexpected:
-        raise UserError(f"{model_dir}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    assign_weights(model, state, config.tie_word_embeddings, model_dir)
     # Non-persistent buffers (the rotary table) are not in the file: build them for real.
     inner = model.model
     inner.rotary_emb = type(inner.rotary_emb)(config=config)
