@@ -12,8 +12,9 @@ operations a step dispatches, because a decode step of a small model is ~20% Pyt
 - transformers' SDPA dispatch is reproduced here (GQA inside SDPA, or repeated keys when there
   is a mask), so this module does not import transformers (a fast start).
 
-(q/k/v and gate/up as one matrix product each over concatenated weights were tried: bit-equal but
-no faster per token, decoding being bound by reading weights, and a 280 MB copy at every start.)
+In bfloat16 the matrix products run on weights packed once for oneDNN (packing.py: the same bits,
+about 1.4x less time a token), with q/k/v and gate/up as one product each. In float32 that fusion
+was bit-equal but no faster and cost a 280 MB copy at every start, so float32 keeps F.linear.
 
 Only the KV bookkeeping is ours, because a split model needs per-layer lengths and late filling of
 positions that exited early.
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from cecollm.packing import fused_rows, linear_rows
 
 _INITIAL_ROPE_POSITIONS = 1024  # the rotary table grows by doubling past this
 
@@ -105,10 +108,10 @@ class DecoderRunner:
         attn = layer.self_attn
         t, hd = x.shape[1], self.head_dim
         h = _rms_norm(x, layer.input_layernorm)
+        qkv = fused_rows(h, attn, "packed_qkv") or (_linear(h, attn.q_proj), _linear(h, attn.k_proj),
+                                                     _linear(h, attn.v_proj))
         # [1, T, heads*hd] -> [1, T, heads, hd] -> [1, heads, T, hd]
-        q = _linear(h, attn.q_proj).view(1, t, -1, hd).transpose(1, 2)
-        k = _linear(h, attn.k_proj).view(1, t, -1, hd).transpose(1, 2)
-        v = _linear(h, attn.v_proj).view(1, t, -1, hd).transpose(1, 2)
+        q, k, v = (part.view(1, t, -1, hd).transpose(1, 2) for part in qkv)
         cos, sin = rope
         signed = self._signed  # one read: another thread may replace it
         if signed[0] is not sin:  # the first layer of a step: the rows' sin with the first half negated
@@ -140,7 +143,8 @@ class DecoderRunner:
         h = _rms_norm(x, layer.post_attention_layernorm)
         mlp = layer.mlp
         if self._silu:  # LlamaMLP: down(act(gate(h)) * up(h))
-            return x + _linear(F.silu(_linear(h, mlp.gate_proj)) * _linear(h, mlp.up_proj), mlp.down_proj)
+            gate, up = fused_rows(h, mlp, "packed_gate_up") or (_linear(h, mlp.gate_proj), _linear(h, mlp.up_proj))
+            return x + _linear(F.silu(gate) * up, mlp.down_proj)
         return x + mlp(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -149,14 +153,16 @@ class DecoderRunner:
 
 
 def _linear(x: torch.Tensor, linear) -> torch.Tensor:
-    """nn.Linear.forward without the module call."""
-    return F.linear(x, linear.weight, linear.bias)
+    """nn.Linear.forward without the module call (on its packed weight where packing.pack_linears gave one)."""
+    return linear_rows(x, linear)
 
 
 def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
     """LlamaRMSNorm.forward: weight * (x in float32 * rsqrt(mean(x^2) + eps)) cast back."""
     if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
         return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)  # the same values, one op
+    if x.dtype == norm.weight.dtype:  # normalized in float32 (one op), cast back, then the weight: the same values
+        return norm.weight * F.rms_norm(x.float(), norm.weight.shape, None, norm.variance_epsilon).to(x.dtype)
     return norm(x)
 
 

@@ -133,13 +133,16 @@ class ModelSpec:
         if mapped:
             from cecollm.weights import load_mapped
 
-            return LoadedModel(load_mapped(path, self.dtype), None, path, self.model)
+            return LoadedModel(_packed(load_mapped(path, self.dtype)), None, path, self.model)
         from cecollm.dtypes import torch_dtype
         from cecollm.llama import load_native
 
         model = load_native(path, dtype=torch_dtype(self.dtype))
         if model is None:
-            return load_model(self.model, self.dtype)
+            loaded = load_model(self.model, self.dtype)
+            _packed(loaded.model)
+            return loaded
+        _packed(model)
         from cecollm.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(path)
@@ -163,3 +166,11 @@ class ModelSpec:
         if entry and (not self.exits or self.exits == tuple(entry["exits"])):
             return Resolved(Split.create(n, entry["exits"], upload), bundled_file(entry["heads"]))
         return Resolved(Split.create(n, self.exits or default_exits(n), upload), None)
+
+
+def _packed(model):
+    """`model` with its bfloat16 products on packed weights (packing.pack_linears; other dtypes as they are)."""
+    from cecollm.packing import pack_linears
+
+    pack_linears(model)
+    return model

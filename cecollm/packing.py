@@ -1,0 +1,121 @@
+"""bfloat16 matrix products on weights laid out once for oneDNN: F.linear's bits at about half its time.
+
+For a bfloat16 weight torch's F.linear calls oneDNN with the weight as it is in memory, and a
+decode step (one row) then costs as much as in float32 although it reads half the bytes:
+SmolLM2's layer products take 1.25 ms a token in both (one thread, this repository's
+results/bench-engine). oneDNN's linear on a weight reordered once into its own layout (what
+torch.compile's CPU backend does) takes about half: 23 against 53 µs for 576x576, 2.4 against 4.8 ms
+for the LM head, at 1 to 32 rows.
+
+It is used only where it gives F.linear's bits: for at most MAX_PACKED_ROWS rows (beyond that
+oneDNN picks another kernel, which rounds differently from F.linear's), and only after a check at
+load time on each weight shape of the model. Float32 and float16 gain nothing this way (measured:
+no faster, and not bit-equal) and stay with F.linear.
+
+The packed copies are private memory next to the weights (a mapped model's weights stay shared
+between workers; the packed ones are per process): 270 MB for SmolLM2.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+MAX_PACKED_ROWS = 32  # rows up to which oneDNN's packed product equals F.linear bit for bit (checked per shape)
+_CHECK_ROWS = (1, 2, 7, MAX_PACKED_ROWS)  # row counts the load-time check compares
+
+
+def supported(dtype: torch.dtype) -> bool:
+    """Whether weights of `dtype` are packed on this machine: bfloat16 with oneDNN's bfloat16 kernels."""
+    return (dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+
+
+def pack_linears(model: torch.nn.Module) -> int:
+    """Pack `model`'s bfloat16 weights: an attention's q, k and v as one matrix, an MLP's gate and up as one
+    (one longer stream of weights a row: ~10% less time than three and two), every other nn.Linear alone
+    with a forward that uses it for few rows. The number of matrices packed: 0 where the dtype gains
+    nothing or the load-time check finds other bits than F.linear's."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears or not supported(linears[0].weight.dtype) or any("packed" in m.__dict__ for m in linears):
+        return 0
+    groups = []  # (owner, attribute, [linears]): fused groups first, then each other linear alone
+    for owner in model.modules():
+        for attribute, names in FUSED.items():
+            parts = [getattr(owner, name, None) for name in names]
+            if all(isinstance(p, torch.nn.Linear) and p.bias is None for p in parts):
+                groups.append((owner, attribute, parts))
+    fused = {id(p) for _, _, parts in groups for p in parts}
+    groups += [(m, "packed", [m]) for m in linears if id(m) not in fused]
+    with torch.inference_mode():
+        checked = {}
+        for _, _, parts in groups:
+            key = tuple((tuple(p.weight.shape), p.bias is not None) for p in parts)
+            if key not in checked:
+                checked[key] = _agrees(parts)
+            if not checked[key]:
+                log.info("bfloat16 packed products differ from F.linear's here on %s; using F.linear", key)
+                return 0
+        for owner, attribute, parts in groups:
+            weight = torch.cat([p.weight.detach() for p in parts]) if len(parts) > 1 else parts[0].weight.detach()
+            # a plain attribute: not a parameter, not in the state dict
+            owner.__dict__[attribute] = (torch.ops.mkldnn._reorder_linear_weight(weight, 1),
+                                         [p.weight.shape[0] for p in parts])
+            if attribute == "packed":
+                owner.forward = functools.partial(linear_rows, module=owner)
+    return len(groups)
+
+
+FUSED = {"packed_qkv": ("q_proj", "k_proj", "v_proj"), "packed_gate_up": ("gate_proj", "up_proj")}  # attribute -> parts
+
+
+def fused_rows(x: torch.Tensor, owner: torch.nn.Module, attribute: str) -> tuple[torch.Tensor, ...] | None:
+    """The products of x [..., in] with each part of `owner`'s fused group `attribute` (views of one
+    output [..., sum of outs]), or None where the packed weight is not used (see linear_rows)."""
+    entry = owner.__dict__.get(attribute)
+    if entry is None or not _packable(x, entry[0]):
+        return None
+    packed, sizes = entry
+    rows = x.numel() // x.shape[-1]
+    # [..., in] -> [rows, in] -> [rows, sum of outs] -> [..., sum of outs]
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed, None, "none", [], "")
+    return out.view(*x.shape[:-1], out.shape[-1]).split(sizes, dim=-1)
+
+
+def linear_rows(x: torch.Tensor, module: torch.nn.Linear) -> torch.Tensor:
+    """module(x): on the packed weight for up to MAX_PACKED_ROWS rows, else (and while recording
+    gradients) F.linear."""
+    entry = module.__dict__.get("packed")
+    if entry is None or not _packable(x, entry[0]):
+        return F.linear(x, module.weight, module.bias)
+    rows = x.numel() // x.shape[-1]
+    # [..., in] -> [rows, in] -> [rows, out] -> [..., out]
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), entry[0], module.bias, "none", [], "")
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _packable(x: torch.Tensor, packed: torch.Tensor) -> bool:
+    """Whether x's rows go through a packed weight: 1..MAX_PACKED_ROWS rows of its dtype, no gradients."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (0 < rows <= MAX_PACKED_ROWS and x.dtype == packed.dtype
+            and not (x.requires_grad and torch.is_grad_enabled()))
+
+
+def _agrees(parts: list[torch.nn.Linear]) -> bool:
+    """Whether the packed product of the parts' weights (stacked) gives F.linear's bits on random rows."""
+    weights = [p.weight.detach() for p in parts]
+    bias = parts[0].bias if len(parts) == 1 else None
+    packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat(weights), 1)
+    generator = torch.Generator().manual_seed(0)
+    for rows in _CHECK_ROWS:
+        x = torch.randn(rows, weights[0].shape[1], generator=generator).to(weights[0].dtype)
+        got = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        want = torch.cat([F.linear(x, w, bias) for w in weights], dim=-1)
+        if not torch.equal(got, want):
+            return False
+    return True
