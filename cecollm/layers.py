@@ -28,6 +28,10 @@ import torch.nn.functional as F
 from cecollm.packing import fused_rows, linear_rows
 
 _INITIAL_ROPE_POSITIONS = 1024  # the rotary table grows by doubling past this
+# Rows continuing a sequence up to which attention runs row by row (as decoding does). Beyond it the matrix
+# products of several rows round apart from one row's anyway (packing.MAX_PACKED_ROWS), and one masked pass is
+# cheaper.
+ROWWISE_ROWS = 32
 
 
 class DecoderRunner:
@@ -129,6 +133,13 @@ class DecoderRunner:
         """One sequence's attention: queries q [1, heads, T, hd] at positions [start, start+T) over its keys and
         values [1, kv heads, start+T, hd]; the output [1, T, heads*hd] (before o_proj)."""
         t = q.shape[2]
+        if 1 < t <= ROWWISE_ROWS and start > 0:
+            # Rows continuing a sequence (drafts to verify): each row as a decode step computes it, one query
+            # over the keys up to its position, so verified rows get the bits of rows decoded one at a time
+            # (the masked several-row kernel rounds otherwise in bfloat16). Attention is ~1% of a step.
+            rows = [_sdpa(q[:, :, i:i + 1].contiguous(), keys[:, :, :start + i + 1], values[:, :, :start + i + 1],
+                          None, self.scaling, self.groups) for i in range(t)]  # each [1, 1, heads, hd]
+            return torch.cat(rows, dim=1).reshape(1, t, -1)  # [1, T, heads, hd] -> [1, T, heads*hd]
         mask = None
         if t > 1 and start > 0:
             # Rows see every cached position and the rows before them: [T, start+T], True = attend.

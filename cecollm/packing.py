@@ -7,10 +7,13 @@ results/bench-engine). oneDNN's linear on a weight reordered once into its own l
 torch.compile's CPU backend does) takes about half: 23 against 53 µs for 576x576, 2.4 against 4.8 ms
 for the LM head, at 1 to 32 rows.
 
-It is used only where it gives F.linear's bits: for at most MAX_PACKED_ROWS rows (beyond that
-oneDNN picks another kernel, which rounds differently from F.linear's), and only after a check at
-load time on each weight shape of the model. Float32 and float16 gain nothing this way (measured:
-no faster, and not bit-equal) and stay with F.linear.
+The packed product gives F.linear's bits for up to MAX_PACKED_ROWS rows (checked at load time on
+each weight shape of the model), and a row among up to that many gets the bits it gets alone. More
+rows go in pieces of that many, so every row of a bfloat16 model gets one row's bits however rows
+are grouped: a prompt pass, a verification of drafts, a batch of devices (F.linear itself picks
+another kernel past 32 rows, which rounds otherwise: a prompt of more than 32 rows then equals
+transformers' only up to near-ties, as every bfloat16 comparison with it does). Float32 and float16
+gain nothing this way (measured: no faster, and not bit-equal) and stay with F.linear.
 
 The packed copies are private memory next to the weights (a mapped model's weights stay shared
 between workers; the packed ones are per process): 270 MB for SmolLM2.
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-MAX_PACKED_ROWS = 32  # rows up to which oneDNN's packed product equals F.linear bit for bit (checked per shape)
+MAX_PACKED_ROWS = 32  # rows of one packed product: up to here it equals F.linear and each row its one-row bits
 _CHECK_ROWS = (1, 2, 7, MAX_PACKED_ROWS)  # row counts the load-time check compares
 
 
@@ -76,38 +79,44 @@ FUSED = {"packed_qkv": ("q_proj", "k_proj", "v_proj"), "packed_gate_up": ("gate_
 
 def fused_rows(x: torch.Tensor, owner: torch.nn.Module, attribute: str) -> tuple[torch.Tensor, ...] | None:
     """The products of x [..., in] with each part of `owner`'s fused group `attribute` (views of one
-    output [..., sum of outs]), or None where the packed weight is not used (see linear_rows)."""
+    output [..., sum of outs]), or None where the packed weight is not used (see _packable)."""
     entry = owner.__dict__.get(attribute)
     if entry is None or not _packable(x, entry[0]):
         return None
     packed, sizes = entry
-    rows = x.numel() // x.shape[-1]
     # [..., in] -> [rows, in] -> [rows, sum of outs] -> [..., sum of outs]
-    out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed, None, "none", [], "")
+    out = _product(x.reshape(-1, x.shape[-1]), packed, None)
     return out.view(*x.shape[:-1], out.shape[-1]).split(sizes, dim=-1)
 
 
 def linear_rows(x: torch.Tensor, module: torch.nn.Linear) -> torch.Tensor:
-    """module(x): on the packed weight for up to MAX_PACKED_ROWS rows, else (and while recording
-    gradients) F.linear."""
+    """module(x): on the packed weight, in pieces of at most MAX_PACKED_ROWS rows; F.linear where it has
+    none or while recording gradients."""
     entry = module.__dict__.get("packed")
     if entry is None or not _packable(x, entry[0]):
         return F.linear(x, module.weight, module.bias)
-    rows = x.numel() // x.shape[-1]
     # [..., in] -> [rows, in] -> [rows, out] -> [..., out]
-    out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), entry[0], module.bias, "none", [], "")
+    out = _product(x.reshape(-1, x.shape[-1]), entry[0], module.bias)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
+def _product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [rows, in] times the packed weight: [rows, out], in pieces of at most MAX_PACKED_ROWS rows."""
+    if x.shape[0] <= MAX_PACKED_ROWS:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return torch.cat([torch.ops.mkldnn._linear_pointwise(x[i:i + MAX_PACKED_ROWS], packed, bias, "none", [], "")
+                      for i in range(0, x.shape[0], MAX_PACKED_ROWS)])
+
+
 def _packable(x: torch.Tensor, packed: torch.Tensor) -> bool:
-    """Whether x's rows go through a packed weight: 1..MAX_PACKED_ROWS rows of its dtype, no gradients."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return (0 < rows <= MAX_PACKED_ROWS and x.dtype == packed.dtype
+    """Whether x's rows go through a packed weight: rows of its dtype, no gradients."""
+    return (x.numel() > 0 and x.dtype == packed.dtype
             and not (x.requires_grad and torch.is_grad_enabled()))
 
 
 def _agrees(parts: list[torch.nn.Linear]) -> bool:
-    """Whether the packed product of the parts' weights (stacked) gives F.linear's bits on random rows."""
+    """Whether the packed product of the parts' weights (stacked) gives F.linear's bits on random rows, and a
+    row among them the bits it gets alone."""
     weights = [p.weight.detach() for p in parts]
     bias = parts[0].bias if len(parts) == 1 else None
     packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat(weights), 1)
@@ -116,6 +125,7 @@ def _agrees(parts: list[torch.nn.Linear]) -> bool:
         x = torch.randn(rows, weights[0].shape[1], generator=generator).to(weights[0].dtype)
         got = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         want = torch.cat([F.linear(x, w, bias) for w in weights], dim=-1)
-        if not torch.equal(got, want):
+        alone = torch.ops.mkldnn._linear_pointwise(x[-1:], packed, bias, "none", [], "")  # the last row alone
+        if not (torch.equal(got, want) and torch.equal(got[-1:], alone)):
             return False
     return True

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cecollm.broker.launch import BrokerProcess
 from cecollm.cache.kv import KVCache
-from cecollm.cloud.batch import BatchFolder, Fold
+from cecollm.cloud.batch import BatchFolder, Fold, passes
 from cecollm.cloud.partition import CloudPartition
 from cecollm.edge.client import EdgeClient, EdgeConfig
 from cecollm.edge.heads import HeadSet
@@ -183,24 +183,34 @@ def _width576(dtype):
     return LlamaForCausalLM(config).eval().to(dtype)
 
 
-def test_a_bfloat16_batch_is_bit_for_bit_each_request_alone():
-    """Prompts longer than a pass and single rows in one batch: every verdict and KV entry as computed alone
-    (on this CI's CPUs, with AVX512-BF16, passes of unbounded rows round the batch apart: some of these
-    verdicts or KV entries differ)."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_bfloat16_batch_is_bit_for_bit_each_request_alone(packed):
+    """Prompts longer than a pass, prompts and single rows packed in one pass, and rows that continue a sequence
+    (as a verification's) next to others: every verdict and KV entry as computed alone, on F.linear and on
+    packed weights (on this CI's CPUs, with AVX512-BF16, passes of unbounded rows round the batch apart, and
+    before rows that continue a sequence attended row by row such rows did too)."""
+    from cecollm import packing
+
     model = _width576(torch.bfloat16)
+    if packed and not packing.pack_linears(model):
+        pytest.skip("no oneDNN bfloat16 kernels here")
     split = Split.create(3, (1,))
     runner = DecoderRunner(model)
     prompts = [list(range(3, 43)), [7], list(range(50, 70)), [9], list(range(100, 137))]  # 40, 1, 20, 1, 37 rows
     together, alone = [Device(runner, split, p) for p in prompts], [Device(runner, split, p) for p in prompts]
     folder = BatchFolder(runner, split)
+    assert passes([Fold(d.cloud, torch.zeros(1, len(d.pending), 1), 0) for d in together]) == [[0], [1, 2, 3], [4]]
     same = True
-    for _ in range(3):
+    for step in range(3):
         verdicts = folder.run([d.fold() for d in together])
         singles = [folder.run([d.fold()])[0] for d in alone]
         same &= all((v.token, v.prob) == (s.token, s.prob) for v, s in zip(verdicts, singles))
         for a, b, v in zip(together, alone, verdicts):
             a.take(v.token)
             b.take(v.token)
+        if step == 0:  # the next fold of two devices: several rows that continue their sequences
+            for d in (together[1], alone[1], together[3], alone[3]):
+                d.pending += [11, 12, 13, 14, 15]
     n = [d.cloud.length(1) for d in together]
     same &= all(torch.equal(a.cloud.storage[:, :, :, :k], b.cloud.storage[:, :, :, :k])
                 for a, b, k in zip(together, alone, n))

@@ -7,7 +7,7 @@ together, and through attention one request at a time, each over its own KV. The
 for the rows of the whole batch: on a small model that read is most of a token's cost.
 
 A batch of one computes exactly what the unbatched path (CloudPartition) computes; a batch computes
-in passes (see ROWS_PER_PASS): single-row requests together, a request of several rows alone.
+in passes of at most ROWS_PER_PASS rows (see there).
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from cecollm.layers import DecoderRunner
 from cecollm.split import Split
 
 # Matrix products on CPU (oneDNN's bfloat16 kernels, measured on AVX512-BF16) give each row the same bits
-# whether it is computed alone or among up to 32 rows; beyond 32 rows another kernel rounds differently.
-# A batch therefore goes through the layers in passes of at most this many rows. Only single-row requests
-# (a decision right after the last, the common case) share a pass; a request with several rows goes alone,
-# as it would unbatched: replaying a bfloat16 trace from 16 and 32 devices with such requests packed too gave
-# 5 and 10 tokens of 2400 and 8100 other than the unbatched recording (near-ties, at recurring positions;
-# the rounding that parts them was not found), with them alone 0. So each request's tokens are those it
-# gets served alone, bit for bit in bfloat16 (float32's small-row kernels round apart in the last bits,
-# which the tokens survive: 0 mismatches there with any packing).
+# whether it is computed alone or among up to 32 rows; beyond 32 rows F.linear picks another kernel, which
+# rounds otherwise. A batch therefore goes through the layers in passes of at most this many rows: requests
+# packed in order, a request of more rows alone (as it would be unbatched). With the weights packed
+# (packing.py: every row one row's bits however many) and rows that continue a sequence attending row by row
+# (layers.DecoderRunner.attend), each request's tokens are those it gets served alone, bit for bit in
+# bfloat16. (Before rows attended row by row, requests of several rows packed with others gave 5 and 10 of
+# 2400 and 8100 bfloat16 tokens other than unbatched serving; float32's small-row kernels round rows apart
+# in the last bits, which the tokens survived: 0 mismatches there.)
 ROWS_PER_PASS = 32
 
 
@@ -79,21 +79,18 @@ def judge(logits: torch.Tensor, rows: list[int], drafts: dict[int, int] | None) 
 
 
 def passes(folds: list[Fold]) -> list[list[int]]:
-    """The batch's passes (indices into `folds`): single-row requests packed together in order, at most
-    ROWS_PER_PASS a pass; a request with several rows alone (computed as it would be unbatched)."""
+    """The batch's passes (indices into `folds`): requests packed together in order, at most ROWS_PER_PASS rows
+    a pass; a request with more rows alone."""
     groups: list[list[int]] = []
     rows = ROWS_PER_PASS
     for i, fold in enumerate(folds):
         n = fold.rows.shape[1]
-        if n > 1:
-            groups.append([i])
-            continue
         if rows + n > ROWS_PER_PASS:
             groups.append([])
             rows = 0
         groups[-1].append(i)
         rows += n
-    return [g for g in groups if g]
+    return groups
 
 
 class BatchFolder:
