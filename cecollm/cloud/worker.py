@@ -88,6 +88,7 @@ class Worker:
         from cecollm.cloud.service import CloudService
         from cecollm.layers import DecoderRunner
         from cecollm.loading import LoadedModel
+        from cecollm.packing import pack_linears
         from cecollm.split import Split
         from cecollm.weights import load_mapped
         from cecollm.wire.rpc import RpcSocket
@@ -103,6 +104,7 @@ class Worker:
         if identity != config.identity:
             raise UserError(f"the model at {model_dir} here is {identity[:12]}, the broker serves "
                             f"{config.identity[:12]}")
+        pack_linears(model)  # bfloat16: products on packed weights, as the edge's (the same bits)
         split = Split.create(model.config.num_hidden_layers, config.exits, config.upload_layer)
         keys = self.config.client_keys if state_address.startswith("tcp://") else None  # ipc: this host only
         largest = MAX_STATE_BYTES if self.config.remote else MAX_BODY  # a frame: a remote grant carries the state
