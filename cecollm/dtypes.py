@@ -8,6 +8,7 @@ the `ml_dtypes` package supplies it for wire tensors and shared-memory views.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from cecollm.errors import UserError
 
@@ -15,17 +16,36 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # what --dtype takes
 DTYPE_ENV = "CECOLLM_DTYPE"  # overrides default_dtype() (the tests pin float32 with it)
 
 
-def default_dtype() -> str:
-    """The compute dtype when none is given: $CECOLLM_DTYPE if set, else float32.
+_NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 CPU flags of bfloat16 arithmetic in hardware
 
-    Measured on an AVX512-BF16 CPU (SmolLM2, results/bench-engine and results/scaling): one decoding
-    stream is no faster in bfloat16 (18.3 against 18.9 tokens/s, one thread), while the exact mode,
-    which verifies rows together, gives the full model's output only up to near-ties there (16 of 20
-    Alpaca answers identical to cloud-only, `cecollm bench`), where float32 gives 20 of 20. bfloat16
-    pays off in a batched cloud (32 rows of the LM head cost 1.5x one row, 3.5x in float32): pass
-    --dtype bfloat16 to the broker and its edges for that."""
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty where there is no /proc/cpuinfo)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86 says flags, arm64 Features
+            return set(value.split())
+    return set()
+
+
+def default_dtype(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The compute dtype when none is given: $CECOLLM_DTYPE if set, else bfloat16 where the CPU has
+    native bfloat16 arithmetic (AVX512-BF16 or AMX-BF16), else float32.
+
+    Measured on an AVX512-BF16 CPU (SmolLM2, one thread; results/bench-engine, results/bench-wifi-bf16,
+    results/scaling): on packed weights (packing.py) one stream decodes 1.31x as fast as in float32
+    (24.4 against 18.7 tokens/s), the exact mode gives cloud-only's tokens bit for bit as in float32,
+    uploads are bit-exact at 2 bytes a value, and a batched cloud gains most (32 rows of the LM head
+    cost 1.5x one row, 3.5x in float32). Without the hardware torch emulates bfloat16, slower than
+    float32, so float32 stays there."""
     chosen = os.environ.get(DTYPE_ENV, "").strip()
-    return check_dtype(chosen, DTYPE_ENV) if chosen else "float32"
+    if chosen:
+        return check_dtype(chosen, DTYPE_ENV)
+    return "bfloat16" if cpu_flags(cpuinfo) & set(_NATIVE_BF16_FLAGS) else "float32"
 
 
 def check_dtype(name: str, what: str = "--dtype") -> str:

@@ -19,11 +19,27 @@ from cecollm.dtypes import (
 from cecollm.errors import UserError
 
 
-def test_the_default_is_float32_and_the_environment_chooses(monkeypatch):
+def _cpuinfo(tmp_path, flags: str):
+    path = tmp_path / "cpuinfo"
+    path.write_text(f"processor\t: 0\nmodel name\t: a CPU\nflags\t\t: fpu sse2 {flags}\n\nprocessor\t: 1\n")
+    return path
+
+
+@pytest.mark.parametrize("flags,expected", [("avx2 avx512f avx512_bf16", "bfloat16"), ("amx_tile amx_bf16", "bfloat16"),
+                                            ("avx2 avx512f", "float32"), ("", "float32")])
+def test_default_is_bfloat16_only_with_native_support(tmp_path, monkeypatch, flags, expected):
     monkeypatch.delenv("CECOLLM_DTYPE", raising=False)
-    assert default_dtype() == "float32"  # measured: see default_dtype's text
-    monkeypatch.setenv("CECOLLM_DTYPE", "bfloat16")
-    assert default_dtype() == "bfloat16"
+    assert default_dtype(_cpuinfo(tmp_path, flags)) == expected
+
+
+def test_no_cpuinfo_is_float32(tmp_path, monkeypatch):
+    monkeypatch.delenv("CECOLLM_DTYPE", raising=False)
+    assert default_dtype(tmp_path / "missing") == "float32"
+
+
+def test_the_environment_chooses_and_is_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("CECOLLM_DTYPE", "float16")
+    assert default_dtype(_cpuinfo(tmp_path, "avx512_bf16")) == "float16"
     monkeypatch.setenv("CECOLLM_DTYPE", "int8")
     with pytest.raises(UserError, match="CECOLLM_DTYPE must be one of float32, bfloat16, float16, got 'int8'"):
         default_dtype()
