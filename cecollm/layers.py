@@ -1,8 +1,10 @@
 """Run decoder layers of a Llama-family model (transformers' or cecollm.llama's) against our own KV cache.
 
 Every number matches what transformers' Llama computes: the same operations on the same values
-in the same order (checked bit for bit in tests/test_layers.py). What differs is only how many
-operations a step dispatches, because a decode step of a small model is ~20% Python and dispatch:
+in the same order (checked bit for bit in tests/test_layers.py), in float32 and float16; in
+bfloat16 for passes of up to 32 rows that start a sequence (see the bfloat16 paragraph below). What
+differs is only how many operations a step dispatches, because a decode step of a small model is ~20%
+Python and dispatch:
 
 - the rotary table is built once for all positions (elementwise, the same values transformers
   computes per call) and a step takes rows of it;
@@ -12,9 +14,13 @@ operations a step dispatches, because a decode step of a small model is ~20% Pyt
 - transformers' SDPA dispatch is reproduced here (GQA inside SDPA, or repeated keys when there
   is a mask), so this module does not import transformers (a fast start).
 
-In bfloat16 the matrix products run on weights packed once for oneDNN (packing.py: the same bits,
-about 1.4x less time a token), with q/k/v and gate/up as one product each. In float32 that fusion
-was bit-equal but no faster and cost a 280 MB copy at every start, so float32 keeps F.linear.
+In bfloat16 the matrix products run on weights packed once for oneDNN (packing.py: F.linear's bits
+for up to 32 rows, a step 1.33x faster), with q/k/v and gate/up as one product each, and in pieces
+of 32 rows beyond, so each row gets one row's bits where F.linear would round otherwise; rows that
+continue a sequence attend row by row (attend()). So however a sequence's rows are grouped (a
+prompt, a verification of drafts, a batch of devices) they get the bits of decoding one at a time.
+In float32 the fusion was bit-equal but no faster and cost a 280 MB copy at every start, so float32
+keeps F.linear.
 
 Only the KV bookkeeping is ours, because a split model needs per-layer lengths and late filling of
 positions that exited early.
@@ -133,10 +139,12 @@ class DecoderRunner:
         """One sequence's attention: queries q [1, heads, T, hd] at positions [start, start+T) over its keys and
         values [1, kv heads, start+T, hd]; the output [1, T, heads*hd] (before o_proj)."""
         t = q.shape[2]
-        if 1 < t <= ROWWISE_ROWS and start > 0:
-            # Rows continuing a sequence (drafts to verify): each row as a decode step computes it, one query
-            # over the keys up to its position, so verified rows get the bits of rows decoded one at a time
-            # (the masked several-row kernel rounds otherwise in bfloat16). Attention is ~1% of a step.
+        if 1 < t <= ROWWISE_ROWS and start > 0 and q.dtype == torch.bfloat16:
+            # bfloat16 rows continuing a sequence (drafts to verify): each row as a decode step computes it, one
+            # query over the keys up to its position, so verified rows get the bits of rows decoded one at a
+            # time, as the packed products give them (the masked several-row kernel rounds otherwise). It costs
+            # ~0.7 ms a layer for 32 rows, little for the few rows of a verification. Elsewhere the products
+            # round rows apart anyway (float32's small-row kernels), so one masked pass.
             rows = [_sdpa(q[:, :, i:i + 1].contiguous(), keys[:, :, :start + i + 1], values[:, :, :start + i + 1],
                           None, self.scaling, self.groups) for i in range(t)]  # each [1, 1, heads, hd]
             return torch.cat(rows, dim=1).reshape(1, t, -1)  # [1, T, heads, hd] -> [1, T, heads*hd]
@@ -165,7 +173,7 @@ class DecoderRunner:
 
 def _linear(x: torch.Tensor, linear) -> torch.Tensor:
     """nn.Linear.forward without the module call (on its packed weight where packing.pack_linears gave one)."""
-    return linear_rows(x, linear)
+    return linear_rows(linear, x)
 
 
 def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:

@@ -15,13 +15,13 @@ another kernel past 32 rows, which rounds otherwise: a prompt of more than 32 ro
 transformers' only up to near-ties, as every bfloat16 comparison with it does). Float32 and float16
 gain nothing this way (measured: no faster, and not bit-equal) and stay with F.linear.
 
-The packed copies are private memory next to the weights (a mapped model's weights stay shared
-between workers; the packed ones are per process): 270 MB for SmolLM2.
+The packed copies are private memory next to the weights, per edge and per worker (a mapped model's
+weights stay shared between workers; the packed ones are per process): 270 MB for SmolLM2.
 """
 
 from __future__ import annotations
 
-import functools
+import copy
 import logging
 
 import torch
@@ -30,7 +30,6 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 MAX_PACKED_ROWS = 32  # rows of one packed product: up to here it equals F.linear and each row its one-row bits
-_CHECK_ROWS = (1, 2, 7, MAX_PACKED_ROWS)  # row counts the load-time check compares
 
 
 def supported(dtype: torch.dtype) -> bool:
@@ -40,12 +39,14 @@ def supported(dtype: torch.dtype) -> bool:
 
 
 def pack_linears(model: torch.nn.Module) -> int:
-    """Pack `model`'s bfloat16 weights: an attention's q, k and v as one matrix, an MLP's gate and up as one
-    (one longer stream of weights a row: ~10% less time than three and two), every other nn.Linear alone
-    with a forward that uses it for few rows. The number of matrices packed: 0 where the dtype gains
-    nothing or the load-time check finds other bits than F.linear's."""
+    """Pack `model`'s bfloat16 weights for inference: an attention's q, k and v as one matrix, an MLP's gate
+    and up as one (one longer stream of weights a row: ~10% less time than three and two), every other
+    nn.Linear alone, its class swapped for one whose forward uses the packed weight. The number of
+    matrices packed: 0 where the dtype gains nothing or the load-time check finds other bits than F.linear's
+    (then a warning: bfloat16 runs on F.linear, slower, and rows grouped otherwise round otherwise).
+    The weights of packed modules stop requiring gradients (a packed model is for inference)."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if not linears or not supported(linears[0].weight.dtype) or any("packed" in m.__dict__ for m in linears):
+    if not linears or not supported(linears[0].weight.dtype) or any(_is_packed(m) for m in model.modules()):
         return 0
     groups = []  # (owner, attribute, [linears]): fused groups first, then each other linear alone
     for owner in model.modules():
@@ -62,16 +63,46 @@ def pack_linears(model: torch.nn.Module) -> int:
             if key not in checked:
                 checked[key] = _agrees(parts)
             if not checked[key]:
-                log.info("bfloat16 packed products differ from F.linear's here on %s; using F.linear", key)
+                log.warning("bfloat16 packed products differ from F.linear's here on %s; using F.linear", key)
                 return 0
         for owner, attribute, parts in groups:
             weight = torch.cat([p.weight.detach() for p in parts]) if len(parts) > 1 else parts[0].weight.detach()
             # a plain attribute: not a parameter, not in the state dict
             owner.__dict__[attribute] = (torch.ops.mkldnn._reorder_linear_weight(weight, 1),
                                          [p.weight.shape[0] for p in parts])
+            for part in parts:
+                part.weight.requires_grad_(False)
             if attribute == "packed":
-                owner.forward = functools.partial(linear_rows, module=owner)
+                owner.__class__ = _packed_class(type(owner))
     return len(groups)
+
+
+def unpacked_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of `module` without packed weights (packed tensors cannot be copied, and a copy whose
+    weights change must not keep products of the old ones)."""
+    memo = {id(value): None for m in module.modules() for key, value in m.__dict__.items() if key.startswith("packed")}
+    clone = copy.deepcopy(module, memo)
+    for m in clone.modules():
+        for key in [key for key in m.__dict__ if key.startswith("packed")]:
+            del m.__dict__[key]
+        m.__class__ = _UNPACKED.get(type(m), type(m))
+    return clone
+
+
+_PACKED: dict[type, type] = {}  # a Linear class -> its packed subclass
+_UNPACKED: dict[type, type] = {}  # the reverse
+
+
+def _packed_class(cls: type) -> type:
+    """`cls` with linear_rows as its forward (a subclass made once per class)."""
+    if cls not in _PACKED:
+        packed = type(f"Packed{cls.__name__}", (cls,), {"forward": linear_rows, "__module__": __name__})
+        _PACKED[cls], _UNPACKED[packed] = packed, cls
+    return _PACKED[cls]
+
+
+def _is_packed(module: torch.nn.Module) -> bool:
+    return any(key.startswith("packed") for key in module.__dict__)
 
 
 FUSED = {"packed_qkv": ("q_proj", "k_proj", "v_proj"), "packed_gate_up": ("gate_proj", "up_proj")}  # attribute -> parts
@@ -89,7 +120,7 @@ def fused_rows(x: torch.Tensor, owner: torch.nn.Module, attribute: str) -> tuple
     return out.view(*x.shape[:-1], out.shape[-1]).split(sizes, dim=-1)
 
 
-def linear_rows(x: torch.Tensor, module: torch.nn.Linear) -> torch.Tensor:
+def linear_rows(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """module(x): on the packed weight, in pieces of at most MAX_PACKED_ROWS rows; F.linear where it has
     none or while recording gradients."""
     entry = module.__dict__.get("packed")
@@ -109,23 +140,35 @@ def _product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -
 
 
 def _packable(x: torch.Tensor, packed: torch.Tensor) -> bool:
-    """Whether x's rows go through a packed weight: rows of its dtype, no gradients."""
+    """Whether x's rows go through a packed weight: rows of its dtype, no gradient to record (the packed
+    product has no backward; packed modules' weights require none)."""
     return (x.numel() > 0 and x.dtype == packed.dtype
             and not (x.requires_grad and torch.is_grad_enabled()))
 
 
 def _agrees(parts: list[torch.nn.Linear]) -> bool:
-    """Whether the packed product of the parts' weights (stacked) gives F.linear's bits on random rows, and a
-    row among them the bits it gets alone."""
+    """Whether the packed product of the parts' weights (stacked) gives, for every row count up to
+    MAX_PACKED_ROWS (a sample of counts for a large weight, such as an LM head), F.linear's bits and each
+    row the bits it gets alone."""
     weights = [p.weight.detach() for p in parts]
     bias = parts[0].bias if len(parts) == 1 else None
-    packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat(weights), 1)
+    stacked = torch.cat(weights)
+    packed = torch.ops.mkldnn._reorder_linear_weight(stacked, 1)
     generator = torch.Generator().manual_seed(0)
-    for rows in _CHECK_ROWS:
-        x = torch.randn(rows, weights[0].shape[1], generator=generator).to(weights[0].dtype)
-        got = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-        want = torch.cat([F.linear(x, w, bias) for w in weights], dim=-1)
-        alone = torch.ops.mkldnn._linear_pointwise(x[-1:], packed, bias, "none", [], "")  # the last row alone
-        if not (torch.equal(got, want) and torch.equal(got[-1:], alone)):
+    x = torch.randn(MAX_PACKED_ROWS, stacked.shape[1], generator=generator).to(stacked.dtype)
+    large = stacked.numel() >= _LARGE
+    alone = torch.cat([torch.ops.mkldnn._linear_pointwise(x[r:r + 1], packed, bias, "none", [], "")
+                       for r in range(_LARGE_ALONE if large else MAX_PACKED_ROWS)])  # [n, outs]: each row by itself
+    for rows in _LARGE_COUNTS if large else range(1, MAX_PACKED_ROWS + 1):
+        got = torch.ops.mkldnn._linear_pointwise(x[:rows], packed, bias, "none", [], "")
+        want = torch.cat([F.linear(x[:rows], w, bias) for w in weights], dim=-1)
+        if not (torch.equal(got, want) and torch.equal(got[:len(alone)], alone[:rows])):
             return False
     return True
+
+
+# A weight of at least _LARGE elements (an LM head: ~0.1 s a check of every count) is checked at _LARGE_COUNTS
+# rows, its first _LARGE_ALONE rows against each computed alone.
+_LARGE = 1 << 22
+_LARGE_COUNTS = (1, 2, 5, 16, MAX_PACKED_ROWS)
+_LARGE_ALONE = 4

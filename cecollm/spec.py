@@ -133,7 +133,7 @@ class ModelSpec:
         if mapped:
             from cecollm.weights import load_mapped
 
-            return LoadedModel(_packed(load_mapped(path, self.dtype)), None, path, self.model)
+            return LoadedModel(load_mapped(path, self.dtype), None, path, self.model)  # not packed: workers pack theirs
         from cecollm.dtypes import torch_dtype
         from cecollm.llama import load_native
 

@@ -147,3 +147,22 @@ def test_rows_passed_together_get_the_bits_of_rows_decoded_one_at_a_time(name):
     for i in range(8):
         assert torch.equal(together[i], logits[i + 1]), f"row {i}"
 
+
+
+def test_an_unpacked_copy_computes_on_its_own_weights():
+    """A copy of a packed layer (an exit head made of one) has no packed weights: it can be copied at all, and
+    weights loaded into it later are the ones it computes with."""
+    model = bf16_model("mha")
+    packing.pack_linears(model)
+    layer = model.model.layers[0]
+    assert type(layer.self_attn.o_proj).__name__.startswith("Packed")
+    assert not layer.self_attn.o_proj.weight.requires_grad  # packed: for inference
+    clone = packing.unpacked_copy(layer)
+    assert not any(k.startswith("packed") for m in clone.modules() for k in m.__dict__)
+    assert not type(clone.self_attn.o_proj).__name__.startswith("Packed")
+    with torch.no_grad():
+        clone.self_attn.o_proj.weight.mul_(2)
+    x = torch.randn(1, 3, model.config.hidden_size).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(clone.self_attn.o_proj(x), F.linear(x, clone.self_attn.o_proj.weight))
+        assert not torch.equal(clone.self_attn.o_proj(x), layer.self_attn.o_proj(x))

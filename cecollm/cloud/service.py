@@ -178,7 +178,8 @@ class CloudService:
     def hello(self, msg: ep.Hello) -> ep.Welcome:
         dtype = str(self.runner.embed.weight.dtype).removeprefix("torch.")  # the compute dtype
         if msg.dtype != dtype:
-            raise Refused(ErrorCode.MISMATCH, f"dtype mismatch: the edge computes in {msg.dtype}, the cloud in {dtype}")
+            raise Refused(ErrorCode.MISMATCH, f"dtype mismatch: the edge computes in {msg.dtype}, the cloud in "
+                          f"{dtype} (start the edge with --dtype {dtype})")
         if msg.identity != self.identity or msg.n_layers != self.split.n_layers:
             raise Refused(ErrorCode.MISMATCH, f"model mismatch: the edge runs {msg.identity[:12]} "
                           f"({msg.n_layers} layers), the cloud serves {self.identity[:12]} ({self.split.n_layers} layers)")

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from cecollm.errors import UserError
 from cecollm.layers import top1
+from cecollm.packing import unpacked_copy
 from cecollm.spec import HEADS_FORMAT, ModelSpec, Resolved, read_heads_meta
 from cecollm.split import Split
 
@@ -153,7 +154,7 @@ class DecoderLayerHead(ExitHead):
     def __init__(self, model: torch.nn.Module, init_layer: int = -1) -> None:
         super().__init__()
         self.init_layer = init_layer
-        self.layer = copy.deepcopy(model.model.layers[init_layer])
+        self.layer = unpacked_copy(model.model.layers[init_layer])
         self.rotary = copy.deepcopy(model.model.rotary_emb)
         self.norm = copy.deepcopy(model.model.norm)
 
