@@ -166,3 +166,39 @@ def test_an_unpacked_copy_computes_on_its_own_weights():
     with torch.inference_mode():
         assert torch.equal(clone.self_attn.o_proj(x), F.linear(x, clone.self_attn.o_proj.weight))
         assert not torch.equal(clone.self_attn.o_proj(x), layer.self_attn.o_proj(x))
+
+
+def test_a_bfloat16_worker_computes_what_one_process_computes(tmp_path):
+    """Through a broker and a worker in bfloat16, each cloud token and its probability are those of one process
+    running the whole packed model, bit for bit, after a prompt of more than MAX_PACKED_ROWS rows (F.linear
+    rounds such a pass otherwise: a worker that did not pack its weights fails here)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cecollm.broker.launch import BrokerProcess
+    from cecollm.edge.client import EdgeClient, EdgeConfig
+    from cecollm.edge.heads import HeadSet
+    from cecollm.spec import ModelSpec
+    from cecollm.split import Split
+    from tests.conftest import make_tiny_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=3, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64, vocab_size=1024, tie_word_embeddings=True,
+                         eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    path = tmp_path / "width576"
+    LlamaForCausalLM(config).eval().save_pretrained(path)
+    make_tiny_tokenizer(config.vocab_size).save_pretrained(path)
+    loaded = ModelSpec(model=str(path), dtype="bfloat16").load()
+    assert "packed" in loaded.model.lm_head.__dict__
+    split = Split.create(3, (1,))
+    prompt = [(11 * i + 7) % config.vocab_size for i in range(packing.MAX_PACKED_ROWS + 8)]
+    tokens, logits = decode(loaded.model, prompt, 6)
+    want = [(token, top1(step)[1]) for token, step in zip(tokens, logits)]
+    extra = ["--exits", "1", "--dtype", "bfloat16"]
+    with BrokerProcess(str(path), workers=1, extra=extra, log_path=tmp_path / "broker.log") as b:
+        edge = EdgeConfig(device_id=1, broker=b.request_address, upload=b.upload_address, keys=b.device_keys,
+                          exact=False, threshold=1.0, max_new_tokens=6, timeout=30.0)
+        with EdgeClient(loaded.model, loaded.identity, split, HeadSet.lens(loaded.model, split.exits), edge) as client:
+            result = client.generate(prompt)
+    assert all(t.decided_by == "cloud" for t in result.tokens)
+    assert [(t.token_id, t.confidence) for t in result.tokens] == want
