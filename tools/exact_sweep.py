@@ -23,7 +23,8 @@ from cecollm.cliutil import GuardedCommand, setup_logging
 from cecollm.errors import UserError
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "alpaca.jsonl"
-SPLITS = {"22-26-trained": ("22,26", ""), "24-28-lens": ("24,28", "lens"), "20-26-lens": ("20,26", "lens")}
+SPLITS = {"22-26-trained": ("22,26", ""), "26-trained": ("26", "subset"), "24-28-lens": ("24,28", "lens"),
+          "20-26-lens": ("20,26", "lens")}  # label -> (exits, heads: the model's trained, a subset of them, or the lens)
 
 
 def _run_split(label, exits, heads_mode, prompts_text, args) -> list[dict]:
@@ -43,6 +44,10 @@ def _run_split(label, exits, heads_mode, prompts_text, args) -> list[dict]:
     split, heads = edge_setup(spec, loaded)
     if heads_mode == "lens":
         heads = HeadSet.lens(loaded.model, split.exits)
+    elif heads_mode == "subset":  # the model's trained heads at these exits only
+        _, trained = edge_setup(ModelSpec.from_options(args["model"]), loaded)
+        heads = HeadSet(exits=split.exits, heads={e: trained.heads[e] for e in split.exits}, arch=trained.arch,
+                        arch_options=trained.arch_options)
     prompts = [encode_prompt(loaded.tokenizer, t) for t in prompts_text]
     plan = args["plan"]
     settings = [(t, w) for t in args["thresholds"] for w in args["waits"]]
