@@ -34,9 +34,8 @@ import torch.nn.functional as F
 from cecollm.packing import fused_rows, linear_rows
 
 _INITIAL_ROPE_POSITIONS = 1024  # the rotary table grows by doubling past this
-# Rows continuing a sequence up to which attention runs row by row (as decoding does). Beyond it the matrix
-# products of several rows round apart from one row's anyway (packing.MAX_PACKED_ROWS), and one masked pass is
-# cheaper.
+# Rows continuing a sequence up to which bfloat16 attention runs row by row (as decoding does): a verification's
+# few rows. Longer continuations (a chat's next turn) take one masked pass, whose cost does not grow per row.
 ROWWISE_ROWS = 32
 
 

@@ -115,9 +115,7 @@ def fused_rows(x: torch.Tensor, owner: torch.nn.Module, attribute: str) -> tuple
     if entry is None or not _packable(x, entry[0]):
         return None
     packed, sizes = entry
-    # [..., in] -> [rows, in] -> [rows, sum of outs] -> [..., sum of outs]
-    out = _product(x.reshape(-1, x.shape[-1]), packed, None)
-    return out.view(*x.shape[:-1], out.shape[-1]).split(sizes, dim=-1)
+    return _product(x, packed, None).split(sizes, dim=-1)
 
 
 def linear_rows(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -126,17 +124,18 @@ def linear_rows(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     entry = module.__dict__.get("packed")
     if entry is None or not _packable(x, entry[0]):
         return F.linear(x, module.weight, module.bias)
-    # [..., in] -> [rows, in] -> [rows, out] -> [..., out]
-    out = _product(x.reshape(-1, x.shape[-1]), entry[0], module.bias)
-    return out.view(*x.shape[:-1], out.shape[-1])
+    return _product(x, entry[0], module.bias)
 
 
 def _product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [rows, in] times the packed weight: [rows, out], in pieces of at most MAX_PACKED_ROWS rows."""
-    if x.shape[0] <= MAX_PACKED_ROWS:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    return torch.cat([torch.ops.mkldnn._linear_pointwise(x[i:i + MAX_PACKED_ROWS], packed, bias, "none", [], "")
-                      for i in range(0, x.shape[0], MAX_PACKED_ROWS)])
+    """x [..., in] times the packed weight: [..., out], in pieces of at most MAX_PACKED_ROWS rows."""
+    rows = x.reshape(-1, x.shape[-1])  # [..., in] -> [rows, in]
+    if rows.shape[0] <= MAX_PACKED_ROWS:
+        out = torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+    else:
+        out = torch.cat([torch.ops.mkldnn._linear_pointwise(rows[i:i + MAX_PACKED_ROWS], packed, bias, "none", [], "")
+                         for i in range(0, rows.shape[0], MAX_PACKED_ROWS)])
+    return out.view(*x.shape[:-1], out.shape[-1])  # [rows, out] -> [..., out]
 
 
 def _packable(x: torch.Tensor, packed: torch.Tensor) -> bool:
