@@ -4,6 +4,10 @@
 1. Round trip of a single-token request (DECIDE) through broker, worker and content manager,
    with the model's compute left out (the worker reports its compute time; it is subtracted),
    next to a bare ZeroMQ REQ/REP round trip on loopback: the ratio is the broker's overhead.
+   And the floor of that path on this machine: the same four hops (client -> relay -> echo ->
+   relay -> client, ROUTER/DEALER, a poller in the relay) in plain pyzmq doing no work, with the
+   echo busy for the worker's median compute time before it answers (so the other processes sleep
+   meanwhile and must be woken, as they are through the broker), that time subtracted alike.
 2. Upload throughput of float16 hidden states of the default model's width (576), from the
    edge's background sender into the content manager's shared memory, over TCP and through
    the shared-memory fast path, one row per message (decoding) and 128 rows (a prompt).
@@ -58,6 +62,80 @@ def bare_rtts(n: int) -> list[float]:
             out.append(time.perf_counter() - t0)
     sock.close(0)
     server.join(10)
+    return out
+
+
+def _relay(front: str, back: str, count: int) -> None:
+    """The broker's hops without its work: edge requests to the one echo, its replies back."""
+    import zmq
+
+    context = zmq.Context()
+    frontend, backend = context.socket(zmq.ROUTER), context.socket(zmq.ROUTER)
+    frontend.bind(front)
+    backend.bind(back)
+    poller = zmq.Poller()
+    poller.register(frontend, zmq.POLLIN)
+    poller.register(backend, zmq.POLLIN)
+    echo = backend.recv_multipart()[0]  # its hello: [identity, b"hi"]
+    done = 0
+    while done < count:
+        ready = dict(poller.poll(1000))
+        if backend in ready:
+            frontend.send_multipart(backend.recv_multipart(copy=False)[1:], copy=False)
+            done += 1
+        if frontend in ready:
+            backend.send_multipart([echo, *frontend.recv_multipart(copy=False)], copy=False)
+    context.destroy(0)
+
+
+def _busy_echo(back: str, count: int, busy: float) -> None:
+    """The worker's hops without its work: spins `busy` seconds, answers with the time it spun."""
+    import zmq
+
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.connect(back)
+    sock.send(b"hi")
+    for _ in range(count):
+        frames = sock.recv_multipart(copy=False)
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < busy:
+            pass
+        spun = time.perf_counter() - t0
+        sock.send_multipart([*frames, str(spun).encode()], copy=False)
+    context.destroy(0)
+
+
+def chain_rtts(n: int, busy: float) -> list[float]:
+    """Round trips through a plain-pyzmq relay and echo (the broker's four hops, no work), the echo's
+    `busy` seconds subtracted: the floor a request through the broker has on this machine."""
+    import zmq
+
+    from cecollm.runtime import free_ports
+    from cecollm.wire import edge_cloud as ep
+
+    front, back = (f"tcp://127.0.0.1:{p}" for p in free_ports(2))
+    spawn = multiprocessing.get_context("spawn")
+    relay = spawn.Process(target=_relay, args=(front, back, n + 50))
+    echo = spawn.Process(target=_busy_echo, args=(back, n + 50, busy))
+    relay.start()
+    echo.start()
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.connect(front)
+    time.sleep(1.0)  # the echo's hello reaches the relay first
+    payload = ep.Decide(1, 1, 1, 1).to_frames()
+    out = []
+    for i in range(n + 50):
+        t0 = time.perf_counter()
+        sock.send_multipart([b"", *payload])
+        reply = sock.recv_multipart()
+        dt = time.perf_counter() - t0 - float(reply[-1])
+        if i >= 50:  # warm-up
+            out.append(dt)
+    context.destroy(0)
+    relay.join(10)
+    echo.join(10)
     return out
 
 
@@ -213,7 +291,12 @@ def main(memory: bool, n: int, total_rows: int) -> None:
                 rates = {(shm, k): upload_throughput(broker, identity, state, shm, k, total_rows)
                          for shm in (False, True) for k in (1, 128)}
             runs[secure] = (rtt, net, rates)
+        compute = statistics.median(r - c for r, c in zip(*runs[False][:2]))  # the worker's, a request
+        idle_floor = chain_rtts(n, 0.0)
+        busy_floor = chain_rtts(n, compute)
     b50, b99 = _percentiles(bare)
+    i50, i99 = _percentiles(idle_floor)
+    f50, f99 = _percentiles(busy_floor)
     row_bytes = 576 * 2
     for secure in (True, False):
         rtt, net, rates = runs[secure]
@@ -222,8 +305,11 @@ def main(memory: bool, n: int, total_rows: int) -> None:
         print(f"{'with keys (CURVE)' if secure else '--insecure'}: single-token request round trip, {n} requests "
               "(microseconds):")
         print(f"  bare ZeroMQ REQ/REP on loopback       p50 {b50:8.0f}  p99 {b99:8.0f}")
+        print(f"  floor: the same 4 hops in plain pyzmq p50 {i50:8.0f}  p99 {i99:8.0f}   (no work)")
+        print(f"         and the echo busy {compute * 1e3:.2f} ms   p50 {f50:8.0f}  p99 {f99:8.0f}   (its busy time "
+              "subtracted, as the worker's compute below)")
         print(f"  through the broker, compute left out  p50 {n50:8.0f}  p99 {n99:8.0f}   ratio p50 {n50 / b50:.1f}x, "
-              f"p99 {n99 / b99:.1f}x")
+              f"p99 {n99 / b99:.1f}x to bare; {n50 / f50:.2f}x, {n99 / f99:.2f}x to the busy floor")
         print(f"  through the broker, with compute      p50 {r50:8.0f}  p99 {r99:8.0f}   (width 576, 2 cloud layers)")
         print(f"  upload of float16 rows of width 576 ({row_bytes} bytes a row), {total_rows} rows, into the content "
               "manager:")

@@ -301,13 +301,13 @@ class Broker:
                 continue
             now = time.monotonic()
             record.busy_since = now
-            self.metrics.batch_size.observe(len(batch))
             for i, job in enumerate(batch):
                 job.attempts += 1
                 record.jobs[job.number] = job
                 self.at_worker.add(job.request.device_id)
                 request = wp.Request(job.number, Frames(job.frames), len(batch) - 1 - i)  # left: still to come
                 self.backend.send_multipart([record.identity, *request.to_frames()], copy=False)
+            self.metrics.batch_size.observe(len(batch))  # after the sends: the worker starts meanwhile
 
     def _batch_for(self, record: WorkerRecord) -> list[Job]:
         """Up to `max_batch` waiting jobs for `record`, one a device: its own devices' and new devices', in
