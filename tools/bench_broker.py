@@ -122,6 +122,7 @@ def chain_rtts(n: int, busy: float) -> list[float]:
     echo.start()
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.RCVTIMEO, 30_000)  # a relay or echo that died: zmq.Again, not a hang
     sock.connect(front)
     time.sleep(1.0)  # the echo's hello reaches the relay first
     payload = ep.Decide(1, 1, 1, 1).to_frames()
@@ -134,8 +135,10 @@ def chain_rtts(n: int, busy: float) -> list[float]:
         if i >= 50:  # warm-up
             out.append(dt)
     context.destroy(0)
-    relay.join(10)
-    echo.join(10)
+    for child in (relay, echo):
+        child.join(10)
+        if child.is_alive():
+            child.kill()
     return out
 
 
