@@ -107,7 +107,7 @@ def test_other_dtypes_are_not_packed():
 
 def test_a_disagreeing_kernel_packs_nothing(monkeypatch):
     model = bf16_model("mha")
-    monkeypatch.setattr(packing, "_agrees", lambda parts: False)
+    monkeypatch.setattr(packing, "_agrees", lambda weights, bias: False)
     assert packing.pack_linears(model) == 0
     assert not any(k.startswith("packed") for m in model.modules() for k in m.__dict__)
 
@@ -202,3 +202,31 @@ def test_a_bfloat16_worker_computes_what_one_process_computes(tmp_path):
             result = client.generate(prompt)
     assert all(t.decided_by == "cloud" for t in result.tokens)
     assert [(t.token_id, t.confidence) for t in result.tokens] == want
+
+
+def test_a_loaded_reduced_vocabulary_head_computes_on_packed_weights_with_their_bits(tmp_path):
+    """An exit head of a bfloat16 model, loaded from its file, runs its rows of the LM head on packed weights
+    (its small adapter products gain nothing so and stay with F.linear), and every row gets the bits the head's
+    unpacked copy gives it alone."""
+    from cecollm.edge.heads import AdapterHead, HeadSet
+
+    model = bf16_model("gqa")
+    packing.pack_linears(model)
+    head = AdapterHead(model, rank=8, vocab=64)
+    torch.nn.init.normal_(head.up.weight, std=0.1)
+    torch.nn.init.normal_(head.other.weight, std=0.1)
+    head.set_tokens(torch.arange(64) * 3)
+    path = tmp_path / "heads.safetensors"
+    HeadSet((2,), {2: head}, "adapter", {"rank": 8, "vocab": 64}).save(path)
+    loaded = HeadSet.load(path, model, "").heads[2]
+    hidden = torch.randn(1, 6, model.config.hidden_size).to(torch.bfloat16)
+    with torch.inference_mode():
+        together = loaded.class_logits(hidden, model.lm_head)  # [1, 6, 65]
+        assert loaded.__dict__.get("packed_rows") is not None, "the head's rows of the LM head are packed"
+        plain = packing.unpacked_copy(loaded)  # a copy after use: without the packed rows as well
+        assert plain.__dict__.get("packed_rows") is None
+        for t in range(hidden.shape[1]):
+            row = hidden[:, t:t + 1]
+            alone = plain.class_logits(row, model.lm_head)
+            assert torch.equal(together[:, t:t + 1], alone), t
+            assert loaded.top1(row, model.lm_head) == plain.top1(row, model.lm_head)

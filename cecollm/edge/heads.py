@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from cecollm.errors import UserError
 from cecollm.layers import top1
-from cecollm.packing import unpacked_copy
+from cecollm.packing import matrix_rows, pack_matrix, unpacked_copy
 from cecollm.spec import HEADS_FORMAT, ModelSpec, Resolved, read_heads_meta
 from cecollm.split import Split
 
@@ -117,7 +117,10 @@ class AdapterHead(ExitHead):
             return lm_head(h)
         if self._rows is None or self._rows.shape[0] != self.vocab:
             self._rows = lm_head.weight.detach()[self.token_ids]  # [vocab, hidden]
-        return torch.cat([h @ self._rows.T, self.other(h)], dim=-1)
+            # the same rows laid out for bfloat16 products, or None: a plain attribute, which unpacked_copy drops
+            self.__dict__["packed_rows"] = pack_matrix(self._rows)
+        rows = matrix_rows(h, self._rows, self.__dict__.get("packed_rows"))  # [..., vocab]
+        return torch.cat([rows, self.other(h)], dim=-1)
 
     def forward(self, hidden, lm_head):
         """Full-vocabulary logits; a reduced head spreads "other" evenly over the tokens it lacks."""

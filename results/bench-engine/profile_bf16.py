@@ -3,21 +3,31 @@ positions) is to its matrix products alone, and what those products allow: CPU t
 DecoderRunner against the same step's packed products run by themselves (q/k/v and gate/up fused, o, down, LM head;
 one row each). 1000 / (products' ms) is the most tokens/s any step on these weights could give on this core, with
 every other part of the step (norms, rotary, attention, KV writes, Python) taking no time at all.
+llama.cpp's decode step (llama-cpp-python, the GGUF the model came from, the same 100 cached positions and threads)
+is timed in the same loop where llama-cpp-python is installed, so the bound and the peer come from one run.
 Then why the rest costs what it does: one row's RMSNorm right after the LM head streamed its 56 MB of weights
 through the caches, against the same norm run again at once (warm).
 
-    CECOLLM_DTYPE=bfloat16 PYTHONPATH=. python results/bench-engine/profile_bf16.py
+    CECOLLM_DTYPE=bfloat16 PYTHONPATH=. python results/bench-engine/profile_bf16.py [THREADS]
+
+With THREADS > 1 (default 1) the times are wall time (perf_counter) instead of this process's CPU time, as the
+threads' CPU times add up.
 """
+import importlib.util
+import sys
 import time
 
 import torch
 
 from cecollm.cache.kv import KVCache
 from cecollm.layers import DecoderRunner, _linear, _rms_norm, top1
+from cecollm.loading import default_model_gguf
 from cecollm.packing import fused_rows
 from cecollm.spec import ModelSpec
 
-torch.set_num_threads(1)
+THREADS = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+torch.set_num_threads(THREADS)
+clock = time.process_time if THREADS == 1 else time.perf_counter
 loaded = ModelSpec(dtype="bfloat16").load()
 r = DecoderRunner(loaded.model)
 L = 100  # positions in the cache
@@ -28,10 +38,10 @@ def bench(fn, n):
     fn()
     best = float("inf")
     for _ in range(5):
-        t0 = time.process_time()
+        t0 = clock()
         for _ in range(n):
             fn()
-        best = min(best, (time.process_time() - t0) / n)
+        best = min(best, (clock() - t0) / n)
     return best * 1000
 
 
@@ -62,12 +72,30 @@ with torch.inference_mode():
             _linear(hi, layer.mlp.down_proj)
         r.lm_head(h)
 
+    peer_step = None
+    if importlib.util.find_spec("llama_cpp") is not None:
+        from llama_cpp import Llama
+
+        gguf = default_model_gguf()
+        llm = Llama(str(gguf), n_threads=THREADS, n_threads_batch=THREADS, n_ctx=512, verbose=False)
+        llm.eval(list(range(1000, 1000 + L)))
+
+        def peer_step():
+            llm.eval([5])  # one decode step at 100 cached positions, logits of the last row
+            llm.n_tokens = L  # the next eval drops the row just added
+
     assert fused_rows(h, r.layers[0].self_attn, "packed_qkv") is not None, "the weights are not packed here"
-    for _ in range(3):  # interleaved, so both see the same machine
+    for _ in range(3):  # interleaved, so all see the same machine
         total = bench(step, 30)
         arithmetic = bench(products, 30)
-        print(f"step {total:.2f} ms ({1000 / total:.1f} tokens/s) | packed products alone {arithmetic:.2f} ms "
-              f"({arithmetic / total:.0%} of the step; at most {1000 / arithmetic:.1f} tokens/s with the rest free)")
+        line = (f"{THREADS} thread(s): step {total:.2f} ms ({1000 / total:.1f} tokens/s) | packed products alone "
+                f"{arithmetic:.2f} ms ({arithmetic / total:.0%} of the step; at most {1000 / arithmetic:.1f} tokens/s "
+                "with the rest free)")
+        if peer_step is not None:
+            peer = bench(peer_step, 30)
+            line += (f" | llama.cpp {gguf.stem.rsplit('.', 1)[-1]} step {peer:.2f} ms ({1000 / peer:.1f} tokens/s; "
+                     f"the products' bound is {peer / arithmetic:.2f} of it)")
+        print(line)
 
     norm = r.layers[0].input_layernorm
     cold, warm = [], []
