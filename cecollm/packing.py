@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
+_DIFFERS = "bfloat16 packed products differ from F.linear's here on %s; using F.linear"  # the warning when the load-time check fails
 MAX_PACKED_ROWS = 32  # rows of one packed product: up to here it equals F.linear and each row its one-row bits
 
 
@@ -66,7 +67,7 @@ def pack_linears(model: torch.nn.Module) -> int:
             if key not in checked:
                 checked[key] = _agrees([p.weight.detach() for p in parts], parts[0].bias if len(parts) == 1 else None)
             if not checked[key]:
-                log.warning("bfloat16 packed products differ from F.linear's here on %s; using F.linear", key)
+                log.warning(_DIFFERS, key)
                 return 0
         for owner, attribute, parts in groups:
             weight = torch.cat([p.weight.detach() for p in parts]) if len(parts) > 1 else parts[0].weight.detach()
@@ -88,7 +89,7 @@ def pack_matrix(weight: torch.Tensor) -> torch.Tensor | None:
     weight = weight.detach().contiguous()
     with torch.inference_mode():
         if not _agrees([weight], None):
-            log.warning("bfloat16 packed products differ from F.linear's here on %s; using F.linear", tuple(weight.shape))
+            log.warning(_DIFFERS, tuple(weight.shape))
             return None
         return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
 

@@ -206,7 +206,7 @@ def test_a_bfloat16_worker_computes_what_one_process_computes(tmp_path):
 
 def test_a_loaded_reduced_vocabulary_head_computes_on_packed_weights_with_their_bits(tmp_path):
     """An exit head of a bfloat16 model, loaded from its file, runs its rows of the LM head on packed weights
-    (its small adapter products gain nothing so and stay with F.linear), and every row gets the bits the head's
+    (its small adapter products stay on F.linear, as fast there), and every row gets the bits the head's
     unpacked copy gives it alone."""
     from cecollm.edge.heads import AdapterHead, HeadSet
 
