@@ -5,7 +5,7 @@ upload-layer rows, see shm.py) and a record of what it holds. Edges push rows st
 its upload PULL socket; workers ask on its state ROUTER socket for a lease on a device, then
 compute in the segment and commit (one way) how many positions are now folded into the KV cache (a remote
 worker, on another host, gets the state as tensors and commits the KV entries it appended, which are
-checked and written into the segment here). A verifying lease of the exact mode that finds a wrong
+checked and written into the segment here: remote_state.py). A verifying lease of the exact mode that finds a wrong
 draft ends with a roll-back instead (device.py). A lease never waits: one that cannot be granted yet
 is answered NOT_YET, and the broker, which parks the request, asks (WATCH) to hear when it may go.
 A worker on this host keeps its lease between a device's requests (COMMIT keep): the segment's header,
@@ -25,19 +25,17 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import numpy as np
 import zmq
 
-from cecollm.cache import shm
+from cecollm.cache import remote_state, shm
 from cecollm.cache.device import DeviceState, StaleUpload, Watcher
 from cecollm.cache.stats import ManagerCounts
-from cecollm.dtypes import numpy_dtype
 from cecollm.errors import UserError
 from cecollm.wire import edge_cloud as ep
 from cecollm.wire import worker_state as sp
 from cecollm.wire.dispatch import Dispatcher, drain
 from cecollm.wire.security import DEVICES, WORKERS, KeyRing
-from cecollm.wire.wire import DTYPE_CODES, DTYPES, MAX_BODY, ErrorCode, ProtocolError, clip
+from cecollm.wire.wire import DTYPES, MAX_BODY, ErrorCode, ProtocolError, clip
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +320,7 @@ class ContentManager:
         now = time.monotonic()
         dev.last_used = now
         self.devices.move_to_end(dev.device_id)
-        refusal = self._refusal(dev, msg, now)
+        refusal = dev.refusal(msg, now, self.config.kv_dtype)
         if isinstance(refusal, sp.Decided):
             self._reply(peer, refusal)  # its first worker committed (or rolled back), then died before replying
         elif refusal is not None:
@@ -330,34 +328,12 @@ class ContentManager:
         else:
             self._grant(dev, msg, peer, now)
 
-    def _refusal(self, dev: DeviceState, msg: sp.Lease, now: float):
-        """Why `msg` cannot be granted now: (code, message), the answer a retried request already got, or None."""
-        if msg.position >= dev.layout.capacity:
-            return ErrorCode.CAPACITY, f"position {msg.position} is beyond the capacity of {dev.layout.capacity} positions"
-        if dev.answer and dev.answer_seq == msg.seq:
-            return dev.answer
-        if msg.verify and msg.epoch != dev.epoch:
-            return ErrorCode.STALE, (f"epoch {msg.epoch} is over: the session rolled back to {dev.folded} positions "
-                                     f"(epoch {dev.epoch})")
-        if msg.position < dev.folded:
-            return ErrorCode.STALE, f"position {msg.position} was already decided"
-        if msg.remote and self.config.kv_dtype not in DTYPE_CODES:
-            return ErrorCode.INTERNAL, (f"a {self.config.kv_dtype} KV cache cannot travel to a remote worker "
-                                        "(float16 and float32 only)")
-        if dev.broken:
-            return ErrorCode.MISSING, f"device {dev.device_id}: {dev.broken}"
-        if msg.position >= dev.received:
-            return ErrorCode.NOT_YET, f"position {msg.position} not received yet (have {dev.received})"
-        if dev.leased(now) and dev.lease_seq != msg.seq:  # the same request again (its worker died) supersedes
-            return ErrorCode.NOT_YET, "another request of the device is being computed"
-        return None
-
     def _grant(self, dev: DeviceState, lease: sp.Lease, peer: bytes, now: float) -> None:
         self._counter = (self._counter + 1) % (1 << 32) or 1
         dev.grant(self._counter, lease.seq, now + self.config.lease_seconds)
         drafts = dev.pending_drafts() if lease.verify else ()
         if lease.remote:
-            self._reply(peer, self._state_grant(dev, drafts))
+            self._reply(peer, remote_state.state_grant(dev, self.config.kv_dtype, drafts))
         else:
             self._reply(peer, sp.Grant(dev.lease_token, dev.folded, dev.received, dev.layout.capacity, dev.wire_code,
                                        dev.segment.name, drafts))
@@ -382,36 +358,14 @@ class ContentManager:
                 keep.append(w)
         dev.watchers = keep
 
-    def _kv_view(self, dev: DeviceState) -> np.ndarray:
-        """The segment's KV cache [cloud_layers, 2, n_kv, capacity, head_dim] (a view: drop it before release)."""
-        return np.ndarray(dev.layout.kv_shape, dtype=numpy_dtype(self.config.kv_dtype), buffer=dev.segment.buf,
-                          offset=dev.layout.kv_offset)
-
-    def _state_grant(self, dev: DeviceState, drafts: tuple[int, ...]) -> sp.StateGrant:
-        """A remote worker's grant: the filled KV and the rows not yet folded, copied out of the segment."""
-        lay = dev.layout
-        kv = np.ascontiguousarray(self._kv_view(dev)[:, :, :, :dev.folded])  # [L, 2, kv, folded, hd]
-        begin, _ = lay.rows_span(dev.folded, dev.received)
-        rows = np.ndarray((dev.received - dev.folded, lay.hidden), dtype=DTYPES[dev.wire_code], buffer=dev.segment.buf,
-                          offset=begin).copy()  # [received - folded, hidden]
-        kv = kv.reshape(lay.cloud_layers * 2, lay.n_kv_heads, dev.folded, lay.head_dim)  # [L*2, kv, folded, hd]
-        return sp.StateGrant(dev.lease_token, dev.folded, dev.received, lay.capacity, kv, rows, drafts)
-
     def commit_state(self, msg: sp.StateCommit) -> tuple[ErrorCode, str] | None:
         """A remote worker's commit: check its KV entries against the device, write them, end the lease."""
         dev = self.devices.get(msg.device_id)
         if dev is None or msg.token == 0 or dev.lease_token != msg.token:
             return ErrorCode.STALE, f"device {msg.device_id}: lease {msg.token} is not current"
-        lay, n = dev.layout, msg.folded - msg.start
-        expected = (lay.cloud_layers * 2, lay.n_kv_heads, n, lay.head_dim)
-        if msg.start != dev.folded or msg.folded > dev.received:
-            return ErrorCode.MALFORMED, (f"device {msg.device_id}: KV for positions [{msg.start}, {msg.folded}), "
-                                         f"the device has {dev.folded} folded and {dev.received} received")
-        if msg.kv.dtype.name != self.config.kv_dtype or msg.kv.shape != expected:
-            return ErrorCode.MALFORMED, (f"device {msg.device_id}: KV {msg.kv.dtype.name} {msg.kv.shape}, expected "
-                                         f"{self.config.kv_dtype} {expected}")
-        entries = msg.kv.reshape(lay.cloud_layers, 2, lay.n_kv_heads, n, lay.head_dim)  # [L, 2, kv, n, hd]
-        self._kv_view(dev)[:, :, :, msg.start:msg.folded] = entries  # the one copy, from the frame into the segment
+        refused = remote_state.write_commit(dev, self.config.kv_dtype, msg)
+        if refused:
+            return refused
         ending = sp.Rollback if msg.rollback else sp.Commit
         refused = self.commit(ending(msg.device_id, msg.token, msg.folded, msg.decided, msg.prob))
         assert refused is None, f"a checked remote commit was refused: {refused}"

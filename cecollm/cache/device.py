@@ -1,7 +1,7 @@
 """One device's record in the content manager: its session's segment and what it holds.
 
 The record checks what an edge uploads (in order, within the session's capacity and dtype, of
-the current epoch), keeps the exact mode's drafts beside the rows, and rolls the session back
+the current epoch) and whether a worker's lease may be granted now, keeps the exact mode's drafts beside the rows, and rolls the session back
 when a verifying worker found a wrong draft. It sends nothing: the content manager does.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 from cecollm.cache import shm
 from cecollm.wire import edge_cloud as ep
 from cecollm.wire import worker_state as sp
-from cecollm.wire.wire import DTYPES, ProtocolError
+from cecollm.wire.wire import DTYPE_CODES, DTYPES, ErrorCode, ProtocolError
 
 
 @dataclass
@@ -88,6 +88,29 @@ class DeviceState:
         if self.broken is not None or position < self.folded or (self.answer and self.answer_seq == seq):
             return True
         return position < self.received and (not self.leased(now) or self.lease_seq == seq)
+
+    def refusal(self, msg: sp.Lease, now: float, kv_dtype: str):
+        """Why the lease `msg` cannot be granted now: (code, message), the answer a retried request already got,
+        or None. `kv_dtype`: the cloud's KV cache dtype (a remote worker gets the KV only in a wire dtype)."""
+        if msg.position >= self.layout.capacity:
+            return ErrorCode.CAPACITY, f"position {msg.position} is beyond the capacity of {self.layout.capacity} positions"
+        if self.answer and self.answer_seq == msg.seq:
+            return self.answer
+        if msg.verify and msg.epoch != self.epoch:
+            return ErrorCode.STALE, (f"epoch {msg.epoch} is over: the session rolled back to {self.folded} positions "
+                                     f"(epoch {self.epoch})")
+        if msg.position < self.folded:
+            return ErrorCode.STALE, f"position {msg.position} was already decided"
+        if msg.remote and kv_dtype not in DTYPE_CODES:
+            return ErrorCode.INTERNAL, (f"a {kv_dtype} KV cache cannot travel to a remote worker "
+                                        "(float16 and float32 only)")
+        if self.broken:
+            return ErrorCode.MISSING, f"device {self.device_id}: {self.broken}"
+        if msg.position >= self.received:
+            return ErrorCode.NOT_YET, f"position {msg.position} not received yet (have {self.received})"
+        if self.leased(now) and self.lease_seq != msg.seq:  # the same request again (its worker died) supersedes
+            return ErrorCode.NOT_YET, "another request of the device is being computed"
+        return None
 
     # ---- uploads ---------------------------------------------------------------------
     def take_rows(self, msg: ep.Upload | ep.UploadShm, count: int) -> None:
