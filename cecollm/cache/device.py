@@ -1,8 +1,9 @@
 """One device's record in the content manager: its session's segment and what it holds.
 
 The record checks what an edge uploads (in order, within the session's capacity and dtype, of
-the current epoch) and whether a worker's lease may be granted now, keeps the exact mode's drafts beside the rows, and rolls the session back
-when a verifying worker found a wrong draft. It sends nothing: the content manager does.
+the current epoch) and whether a worker's lease may be granted now, keeps the exact mode's drafts
+beside the rows, and rolls the session back when a verifying worker found a wrong draft. It sends
+nothing: the content manager does.
 """
 
 from __future__ import annotations
